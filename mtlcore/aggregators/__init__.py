@@ -1,0 +1,114 @@
+"""Multi-task aggregators: gradient-level (act on the task Jacobian J or its Gramian) and loss-level.
+
+``get(name, **options)`` builds one; ``available()`` lists the names (REFERENCE §3 has the formulas).
+
+=================  ========  ============================================  ==========================  ===========================
+name               kind      options (defaults)                            scale convention            reference
+=================  ========  ============================================  ==========================  ===========================
+uniform            gradient  reduction="mean" | "sum"                      d = (1/K) Σ g (or Σ g)      —
+fixed              gradient  weights (required list)                       d = Σ w g as given          Paper B (EMA of SMTO weights)
+mgda               gradient  normalization="none"|l2|loss|loss+,           α on the simplex (Σα = 1)   Sener & Koltun 2018
+                             apply_to="normalized"|"raw"
+mgda_ub            gradient  as mgda; J of the representation              as mgda                     Sener & Koltun 2018
+pcgrad             gradient  reduction="sum"|"mean", generator             sum of projected g          Yu et al. 2020
+cagrad             gradient  c=0.5, rescale=1 (0: none, 1: /(1+c²),        1/K + λw, then rescale      Liu et al. 2021
+                             2: /(1+c))
+nashmtl            gradient  max_norm=1.0, update_weights_every=1,         Gα = 1/α (‖d‖ = √K),        Navon et al. 2022
+                             max_iter=100                                  clipped to max_norm
+imtl_g             gradient  —                                             Σw = 1                      Liu et al. 2021
+graddrop           gradient  leak=0.0, generator                           sum of masked g             Chen et al. 2020
+gradvac            gradient  beta=0.5, generator                           sum of adjusted g           Wang et al. 2021
+aligned_mtl        gradient  scale_mode="min"|median|rmse                  α = B·1 (p = 1)             Senushkin et al. 2023
+upgrad             gradient  reg_eps=1e-4                                  mean of projections         Quinton & Rey 2024
+dualproj           gradient  reg_eps=1e-4                                  projection of the mean      Quinton & Rey 2024
+dbmtl              gradient  beta=0.9, beta_sigma=0.0, eps=1e-8            Σ (max‖ĝ‖/‖ĝ_k‖) ĝ_k        Lin et al. 2023
+gradnorm           loss      alpha=1.5, lr=0.025 (internal Adam)           Σw = K                      Chen et al. 2018
+uncertainty        loss      init=0.0 (s = log σ²)                         ½e^{−s} L + ½s              Kendall et al. 2018
+dwa                loss      temperature=2.0                               Σλ = K                      Liu et al. 2019
+rlw                loss      generator                                     Σw = 1                      Lin et al. 2022
+imtl_l             loss      init=0.0                                      e^{s} L − s                 Liu et al. 2021
+famo               loss      gamma=1e-3, lr=0.025, eps=1e-8                Σ z log L / c (Σ eff. w=1)  Liu et al. 2023
+scale_invariant    loss      eps=1e-8                                      Σ log(L + ε)                —
+=================  ========  ============================================  ==========================  ===========================
+
+How the trainer uses them
+-------------------------
+* Once: ``agg = get(name, **options)``; ``agg.reset(K, device)``; add ``agg.parameters()`` (learnable
+  s of uncertainty / imtl_l, else empty) to the model's optimiser; ``agg.set_generator(g)`` for
+  randomised methods (``agg.randomised``).
+* Gradient-level (``agg.kind == "gradient"``): ``J = task_jacobian(losses, params)`` with params the
+  shared parameters (``agg.jacobian_of == "shared"``); ``d = agg(J, losses.detach())``; backpropagate
+  ``losses.sum()`` for the heads and overwrite the shared gradients with
+  ``unflatten_into_grads(d, shared_params)``. For ``jacobian_of == "representation"`` (mgda_ub) take J
+  w.r.t. the shared representation z, ``w = agg.weights_from(J_repr, losses)`` and backpropagate
+  ``(w * losses).sum()``.
+* Loss-level (``agg.kind == "loss"``): ``agg.combine(losses, last_shared=model.last_shared_layer())``
+  and backward on it (``last_shared`` is only used by gradnorm, ``agg.needs_last_shared``).
+* Hooks: if ``agg.needs_losses_after`` (famo), after ``optimizer.step()`` recompute the same batch's
+  losses under ``torch.no_grad()`` and call ``agg.after_step(losses_after)``. At the end of every
+  epoch call ``agg.end_epoch(epoch_mean_train_losses)`` (dwa uses it; others ignore it).
+* ``agg.weights``: the K effective task weights of the last step (d = Jᵀw, or the weights on the
+  loss gradients); NaN where the method has none (graddrop, dbmtl).
+* NaN/inf in J or the losses raise ``NonFiniteGradientError`` (a FloatingPointError): stop the run as
+  diverged. A K×K solver that fails logs a warning on ``mtlcore.aggregators`` and uses the uniform
+  mean weights 1/K for that step (nashmtl keeps its previous α instead, as its authors' code does).
+* ``agg.state_dict()`` / ``agg.load_state_dict(state)`` checkpoint the method's state; ``agg.options``
+  holds the resolved options.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from mtlcore.aggregators.aligned_mtl import AlignedMTL
+from mtlcore.aggregators.base import (
+    Aggregator,
+    GradientAggregator,
+    LossAggregator,
+    NonFiniteGradientError,
+    WeightedAggregator,
+)
+from mtlcore.aggregators.cagrad import CAGrad
+from mtlcore.aggregators.dbmtl import DBMTL
+from mtlcore.aggregators.dualproj import DualProj
+from mtlcore.aggregators.dwa import DWA
+from mtlcore.aggregators.famo import FAMO
+from mtlcore.aggregators.graddrop import GradDrop
+from mtlcore.aggregators.gradnorm import GradNorm
+from mtlcore.aggregators.gradvac import GradVac
+from mtlcore.aggregators.imtl_g import IMTLG
+from mtlcore.aggregators.imtl_l import IMTLL
+from mtlcore.aggregators.jacobian import task_jacobian, unflatten_into_grads
+from mtlcore.aggregators.mgda import MGDA, MGDAUB
+from mtlcore.aggregators.nashmtl import NashMTL
+from mtlcore.aggregators.pcgrad import PCGrad
+from mtlcore.aggregators.rlw import RLW
+from mtlcore.aggregators.scale_invariant import ScaleInvariant
+from mtlcore.aggregators.uncertainty import Uncertainty
+from mtlcore.aggregators.uniform import Fixed, Uniform
+from mtlcore.aggregators.upgrad import UPGrad
+
+_METHODS: dict[str, type[Aggregator]] = {
+    cls.name: cls
+    for cls in (
+        Uniform, Fixed, MGDA, MGDAUB, PCGrad, CAGrad, NashMTL, IMTLG, GradDrop, GradVac, AlignedMTL,
+        UPGrad, DualProj, DBMTL, GradNorm, Uncertainty, DWA, RLW, IMTLL, FAMO, ScaleInvariant,
+    )
+}
+
+
+def available() -> list[str]:
+    """Names accepted by `get`, sorted."""
+    return sorted(_METHODS)
+
+
+def get(name: str, **options: Any) -> Aggregator:
+    """A new aggregator `name` with `options` (unknown or bad options raise ValueError)."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown aggregator {name!r}; valid names: {', '.join(available())}")
+    return _METHODS[name](**options)
+
+
+__all__ = [
+    "Aggregator", "GradientAggregator", "LossAggregator", "NonFiniteGradientError", "WeightedAggregator",
+    "available", "get", "task_jacobian", "unflatten_into_grads",
+]

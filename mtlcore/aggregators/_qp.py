@@ -1,0 +1,80 @@
+"""Small K×K problems on the Gramian shared by several methods (numpy/scipy, float64).
+
+Both quadratic programs below are rewritten as non-negative least squares (scipy's exact
+Lawson–Hanson active-set solver), using a factor R with RᵀR = G so that ‖Rv‖² = ‖Jᵀv‖².
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import nnls
+
+from mtlcore.aggregators.base import logger, normalize_gramian, uniform_weights
+
+# Eigenvalues of trace-normalised G below this count as zero (float32 rounding of J leaves
+# ~1e-14 where the true Gramian is singular).
+RANK_RTOL = 1e-10
+
+
+class SolverError(RuntimeError):
+    """A K×K solver did not converge; callers fall back and log a warning."""
+
+
+def psd_factor(G: np.ndarray) -> np.ndarray:
+    """R (K×K) with RᵀR = G; rounding's tiny negative eigenvalues are clipped to 0."""
+    eigenvalues, eigenvectors = np.linalg.eigh((G + G.T) / 2)
+    return np.sqrt(np.clip(eigenvalues, 0.0, None))[:, None] * eigenvectors.T
+
+
+def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    try:
+        solution, _ = nnls(A, b, maxiter=50 * A.shape[1])
+    except RuntimeError as error:  # "too many iterations"
+        raise SolverError(str(error)) from error
+    if not np.isfinite(solution).all():
+        raise SolverError("non-finite NNLS solution")
+    return solution
+
+
+def min_norm_in_hull(G: np.ndarray) -> np.ndarray:
+    """MGDA: α* = argmin_{α ∈ simplex} αᵀGα (the min-norm point of the convex hull of the gᵢ).
+
+    Two tasks: Sener & Koltun's closed form. K > 2: exact, via NNLS on u ≥ 0 of
+    ‖Ru‖² + (Σu − 1)²; writing u = tα (α in the simplex) the optimum over t is q/(1+q) with
+    q = αᵀGα, increasing in q, so u/Σu is the minimiser α*.
+    """
+    num_tasks = len(G)
+    G, scale = normalize_gramian(G)
+    if scale <= 0:  # all gradients zero: every α is optimal
+        return uniform_weights(num_tasks)
+    if num_tasks == 1:
+        return np.ones(1)
+    if num_tasks == 2:
+        denominator = G[0, 0] + G[1, 1] - 2 * G[0, 1]
+        gamma = 0.5 if denominator <= 0 else np.clip((G[1, 1] - G[0, 1]) / denominator, 0.0, 1.0)
+        return np.array([gamma, 1.0 - gamma])
+    A = np.vstack([psd_factor(G), np.ones((1, num_tasks))])
+    b = np.zeros(num_tasks + 1)
+    b[-1] = 1.0
+    u = _nnls(A, b)
+    if u.sum() <= 0:
+        raise SolverError("min-norm NNLS returned u = 0")
+    return u / u.sum()
+
+
+def project_weights_to_dual_cone(u: np.ndarray, G: np.ndarray) -> np.ndarray:
+    """Weights v with Jᵀv the projection of Jᵀu onto the dual cone {x : Jx ≥ 0}.
+
+    The projection's dual is v = argmin_{v ≥ u} vᵀGv (TorchJD's derivation); with v = u + μ it is
+    the NNLS min_{μ ≥ 0} ‖Rμ + Ru‖².
+    """
+    R = psd_factor(G)
+    return u + _nnls(R, -R @ u)
+
+
+def solve_or_uniform(method: str, solve, num_tasks: int) -> np.ndarray:
+    """Run `solve()`; on SolverError log a warning and use the uniform mean weights instead."""
+    try:
+        return solve()
+    except (SolverError, np.linalg.LinAlgError) as error:
+        logger.warning("%s: solver failed (%s); using uniform weights 1/K for this step", method, error)
+        return uniform_weights(num_tasks)

@@ -1,0 +1,274 @@
+"""What every aggregator shares: options, state, finiteness checks and the three base classes.
+
+`GradientAggregator` maps the task Jacobian J (K×P) to an update d (P).
+`WeightedAggregator` is the TorchJD split of it: J → Gramian G = J Jᵀ → weights w → d = Jᵀw,
+so a method only writes `_weights(G, losses)` on a small K×K float64 problem.
+`LossAggregator` combines the K losses into one differentiable scalar.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+logger = logging.getLogger("mtlcore.aggregators")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """NaN or inf in the task gradients or losses: the run has diverged and should stop."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ValueError(message) unless condition holds (option and input validation)."""
+    if not condition:
+        raise ValueError(message)
+
+
+def check_number(
+    method: str, options: dict[str, Any], key: str,
+    minimum: float | None = None, maximum: float | None = None, integer: bool = False,
+) -> None:
+    """Refuse an option that is not a finite number in [minimum, maximum] (an int if `integer`)."""
+    value = options[key]
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        wanted = "an int" if integer else "a number"
+        bounds = [f">= {minimum}" if minimum is not None else "", f"<= {maximum}" if maximum is not None else ""]
+        wanted += "".join(f" {b}" for b in bounds if b)
+        raise ValueError(f"{method}: option {key} must be {wanted}, got {value!r}")
+
+
+def check_finite(method: str, tensor: Tensor | None, what: str) -> None:
+    if tensor is not None and not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteGradientError(
+            f"{method}: {what} contain NaN or inf; the run has diverged "
+            "(lower the learning rate or clip gradients)"
+        )
+
+
+def gramian(J: Tensor) -> np.ndarray:
+    """G = J Jᵀ in float64 on the CPU: exact for float32 J and safe from overflow up to |J| ~ 1e150."""
+    J64 = J.detach().to(torch.float64)
+    return (J64 @ J64.T).cpu().numpy()
+
+
+def normalize_gramian(G: np.ndarray) -> tuple[np.ndarray, float]:
+    """G / trace(G) and trace(G); scale-invariant methods solve on this to avoid tiny/huge numbers."""
+    scale = float(np.trace(G))
+    return (G / scale if scale > 0 else G), scale
+
+
+def uniform_weights(num_tasks: int) -> np.ndarray:
+    """The fallback of every solver that fails: the plain mean of the task gradients."""
+    return np.full(num_tasks, 1.0 / num_tasks)
+
+
+class Aggregator:
+    """Base of all aggregators; subclasses set `name`, `kind`, `defaults` and `_check_options`."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}
+    randomised: ClassVar[bool] = False  # takes a torch.Generator
+    needs_losses_after: ClassVar[bool] = False  # call after_step(losses after the optimizer step)
+    needs_last_shared: ClassVar[bool] = False  # pass combine(..., last_shared=params)
+    # attribute names saved by state_dict(): tensors, numbers, or objects with state_dict()
+    state_attributes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **options: Any):
+        generator = options.pop("generator", None) if self.randomised else None
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            raise ValueError(
+                f"{self.name}: unknown option(s) {unknown}; valid options (with defaults): "
+                f"{self.describe_options()}"
+            )
+        self.options: dict[str, Any] = {**self.defaults, **options}
+        self._check_options(self.options)
+        self.generator: torch.Generator | None = generator
+        self.num_tasks: int | None = None
+        self.weights: Tensor = torch.empty(0, dtype=torch.float64)
+
+    @classmethod
+    def describe_options(cls) -> str:
+        described = ", ".join(f"{key}={value!r}" for key, value in cls.defaults.items()) or "none"
+        if cls.randomised:
+            described += ", generator=None (torch.Generator)"
+        return described
+
+    def _check_options(self, options: dict[str, Any]) -> None:
+        """Refuse bad option values with a ValueError naming the option and the valid range."""
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+        return f"{type(self).__name__}({options})"
+
+    # --- state -------------------------------------------------------------------------------
+    def reset(self, num_tasks: int, device: torch.device | str | None = None) -> None:
+        """Forget all state and prepare for `num_tasks` tasks (learnable parameters on `device`)."""
+        require(
+            isinstance(num_tasks, int) and num_tasks >= 1,
+            f"{self.name}: num_tasks must be a positive int, got {num_tasks!r}",
+        )
+        self.num_tasks = num_tasks
+        self.weights = torch.full((num_tasks,), math.nan, dtype=torch.float64)
+        self._reset_state(num_tasks, torch.device(device) if device is not None else torch.device("cpu"))
+
+    def _reset_state(self, num_tasks: int, device: torch.device) -> None:
+        """Create the method's state for `num_tasks` tasks."""
+
+    def _ensure_tasks(self, num_tasks: int) -> None:
+        if self.num_tasks is None:
+            self.reset(num_tasks)
+        require(
+            num_tasks == self.num_tasks,
+            f"{self.name}: got {num_tasks} tasks but was reset for {self.num_tasks}; "
+            "call reset(num_tasks) when the task set changes",
+        )
+
+    def parameters(self) -> list[Tensor]:
+        """Learnable tensors to optimise together with the model (empty for most methods)."""
+        return []
+
+    def set_generator(self, generator: torch.Generator | None) -> None:
+        """Source of randomness for randomised methods (ignored by deterministic ones)."""
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"num_tasks": self.num_tasks}
+        for attribute in self.state_attributes:
+            value = getattr(self, attribute, None)
+            if hasattr(value, "state_dict"):  # e.g. an internal Adam; its state_dict shares tensors
+                value = copy.deepcopy(value.state_dict())
+            elif isinstance(value, Tensor):
+                value = value.detach().clone()
+            state[attribute] = value
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("num_tasks") is None:
+            self.num_tasks = None
+            return
+        if self.num_tasks != state["num_tasks"]:
+            self.reset(state["num_tasks"])
+        for attribute in self.state_attributes:
+            current, saved = getattr(self, attribute, None), state[attribute]
+            if hasattr(current, "load_state_dict"):
+                current.load_state_dict(copy.deepcopy(saved))
+            elif isinstance(current, Tensor) and isinstance(saved, Tensor) and current.shape == saved.shape:
+                with torch.no_grad():  # in place, so optimisers keep pointing at the same tensor
+                    current.copy_(saved)
+            else:
+                setattr(self, attribute, saved.clone() if isinstance(saved, Tensor) else saved)
+
+    # --- hooks the trainer calls (no-ops unless a method needs them) ---------------------------
+    def after_step(self, losses_after: Tensor) -> None:
+        """Losses of the same batch after the optimizer step (FAMO); see `needs_losses_after`."""
+
+    def end_epoch(self, epoch_mean_losses: Tensor) -> None:
+        """Mean training loss of each task over the epoch that just ended (DWA)."""
+
+    def _set_weights(self, weights: Tensor | np.ndarray) -> None:
+        self.weights = torch.as_tensor(weights).detach().to("cpu", torch.float64).clone()
+
+    def _check_losses(self, losses: Tensor | None) -> None:
+        if losses is None:
+            return
+        require(
+            losses.dim() == 1 and losses.numel() == self.num_tasks,
+            f"{self.name}: losses must be a vector of {self.num_tasks} task losses, "
+            f"got shape {tuple(losses.shape)}",
+        )
+        check_finite(self.name, losses, "the losses")
+
+
+class GradientAggregator(Aggregator):
+    """`agg(J, losses=None) -> d`: J has one row per task (gradient of the shared parameters)."""
+
+    kind = "gradient"
+    jacobian_of: ClassVar[str] = "shared"  # or "representation" (MGDA-UB)
+    needs_losses: ClassVar[bool] = False
+
+    def _check_inputs(self, J: Tensor, losses: Tensor | None) -> None:
+        require(
+            J.dim() == 2 and J.is_floating_point(),
+            f"{self.name}: J must be a float matrix (tasks × parameters), got shape {tuple(J.shape)}",
+        )
+        self._ensure_tasks(J.shape[0])
+        check_finite(self.name, J, "the task gradients J")
+        require(
+            losses is not None or not self.needs_losses,
+            f"{self.name}: with options {self.options} the losses are needed: call agg(J, losses)",
+        )
+        self._check_losses(losses)
+
+    def __call__(self, J: Tensor, losses: Tensor | None = None) -> Tensor:
+        self._check_inputs(J, losses)
+        d, weights = self._aggregate(J, None if losses is None else losses.detach())
+        self._set_weights(weights)
+        return d
+
+    def _aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor | np.ndarray]:
+        """Return d and the weights w with d = Jᵀw (NaN-filled where the method has none)."""
+        raise NotImplementedError
+
+
+class WeightedAggregator(GradientAggregator):
+    """d = Jᵀw with w computed from the Gramian (and losses): subclasses write `_weights`."""
+
+    def weights_from(self, J: Tensor, losses: Tensor | None = None) -> Tensor:
+        """The weights w for J (also stored in `self.weights`); the trainer applies Σ w_k g_k."""
+        self._check_inputs(J, losses)
+        weights = self._gramian_weights(J, losses)
+        self._set_weights(weights)
+        return self.weights.clone()
+
+    def _gramian_weights(self, J: Tensor, losses: Tensor | None) -> np.ndarray:
+        G = gramian(J)
+        if not np.isfinite(G).all():
+            raise NonFiniteGradientError(f"{self.name}: the Gramian J Jᵀ overflowed; the run has diverged")
+        loss_values = None if losses is None else losses.detach().to("cpu", torch.float64).numpy()
+        weights = np.asarray(self._weights(G, loss_values), dtype=np.float64)
+        if not np.isfinite(weights).all():  # safety net; the solvers are not expected to get here
+            logger.warning("%s: non-finite weights %s; using uniform weights 1/K for this step", self.name, weights)
+            weights = uniform_weights(len(G))
+        return weights
+
+    def _aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, np.ndarray]:
+        weights = self._gramian_weights(J, losses)
+        return torch.as_tensor(weights, dtype=J.dtype, device=J.device) @ J, weights
+
+    def _weights(self, G: np.ndarray, losses: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
+
+
+class LossAggregator(Aggregator):
+    """`agg.combine(losses) -> scalar` to call backward on; `agg.weights` holds the weights used."""
+
+    kind = "loss"
+
+    def combine(self, losses: Tensor, last_shared: list[Tensor] | None = None) -> Tensor:
+        require(
+            losses.dim() == 1,
+            f"{self.name}: losses must be a vector of task losses, got shape {tuple(losses.shape)}",
+        )
+        self._ensure_tasks(losses.numel())
+        self._check_losses(losses)
+        total, weights = self._combine(losses, last_shared)
+        self._set_weights(weights)
+        return total
+
+    def _combine(self, losses: Tensor, last_shared: list[Tensor] | None) -> tuple[Tensor, Tensor]:
+        """Return the scalar to differentiate and the effective weight of each task's loss gradient."""
+        raise NotImplementedError
+
+    def _weighted_sum(self, losses: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        weights = weights.detach()
+        return (weights.to(losses) * losses).sum(), weights

@@ -1,0 +1,40 @@
+"""DB-MTL (Lin et al. 2023): log-transformed losses, then gradient-magnitude balancing.
+
+Gradient-level, because the balancing needs the task gradients: ∇log(L_k + ε) = g_k/(L_k + ε),
+an EMA ĝ_k of these (β, LibMTL's schedule β/step^β_σ), then d = Σ_k (max_j ‖ĝ_j‖ / ‖ĝ_k‖) ĝ_k.
+Needs the losses. The EMA mixes earlier steps' gradients, so no w with d = Jᵀw: `weights` is NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mtlcore.aggregators.base import GradientAggregator, check_number
+
+
+class DBMTL(GradientAggregator):
+    name = "dbmtl"
+    defaults = {"beta": 0.9, "beta_sigma": 0.0, "eps": 1e-8}  # LibMTL's defaults
+    needs_losses = True
+    state_attributes = ("buffer", "step")
+
+    def _check_options(self, options):
+        check_number(self.name, options, "beta", 0.0, 1.0)
+        check_number(self.name, options, "beta_sigma", 0.0)
+        check_number(self.name, options, "eps", 0.0)
+
+    def _reset_state(self, num_tasks, device):
+        self.buffer: torch.Tensor | None = None  # K × P EMA of the log-loss gradients
+        self.step = 0
+
+    def _aggregate(self, J, losses):
+        self.step += 1
+        log_grads = J / (losses.to(J) + self.options["eps"]).unsqueeze(1)
+        if self.buffer is None or self.buffer.shape != J.shape:
+            self.buffer = torch.zeros_like(J)
+        rate = self.options["beta"] / self.step ** self.options["beta_sigma"]
+        self.buffer = log_grads + rate * (self.buffer.to(J) - log_grads)
+        norms = self.buffer.double().norm(dim=1).to(J.dtype)  # float64: no overflow for huge J
+        balance = torch.where(norms > 0, norms.max() / norms.clamp_min(torch.finfo(J.dtype).tiny), 0.0)
+        return balance @ self.buffer, torch.full((J.shape[0],), math.nan)

@@ -1,0 +1,50 @@
+"""Gradient Vaccine (Wang et al. 2021): raise each pair's cosine to an EMA target.
+
+Like PCGrad, g̃_i = Σ_j A_ij g_j is tracked through its coefficients on the original rows, so
+everything runs on G. Whole-model granularity (LibMTL's GradVac_group_type=0).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from mtlcore.aggregators.base import WeightedAggregator, check_number, normalize_gramian
+from mtlcore.aggregators.pcgrad import others_in_random_order
+
+_EPS = 1e-8  # LibMTL's guard; G is trace-normalised first so it is relative
+
+
+class GradVac(WeightedAggregator):
+    name = "gradvac"
+    defaults = {"beta": 0.5}  # LibMTL's default; the paper used 1e-2
+    randomised = True
+    state_attributes = ("targets",)
+
+    def _check_options(self, options):
+        check_number(self.name, options, "beta", 0.0, 1.0)  # EMA rate of the cosine targets
+
+    def _reset_state(self, num_tasks, device):
+        self.targets = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)  # ρ̂_ij, start at 0
+
+    def _weights(self, G, losses):
+        G, _ = normalize_gramian(G)
+        beta, num_tasks = self.options["beta"], len(G)
+        targets = self.targets.numpy()
+        A = np.eye(num_tasks)
+        for i in range(num_tasks):
+            for j in others_in_random_order(i, num_tasks, self.generator):
+                norm_i = math.sqrt(max(A[i] @ G @ A[i], 0.0))
+                norm_j = math.sqrt(max(G[j, j], 0.0))
+                cosine = (A[i] @ G[:, j]) / (norm_i * norm_j + _EPS)
+                target = targets[i, j]
+                if cosine < target:
+                    A[i, j] += (
+                        norm_i
+                        * (target * math.sqrt(max(1 - cosine**2, 0.0)) - cosine * math.sqrt(max(1 - target**2, 0.0)))
+                        / (norm_j * math.sqrt(max(1 - target**2, 0.0)) + _EPS)
+                    )
+                targets[i, j] = (1 - beta) * target + beta * cosine
+        self.targets = torch.from_numpy(targets)
+        return A.sum(axis=0)

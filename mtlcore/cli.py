@@ -1,0 +1,96 @@
+"""`mtlcore run | batch | sweep | data`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def _run(args) -> int:
+    from mtlcore.config import RunConfig
+    from mtlcore.train import run, run_path
+
+    config = RunConfig.from_yaml(args.config)
+    ds = run(config, data_root=args.data_root, results_dir=args.results_dir)
+    path = run_path(config, args.results_dir)
+    print(f"{ds.attrs['status']}: {path}")
+    return 0 if ds.attrs["status"] == "complete" else 3
+
+
+def _batch(args) -> int:
+    from mtlcore.batch import run_batch
+
+    paths = run_batch(args.profile, notebooks=args.notebook, data_root=args.data_root)
+    for path in paths:
+        print(f"executed: {path}")
+    return 0
+
+
+def _sweep(args) -> int:
+    """A grid file: `base:` a run config, `grid:` key -> list of values (every combination is run)."""
+    from mtlcore.runner import ensure_runs, grid
+
+    spec = yaml.safe_load(Path(args.grid).read_text())
+    unknown = sorted(set(spec) - {"base", "grid"})
+    if unknown:
+        raise SystemExit(f"sweep file {args.grid}: unknown top-level key(s) {unknown}; valid: ['base', 'grid']")
+    configs = grid(spec.get("base", {}), **spec.get("grid", {}))
+    client = None
+    if args.dask:
+        from distributed import Client
+
+        client = Client(args.dask) if args.dask != "local" else Client(processes=True, threads_per_worker=1)
+    paths = ensure_runs(configs, args.results_dir, data_root=args.data_root,
+                        executor="dask" if client else "local", dask_client=client)
+    print(f"{len(paths)} runs under {Path(args.results_dir) / 'runs'}")
+    return 0
+
+
+def _data(args) -> int:
+    from mtlcore.data import load_setting, setting_module
+
+    module = setting_module(args.setting)
+    setting = load_setting(args.setting, list(module.TASKS), {"train_size": 1, "val_size": 1, "test_size": 1},
+                           root=args.data_root)
+    print(f"{args.setting}: all files present under {setting.info['data_root']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mtlcore", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="train one run from a YAML config")
+    p.add_argument("config")
+    p.add_argument("--results-dir", default="results/adhoc")
+    p.add_argument("--data-root", default=None, help="data folder (default: $MTLCORE_DATA_DIR or the user cache)")
+    p.set_defaults(func=_run)
+    p = sub.add_parser("batch", help="execute the section notebooks of a profile into book/")
+    p.add_argument("--profile", default="quick")
+    p.add_argument("--notebook", action="append", help="only these notebooks (repeatable)")
+    p.add_argument("--data-root", default=None)
+    p.set_defaults(func=_batch)
+    p = sub.add_parser("sweep", help="run a grid of configs, locally or on Dask")
+    p.add_argument("grid", help="YAML with `base:` (a run config) and `grid:` (key -> list of values)")
+    p.add_argument("--results-dir", default="results/sweep")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--dask", default=None, help="'local' for a local cluster, or a scheduler address")
+    p.set_defaults(func=_sweep)
+    p = sub.add_parser("data", help="check (and download when online) a setting's data files")
+    p.add_argument("setting", nargs="?", default="fashion_mtl")
+    p.add_argument("--data-root", default=None)
+    p.set_defaults(func=_data)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as error:  # bad input: the message says what and how to fix
+        print(f"mtlcore {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

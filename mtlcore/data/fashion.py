@@ -1,0 +1,160 @@
+"""The FashionMTL setting (REFERENCE §1.1): Fashion1, Fashion2, NoisyFashion, NotMNIST.
+
+Fashion1 and Fashion2 are disjoint parts of Fashion-MNIST's training split (validation sets too) and of
+its test split; NoisyFashion is Fashion2's images with their labels shuffled by a seeded permutation (pure
+noise to memorise); NotMNIST holds letters A–J. Every split is a pure function of `data_seed` and the sizes,
+whichever tasks a run asks for, so STL and MTL runs see the same Fashion1 data.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtlcore._seeding import numpy_rng
+from mtlcore.data.base import Setting, Split, TaskData
+from mtlcore.data.locate import DataNotFoundError, data_root, find_files, missing_data_message, read_idx
+
+log = logging.getLogger(__name__)
+
+TASKS = ("fashion1", "fashion2", "noisy_fashion", "notmnist")
+DEFAULTS = {"train_size": 25_000, "val_size": 5_000, "test_size": 5_000, "data_seed": 0}
+
+FASHION_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+FASHION_LAYOUTS = ["fashion-mnist", "FashionMNIST/raw", "fashion_mnist"]
+NOTMNIST_TEST_FILES = ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+NOTMNIST_TRAIN_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+NOTMNIST_LAYOUTS = ["notmnist", "notMNIST"]
+NOTMNIST_URL = "https://github.com/davidflanagan/notMNIST-to-MNIST/raw/master/"
+
+
+def fashion_mnist_folder(root: Path, download: bool = True) -> Path:
+    folder = find_files(root, FASHION_LAYOUTS, FASHION_FILES)
+    if folder is None and download:
+        try:
+            import torchvision
+
+            log.info("Fashion-MNIST not found under %s; downloading with torchvision", root)
+            torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
+        except Exception as error:  # offline, proxy, disk: report below with the full instructions
+            log.warning("Fashion-MNIST download failed: %s", error)
+        folder = find_files(root, FASHION_LAYOUTS, FASHION_FILES)
+    if folder is None:
+        raise DataNotFoundError(missing_data_message(
+            "Fashion-MNIST", FASHION_FILES, root, FASHION_LAYOUTS,
+            "run `mtlcore data fashion_mtl` on a machine with internet (torchvision downloads them into "
+            f"{root / 'FashionMNIST/raw'}), or copy the four .gz files from "
+            "https://github.com/zalandoresearch/fashion-mnist/tree/master/data/fashion into "
+            f"{root / 'fashion-mnist'}."))
+    return folder
+
+
+def notmnist_folder(root: Path, download: bool = True) -> Path:
+    folder = find_files(root, NOTMNIST_LAYOUTS, NOTMNIST_TEST_FILES)
+    if folder is None and download:
+        try:
+            _download_notmnist(root / NOTMNIST_LAYOUTS[0])
+        except Exception as error:
+            log.warning("notMNIST download failed: %s", error)
+        folder = find_files(root, NOTMNIST_LAYOUTS, NOTMNIST_TEST_FILES)
+    if folder is None:
+        raise DataNotFoundError(missing_data_message(
+            "notMNIST (MNIST format)", NOTMNIST_TEST_FILES + [f"optionally {n}" for n in NOTMNIST_TRAIN_FILES],
+            root, NOTMNIST_LAYOUTS,
+            f"download the .gz files from {NOTMNIST_URL} (github.com/davidflanagan/notMNIST-to-MNIST) into "
+            f"{root / 'notmnist'}; `mtlcore data fashion_mtl` does it on a machine with internet."))
+    return folder
+
+
+def _download_notmnist(folder: Path) -> None:
+    import urllib.request
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in NOTMNIST_TEST_FILES + NOTMNIST_TRAIN_FILES:
+        target = folder / name
+        if not target.exists():
+            log.info("downloading %s", NOTMNIST_URL + name)
+            tmp = target.with_name(target.name + ".part")
+            urllib.request.urlretrieve(NOTMNIST_URL + name, tmp)  # noqa: S310 (fixed https URL)
+            tmp.replace(target)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
+    x, y = read_idx(images), read_idx(labels)
+    if len(x) != len(y):
+        raise ValueError(f"{images} holds {len(x)} images but {labels} holds {len(y)} labels")
+    return x, y.astype(np.int64)
+
+
+def _notmnist_pool(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    parts = [_read_pair(folder / NOTMNIST_TEST_FILES[0], folder / NOTMNIST_TEST_FILES[1])]
+    if find_files(folder, ["."], NOTMNIST_TRAIN_FILES) is not None:
+        parts.append(_read_pair(folder / NOTMNIST_TRAIN_FILES[0], folder / NOTMNIST_TRAIN_FILES[1]))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _take(pool: int, sizes: list[int], rng: np.random.Generator, what: str) -> list[np.ndarray]:
+    """Disjoint random index sets of the given sizes from range(pool)."""
+    if sum(sizes) > pool:
+        raise ValueError(f"{what}: asked for {' + '.join(map(str, sizes))} = {sum(sizes)} examples but only "
+                         f"{pool} exist; lower train_size/val_size/test_size")
+    order = rng.permutation(pool)
+    bounds = np.cumsum([0] + sizes)
+    return [np.sort(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _standardise(images: list[np.ndarray]) -> list[torch.Tensor]:
+    """Scale to [0, 1], then standardise by the training images' mean and std (the first array)."""
+    scaled = [torch.from_numpy(im.astype(np.float32) / 255.0).unsqueeze(1) for im in images]
+    mean, std = scaled[0].mean(), scaled[0].std().clamp_min(1e-6)
+    return [(im - mean) / std for im in scaled]
+
+
+def _task(name: str, images: list[np.ndarray], labels: list[np.ndarray], num_classes: int) -> TaskData:
+    xs = _standardise(images)
+    splits = [Split(x, torch.from_numpy(np.ascontiguousarray(y))) for x, y in zip(xs, labels)]
+    return TaskData(name, *splits, num_classes=num_classes)
+
+
+def load(tasks: list[str], train_size: int = 25_000, val_size: int = 5_000, test_size: int = 5_000,
+         data_seed: int = 0, root: str | Path | None = None, download: bool = True) -> Setting:
+    """Load the FashionMTL tasks in `tasks` (any of TASKS) with `*_size` examples per task and split."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown FashionMTL task(s) {unknown}; valid tasks: {list(TASKS)}")
+    root = data_root(root)
+    out: dict[str, TaskData] = {}
+    if any(t != "notmnist" for t in tasks):
+        folder = fashion_mnist_folder(root, download)
+        x_train, y_train = _read_pair(folder / FASHION_FILES[0], folder / FASHION_FILES[1])
+        x_test, y_test = _read_pair(folder / FASHION_FILES[2], folder / FASHION_FILES[3])
+        train1, train2, val1, val2 = _take(len(x_train), [train_size, train_size, val_size, val_size],
+                                           numpy_rng(data_seed, "fashion-train-split"), "Fashion-MNIST train split")
+        test1, test2 = _take(len(x_test), [test_size, test_size], numpy_rng(data_seed, "fashion-test-split"),
+                             "Fashion-MNIST test split")
+        parts = {"fashion1": (train1, val1, test1), "fashion2": (train2, val2, test2)}
+        for task in tasks:
+            if task == "notmnist":
+                continue
+            train, val, test = parts["fashion1" if task == "fashion1" else "fashion2"]
+            images = [x_train[train], x_train[val], x_test[test]]
+            labels = [y_train[train], y_train[val], y_test[test]]
+            if task == "noisy_fashion":
+                # Shuffle labels across examples: the images keep no information about their labels.
+                labels = [lab[numpy_rng(data_seed, "noisy-labels", split).permutation(len(lab))]
+                          for lab, split in zip(labels, ("train", "val", "test"))]
+            out[task] = _task(task, images, labels, 10)
+    if "notmnist" in tasks:
+        x_pool, y_pool = _notmnist_pool(notmnist_folder(root, download))
+        train, val, test = _take(len(x_pool), [train_size, val_size, test_size],
+                                 numpy_rng(data_seed, "notmnist-split"), f"notMNIST (found under {root})")
+        out["notmnist"] = _task("notmnist", [x_pool[train], x_pool[val], x_pool[test]],
+                                [y_pool[train], y_pool[val], y_pool[test]], 10)
+    info = {"train_size": train_size, "val_size": val_size, "test_size": test_size, "data_seed": data_seed,
+            "data_root": str(root)}
+    return Setting("fashion_mtl", {t: out[t] for t in tasks}, encoder="lenet", info=info)

@@ -1,0 +1,82 @@
+"""Where data sets live: a parameter, else $MTLCORE_DATA_DIR, else a per-user cache folder."""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+
+ENV_VAR = "MTLCORE_DATA_DIR"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set's files are neither present nor downloadable; the message says how to get them."""
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mtlcore" / "data"
+
+
+def data_root(explicit: str | os.PathLike | None = None) -> Path:
+    """The data root: `explicit` if given, else $MTLCORE_DATA_DIR, else the per-user cache folder."""
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser().resolve()
+    return default_cache_dir()
+
+
+def find_files(root: Path, layouts: list[str], names: list[str]) -> Path | None:
+    """The first folder `root/layout` that holds every file in `names` (gzipped or not)."""
+    for layout in layouts:
+        folder = root / layout
+        if all(_existing(folder / name) is not None for name in names):
+            return folder
+    return None
+
+
+def _existing(path: Path) -> Path | None:
+    for candidate in (path, path.with_suffix("") if path.suffix == ".gz" else path.with_name(path.name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def missing_data_message(dataset: str, names: list[str], root: Path, layouts: list[str], how_to_get: str) -> str:
+    folders = "\n".join(f"  - {root / layout}" for layout in layouts)
+    files = ", ".join(names)
+    return (
+        f"{dataset} not found: need the files {files} in one of these folders:\n{folders}\n"
+        f"(data root {root}, set by the `data_root` parameter or ${ENV_VAR}).\n"
+        f"How to get them: {how_to_get}"
+    )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (MNIST format), gzipped or not, as a numpy array."""
+    path = _existing(path) or path
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if data[2] not in dtypes:
+        raise ValueError(f"{path}: unknown IDX element type 0x{data[2]:02x}")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says shape {shape} but holds {array.size} elements (truncated file?)")
+    return array.reshape(shape)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write `array` (uint8) as a gzipped IDX file, exactly the released MNIST format (used by tests)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.tobytes())

@@ -1,0 +1,110 @@
+"""The run dataset (DESIGN.md's contract between training and analysis): build, validate, save, combine."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+# Per (epoch, task) float variables; NaN where not measured.
+VARIABLES = ("train_loss", "val_loss", "test_loss", "val_score", "test_score", "sharpness", "fisher_trace",
+             "grad_cov_trace", "grad_norm_sq", "conflict", "task_weight")
+REQUIRED_ATTRS = ("run_id", "setting", "mode", "aggregator", "seed", "tasks", "config", "status")
+STATUSES = ("complete", "diverged")
+ENGINE = "h5netcdf"
+
+
+def new_run_dataset(tasks: list[str], epochs: int, attrs: dict) -> xr.Dataset:
+    """An all-NaN run dataset for epochs 0..`epochs` (0 = before training)."""
+    shape = (epochs + 1, len(tasks))
+    data = {name: (("epoch", "task"), np.full(shape, np.nan)) for name in VARIABLES}
+    coords = {"epoch": np.arange(epochs + 1), "task": list(tasks), "step": ("epoch", np.zeros(epochs + 1, dtype=np.int64))}
+    return xr.Dataset(data, coords=coords, attrs=_netcdf_attrs(attrs))
+
+
+def _netcdf_attrs(attrs: dict) -> dict:
+    """netCDF attrs hold strings and numbers only: nested values, None and bools become JSON strings."""
+    out = {}
+    for key, value in attrs.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, bool) or value is None or isinstance(value, (dict, list, tuple)):
+            out[key] = json.dumps(value)
+        elif isinstance(value, str):
+            out[key] = str(value)  # plain str: h5py refuses subclasses such as torch's version string
+        elif isinstance(value, (int, float)):
+            out[key] = value
+        else:
+            raise TypeError(f"attr {key}={value!r} ({type(value).__name__}) cannot be stored in netCDF; store a string or number")
+    return out
+
+
+def validate_run(ds: xr.Dataset) -> None:
+    """Raise ValueError if `ds` does not follow the run schema."""
+    problems = []
+    if set(ds.dims) != {"epoch", "task"}:
+        problems.append(f"dims are {sorted(ds.dims)}, expected ['epoch', 'task']")
+    missing = [v for v in VARIABLES if v not in ds.data_vars]
+    if missing:
+        problems.append(f"missing variables {missing}")
+    missing_attrs = [a for a in REQUIRED_ATTRS if a not in ds.attrs]
+    if missing_attrs:
+        problems.append(f"missing attrs {missing_attrs}")
+    if "step" not in ds.coords:
+        problems.append("missing coordinate 'step'")
+    if ds.attrs.get("status") not in STATUSES:
+        problems.append(f"status={ds.attrs.get('status')!r}, expected one of {list(STATUSES)}")
+    if problems:
+        raise ValueError("not a valid run dataset: " + "; ".join(problems))
+
+
+def save_atomic(ds: xr.Dataset, path: str | Path) -> Path:
+    """Write `ds` to `path` so that a killed writer never leaves a file that reads as complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    ds = ds.copy(deep=False)
+    ds.attrs = _netcdf_attrs(ds.attrs)
+    try:
+        ds.to_netcdf(tmp, engine=ENGINE)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_run(path: str | Path) -> xr.Dataset:
+    with xr.open_dataset(path, engine=ENGINE) as ds:
+        return ds.load()
+
+
+def run_config(ds: xr.Dataset) -> dict:
+    return json.loads(ds.attrs["config"])
+
+
+RUN_COORDS = ("run_id", "setting", "mode", "aggregator", "seed", "tasks", "status")
+
+
+def combine_runs(runs: Iterable[xr.Dataset | str | Path]) -> xr.Dataset:
+    """Stack runs along a `run` dimension; their attrs become coordinates along it.
+
+    Runs with different task sets are outer-joined on `task` (NaN where a run lacks the task), and
+    runs of different lengths on `epoch`.
+    """
+    datasets = [load_run(r) if isinstance(r, (str, Path)) else r for r in runs]
+    if not datasets:
+        raise ValueError("combine_runs needs at least one run")
+    # step is per run: keep it as a variable so runs of other batch sizes still align on epoch.
+    stacked = [ds.reset_coords("step").expand_dims("run") for ds in datasets]
+    combined = xr.concat(stacked, dim="run", join="outer", combine_attrs="drop", data_vars="all",
+                         coords="minimal", compat="override")
+    coords = {name: ("run", [ds.attrs[name] for ds in datasets]) for name in RUN_COORDS}
+    return combined.assign_coords(coords).assign_coords(run=[ds.attrs["run_id"] for ds in datasets])

@@ -1,0 +1,71 @@
+"""Run a grid of runs: skip what is on disk, train the rest locally or on Dask, keep going past divergence."""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import xarray as xr
+from tqdm import tqdm
+
+from mtlcore.config import RunConfig
+from mtlcore.results import combine_runs, load_run
+
+log = logging.getLogger(__name__)
+
+
+def grid(base: dict, **axes: Sequence) -> list[RunConfig]:
+    """Every combination of the `axes` values over the `base` config (validated before anything runs)."""
+    keys = list(axes)
+    configs = [RunConfig.from_dict({**base, **dict(zip(keys, values))}) for values in itertools.product(*axes.values())]
+    return configs
+
+
+def _run_one(config: RunConfig, results_dir: str, data_root: str | None, progress: bool) -> str:
+    from mtlcore import train  # imported in the worker process
+
+    train.run(config, data_root=data_root, results_dir=results_dir, progress=progress)
+    return str(train.run_path(config, results_dir))
+
+
+def ensure_runs(configs: Iterable[RunConfig], results_dir: str | Path, *, data_root: str | Path | None = None,
+                executor: str = "local", dask_client=None, progress: bool = True) -> list[Path]:
+    """Make sure every config has a finished run file under `results_dir/runs/`; return the paths.
+
+    `executor="dask"` maps the missing runs over `dask_client` (or a new local `distributed.Client`).
+    A diverged run is saved with status "diverged" and the others go on.
+    """
+    from mtlcore.train import run_path
+
+    configs = list(configs)
+    results_dir = str(results_dir)
+    root = None if data_root is None else str(data_root)
+    paths = [run_path(c, results_dir) for c in configs]
+    todo = [c for c, p in zip(configs, paths) if not p.exists()]
+    log.info("%d runs requested, %d on disk, %d to train", len(configs), len(configs) - len(todo), len(todo))
+    if todo and executor == "local":
+        for config in tqdm(todo, desc="runs", disable=not progress):
+            _run_one(config, results_dir, root, progress)
+    elif todo and executor == "dask":
+        from distributed import Client, as_completed
+
+        client = dask_client or Client(processes=True, threads_per_worker=1)
+        futures = client.map(_run_one, todo, results_dir=results_dir, data_root=root, progress=False, pure=False)
+        for future in tqdm(as_completed(futures), total=len(futures), desc="runs (dask)", disable=not progress):
+            future.result()
+    elif todo:
+        raise ValueError(f"executor={executor!r}; use 'local' or 'dask'")
+    return paths
+
+
+def load_runs(configs: Iterable[RunConfig], results_dir: str | Path, **kwargs) -> xr.Dataset:
+    """`ensure_runs`, then combine the run files along a `run` dimension."""
+    return combine_runs(ensure_runs(configs, results_dir, **kwargs))
+
+
+def diverged_runs(combined: xr.Dataset) -> list[str]:
+    return [str(r) for r, s in zip(combined["run"].values, combined["status"].values) if s != "complete"]
+
+
+__all__ = ["grid", "ensure_runs", "load_runs", "load_run", "diverged_runs"]

@@ -1,0 +1,595 @@
+"""Aggregators against independent truths: REFERENCE §3 known outputs, optimality conditions,
+invariances, hand-computed loss weightings, and short training runs on the LeNet model."""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mtlcore.aggregators as aggregators
+from mtlcore.aggregators import NonFiniteGradientError, available, get, task_jacobian, unflatten_into_grads
+from mtlcore.models import build_model
+
+J_REFERENCE = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+
+GRADIENT_METHODS = [name for name in available() if get(name, **({"weights": [1.0]} if name == "fixed" else {})).kind == "gradient"]
+LOSS_METHODS = [name for name in available() if name not in GRADIENT_METHODS]
+DETERMINISTIC_GRADIENT = ["uniform", "mgda", "mgda_ub", "cagrad", "nashmtl", "imtl_g", "aligned_mtl", "upgrad", "dualproj", "dbmtl"]
+
+
+def make(name: str, num_tasks: int = 2, **options):
+    if name == "fixed" and "weights" not in options:
+        options["weights"] = [1.0 / (k + 1) for k in range(num_tasks)]
+    agg = get(name, **options)
+    if agg.randomised:
+        agg.set_generator(torch.Generator().manual_seed(0))
+    return agg
+
+
+def random_jacobian(num_tasks: int, dim: int, rank: int | None, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if rank is None:
+        return torch.randn(num_tasks, dim, generator=generator)
+    return torch.randn(num_tasks, rank, generator=generator) @ torch.randn(rank, dim, generator=generator)
+
+
+# (K, P, rank): every K ∈ {2,3,5} × P ∈ {3,10,50} at full rank, plus rank-deficient ones
+CASES = [(k, p, None) for k in (2, 3, 5) for p in (3, 10, 50)] + [
+    (2, 10, 1), (3, 10, 1), (3, 50, 2), (5, 10, 2), (5, 50, 3), (5, 3, 2),
+]
+CASE_IDS = [f"K{k}-P{p}-r{r or 'full'}" for k, p, r in CASES]
+
+
+def jacobians():
+    return [random_jacobian(k, p, r, seed) for seed, (k, p, r) in enumerate(CASES)]
+
+
+def is_full_row_rank(J: torch.Tensor) -> bool:
+    # rtol above float32 rounding: a product of thin factors is rank-deficient here
+    return torch.linalg.matrix_rank(J.double(), rtol=1e-5).item() == J.shape[0]
+
+
+def losses_for(J: torch.Tensor) -> torch.Tensor:
+    return torch.linspace(0.5, 2.0, J.shape[0])
+
+
+# --- known outputs (REFERENCE §3, TorchJD docs for Nash-MTL / DualProj) ------------------------
+@pytest.mark.parametrize(
+    "name, options, expected",
+    [
+        ("mgda", {}, [0.0, 1.0, 1.0]),
+        ("pcgrad", {"reduction": "sum"}, [0.5848, 3.8012, 3.8012]),
+        ("cagrad", {"c": 0.5, "rescale": 0}, [0.1835, 1.2041, 1.2041]),
+        ("upgrad", {}, [0.2929, 1.9004, 1.9004]),
+        ("imtl_g", {}, [0.0767, 1.0, 1.0]),
+        ("uniform", {"reduction": "mean"}, [1.0, 1.0, 1.0]),
+        ("uniform", {"reduction": "sum"}, [2.0, 2.0, 2.0]),
+        ("nashmtl", {}, [0.0542, 0.7061, 0.7061]),
+        ("dualproj", {}, [0.5563, 1.1109, 1.1109]),
+        ("cagrad", {"c": 0.5, "rescale": 1}, [0.1835 / 1.25, 1.2041 / 1.25, 1.2041 / 1.25]),
+    ],
+)
+def test_known_outputs(name, options, expected):
+    agg = make(name, **options)
+    d = agg(J_REFERENCE)
+    torch.testing.assert_close(d, torch.tensor(expected), atol=1e-4, rtol=0)
+    torch.testing.assert_close(agg.weights.float() @ J_REFERENCE, d, atol=1e-4, rtol=1e-4)
+
+
+def test_mgda_reference_weights():
+    agg = make("mgda")
+    agg(J_REFERENCE)
+    torch.testing.assert_close(agg.weights, torch.tensor([0.6, 0.4], dtype=torch.float64))
+
+
+# --- optimality conditions and invariances on random matrices ----------------------------------
+@pytest.mark.parametrize("J", jacobians(), ids=CASE_IDS)
+def test_mgda_kkt(J):
+    agg = make("mgda")
+    agg(J)
+    alpha = agg.weights.numpy()
+    G = (J.double() @ J.double().T).numpy()
+    tol = 1e-7 * np.trace(G)
+    assert (alpha >= -1e-12).all()
+    assert alpha.sum() == pytest.approx(1.0, abs=1e-9)
+    assert (G @ alpha >= alpha @ G @ alpha - tol).all()
+
+
+@pytest.mark.parametrize("J", jacobians(), ids=CASE_IDS)
+def test_mgda_two_task_closed_form_matches_exact_solver(J):
+    if J.shape[0] != 2:
+        pytest.skip("two-task check")
+    from mtlcore.aggregators._qp import min_norm_in_hull
+
+    G = (J.double() @ J.double().T).numpy()
+    closed = min_norm_in_hull(G)
+    grid = np.linspace(0, 1, 20001)
+    values = [(g * G[0, 0] * g + 2 * g * (1 - g) * G[0, 1] + (1 - g) ** 2 * G[1, 1]) for g in grid]
+    assert closed @ G @ closed <= min(values) + 1e-9 * np.trace(G)
+
+
+@pytest.mark.parametrize("name, options", [("mgda", {}), ("upgrad", {}), ("upgrad", {"reg_eps": 0.0}),
+                                           ("dualproj", {}), ("dualproj", {"reg_eps": 0.0}),
+                                           ("mgda", {"normalization": "l2"}), ("mgda", {"normalization": "loss+"})])
+@pytest.mark.parametrize("J", jacobians(), ids=CASE_IDS)
+def test_non_conflicting(name, options, J):
+    agg = make(name, J.shape[0], **options)
+    d = agg(J, losses_for(J)).double()
+    J64 = J.double()
+    G = J64 @ J64.T
+    # float32 rounding of d = Jᵀw is relative to Σ|w_k|‖g_k‖, not to ‖d‖ (d may be ~0)
+    rounding = 1e-5 * J64.norm(dim=1) * (agg.weights.abs() @ J64.norm(dim=1))
+    regularisation = options.get("reg_eps", 1e-4 if name != "mgda" else 0) * G.trace() * agg.weights.abs().max()
+    slack = rounding + regularisation
+    assert (J64 @ d >= -slack - 1e-12).all()
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC_GRADIENT)
+@pytest.mark.parametrize("J", jacobians(), ids=CASE_IDS)
+def test_permutation_invariance(name, J):
+    permutation = torch.randperm(J.shape[0], generator=torch.Generator().manual_seed(1))
+    losses = losses_for(J)
+    d = make(name, J.shape[0])(J, losses)
+    d_permuted = make(name, J.shape[0])(J[permutation], losses[permutation])
+    scale = d.norm() + 1e-4 * J.norm()  # d may be ~0 (0 in the convex hull)
+    assert ((d - d_permuted).norm() / scale).item() < (1e-3 if name == "cagrad" else 1e-4)
+
+
+@pytest.mark.parametrize("J", jacobians(), ids=CASE_IDS)
+def test_imtl_g_equal_projections(J):
+    if not is_full_row_rank(J):
+        pytest.skip("equal projections need linearly independent gradients")
+    d = make("imtl_g")(J).double()
+    units = J.double() / J.double().norm(dim=1, keepdim=True)
+    projections = units @ d
+    torch.testing.assert_close(projections, projections.mean().expand_as(projections), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("J", jacobians(), ids=CASE_IDS)
+def test_two_task_pcgrad_equals_upgrad(J):
+    if J.shape[0] != 2:
+        pytest.skip("two tasks only")
+    pcgrad = make("pcgrad", reduction="mean")(J)
+    upgrad = make("upgrad", reg_eps=0.0)(J)
+    torch.testing.assert_close(pcgrad, upgrad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("J", jacobians(), ids=CASE_IDS)
+def test_nash_mtl_bargaining_condition(J):
+    if not is_full_row_rank(J):
+        pytest.skip("Gα = 1/α needs a positive definite Gramian")
+    agg = make("nashmtl")
+    d = agg(J)
+    alpha = agg.alpha.numpy()
+    G = (J.double() @ J.double().T).numpy()
+    assert (alpha > 0).all()
+    np.testing.assert_allclose(alpha * (G @ alpha), np.ones(len(alpha)), rtol=1e-6)
+    # ‖Jᵀα‖² = Σ α_i (Gα)_i = K, so the clip leaves ‖d‖ = min(√K, max_norm)
+    assert d.norm().item() == pytest.approx(min(math.sqrt(len(alpha)), 1.0), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["uniform", "mgda", "imtl_g", "upgrad", "dualproj", "cagrad", "aligned_mtl", "pcgrad", "gradvac"])
+@pytest.mark.parametrize("scale", [1e-3, 3.0, 1e6])
+def test_linear_homogeneity(name, scale):
+    """d(sJ) = s d(J): the weights do not depend on the gradients' scale."""
+    J = random_jacobian(3, 10, None, seed=7)
+    d = make(name, 3)(J)
+    d_scaled = make(name, 3)(scale * J)
+    torch.testing.assert_close(d_scaled / scale, d, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, options", [("nashmtl", {}), ("nashmtl", {"max_norm": 0.0}), ("mgda", {"normalization": "l2"})])
+def test_scale_invariant_outputs(name, options):
+    """Nash-MTL's ‖d‖ is √K whatever the scale; l2-normalised MGDA ignores row scales."""
+    J = random_jacobian(3, 10, None, seed=8)
+    d = make(name, 3, **options)(J)
+    row_scales = torch.tensor([[1e-2], [5.0], [1e3]]) if name == "mgda" else torch.full((3, 1), 1e3)
+    torch.testing.assert_close(make(name, 3, **options)(row_scales * J), d, rtol=1e-4, atol=1e-6)
+
+
+def test_mgda_apply_to_raw_uses_alpha_on_raw_gradients():
+    J = random_jacobian(3, 10, None, seed=9)
+    losses = torch.tensor([0.5, 1.0, 2.0])
+    normalized = make("mgda", normalization="loss")
+    raw = make("mgda", normalization="loss", apply_to="raw")
+    normalized(J, losses)
+    raw(J, losses)
+    torch.testing.assert_close(normalized.weights * losses.double(), raw.weights)
+
+
+def test_graddrop_keeps_everything_when_signs_agree():
+    J = torch.rand(3, 20, generator=torch.Generator().manual_seed(0)) + 0.1
+    torch.testing.assert_close(make("graddrop")(J), J.sum(dim=0))
+    torch.testing.assert_close(make("graddrop")(-J), -J.sum(dim=0))
+
+
+def test_graddrop_keeps_one_sign_per_coordinate():
+    J = random_jacobian(3, 200, None, seed=3)
+    d = make("graddrop")(J)
+    positive, negative = J.clamp(min=0).sum(0), J.clamp(max=0).sum(0)
+    assert (torch.isclose(d, positive) | torch.isclose(d, negative)).all()
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "gradvac", "graddrop"])
+def test_randomised_methods_are_reproducible(name):
+    J = random_jacobian(5, 10, None, seed=4)
+    outputs = []
+    for _ in range(2):
+        agg = get(name, generator=torch.Generator().manual_seed(123))
+        outputs.append(torch.stack([agg(J), agg(J)]))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_gradvac_with_zero_targets_projects_like_pcgrad_on_first_step():
+    """With targets 0 the first GradVac step removes negative cosines exactly as PCGrad."""
+    J = random_jacobian(2, 10, None, seed=5)
+    torch.testing.assert_close(make("gradvac")(J), make("pcgrad")(J), rtol=1e-4, atol=1e-5)
+
+
+def test_aligned_mtl_balances_orthogonal_gradients():
+    """On orthogonal gradients Aligned-MTL rescales each to the smallest norm."""
+    J = torch.diag(torch.tensor([1.0, 2.0, 4.0]))
+    torch.testing.assert_close(make("aligned_mtl", 3)(J), torch.ones(3))
+
+
+def test_cagrad_with_c_zero_is_the_mean():
+    J = random_jacobian(3, 10, None, seed=6)
+    torch.testing.assert_close(make("cagrad", 3, c=0.0)(J), J.mean(dim=0), rtol=1e-5, atol=1e-6)
+
+
+@given(st.integers(min_value=2, max_value=5), st.integers(min_value=1, max_value=12), st.integers(0, 10**6))
+@settings(max_examples=40, derandomize=True, deadline=None)
+def test_dual_cone_projection_property(num_tasks, dim, seed):
+    """UPGrad: each projected gᵢ lies in the dual cone, and d is their mean."""
+    J = random_jacobian(num_tasks, dim, None, seed)
+    d = make("upgrad", num_tasks, reg_eps=0.0)(J).double()
+    J64 = J.double()
+    assert (J64 @ d >= -1e-5 * J64.norm(dim=1) * J64.norm() - 1e-9).all()
+
+
+# --- degenerate and non-finite input ------------------------------------------------------------
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+@pytest.mark.parametrize("kind", ["zero", "huge", "one_zero_row"])
+def test_finite_outputs_on_degenerate_jacobians(name, kind):
+    J = random_jacobian(3, 10, None, seed=11)
+    if kind == "zero":
+        J = torch.zeros(3, 10)
+    elif kind == "huge":
+        J = J / J.norm() * 1e20
+    else:
+        J[1] = 0.0
+    agg = make(name, 3)
+    d = agg(J, torch.tensor([0.5, 1.0, 2.0]))
+    assert torch.isfinite(d).all()
+    if kind == "zero":
+        assert (d == 0).all()
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_non_finite_jacobian_raises(name):
+    J = random_jacobian(2, 5, None, seed=12)
+    J[0, 1] = math.nan
+    with pytest.raises(NonFiniteGradientError):
+        make(name)(J, torch.tensor([1.0, 1.0]))
+    assert issubclass(NonFiniteGradientError, FloatingPointError)
+
+
+@pytest.mark.parametrize("name", LOSS_METHODS)
+def test_non_finite_losses_raise(name):
+    with pytest.raises(NonFiniteGradientError):
+        make(name).combine(torch.tensor([1.0, math.inf]), last_shared=[torch.zeros(1, requires_grad=True)])
+
+
+def test_nash_mtl_solver_failure_keeps_previous_weights(caplog):
+    J = random_jacobian(3, 10, None, seed=13)
+    J[1] = 0.0  # a zero gradient: Gα = 1/α has no solution
+    agg = make("nashmtl", 3)
+    with caplog.at_level(logging.WARNING, logger="mtlcore.aggregators"):
+        d = agg(J)
+    assert "nashmtl: solver failed" in caplog.text
+    torch.testing.assert_close(agg.alpha, torch.ones(3, dtype=torch.float64))
+    assert torch.isfinite(d).all() and d.norm().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_solver_failure_falls_back_to_uniform(monkeypatch, caplog):
+    class Failed:
+        success, message, x = False, "forced failure", np.array([math.nan, math.nan])
+
+    monkeypatch.setattr(aggregators.cagrad, "minimize", lambda *args, **kwargs: Failed())
+    agg = make("cagrad")
+    with caplog.at_level(logging.WARNING, logger="mtlcore.aggregators"):
+        d = agg(J_REFERENCE)
+    assert "cagrad: solver failed" in caplog.text
+    torch.testing.assert_close(d, J_REFERENCE.mean(dim=0))
+
+
+# --- interface and error messages ---------------------------------------------------------------
+def test_available_and_kinds():
+    assert available() == sorted(available())
+    assert len(available()) == 21
+    for name in available():
+        agg = make(name)
+        assert agg.kind in ("gradient", "loss") and agg.name == name
+        assert isinstance(agg.options, dict)
+    assert get("mgda_ub").jacobian_of == "representation"
+    assert get("mgda").jacobian_of == "shared"
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown aggregator 'mgdaa'.*valid names: aligned_mtl, cagrad"):
+        get("mgdaa")
+
+
+def test_unknown_option_lists_valid_options():
+    with pytest.raises(ValueError, match=r"cagrad: unknown option\(s\) \['alpha'\].*c=0.5, rescale=1"):
+        get("cagrad", alpha=0.5)
+    with pytest.raises(ValueError, match="unknown option.*generator"):
+        get("mgda", generator=torch.Generator())
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("cagrad", {"c": -1.0}, "cagrad: option c must be a number >= 0.0, got -1.0"),
+        ("cagrad", {"rescale": 3}, "cagrad: rescale must be 0"),
+        ("mgda", {"normalization": "l1"}, "normalization must be one of"),
+        ("uniform", {"reduction": "max"}, "reduction must be 'sum' or 'mean'"),
+        ("fixed", {}, "fixed: weights must be a non-empty list"),
+        ("fixed", {"weights": ["a"]}, "fixed: weights must be a non-empty list"),
+        ("famo", {"gamma": "big"}, "famo: option gamma must be a number"),
+        ("nashmtl", {"update_weights_every": 0}, "update_weights_every must be an int >= 1"),
+        ("gradvac", {"beta": 2.0}, "beta must be a number >= 0.0 <= 1.0"),
+    ],
+)
+def test_bad_option_values(name, options, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        get(name, **options)
+
+
+def test_mismatched_task_count_and_missing_losses():
+    agg = make("mgda")
+    agg(J_REFERENCE)
+    with pytest.raises(ValueError, match="call reset"):
+        agg(torch.ones(3, 3))
+    with pytest.raises(ValueError, match="losses are needed"):
+        make("dbmtl")(J_REFERENCE)
+    with pytest.raises(ValueError, match="fixed: 1 weights were given for 2 tasks"):
+        get("fixed", weights=[1.0])(J_REFERENCE)
+    with pytest.raises(ValueError, match="last_shared"):
+        make("gradnorm").combine(torch.ones(2))
+    with pytest.raises(RuntimeError, match="reset"):
+        get("uncertainty").parameters()
+
+
+# --- loss-level methods by hand -----------------------------------------------------------------
+def test_dwa_weights_by_hand():
+    agg = make("dwa", temperature=2.0)
+    losses = torch.tensor([1.0, 2.0, 3.0])
+    agg.combine(losses)
+    torch.testing.assert_close(agg.weights, torch.ones(3, dtype=torch.float64))
+    agg.end_epoch(torch.tensor([4.0, 2.0, 1.0]))
+    agg.combine(losses)
+    torch.testing.assert_close(agg.weights, torch.ones(3, dtype=torch.float64))  # still < 2 epochs
+    agg.end_epoch(torch.tensor([2.0, 2.0, 2.0]))
+    total = agg.combine(losses)
+    ratios = np.array([2 / 4, 2 / 2, 2 / 1])
+    expected = 3 * np.exp(ratios / 2) / np.exp(ratios / 2).sum()
+    np.testing.assert_allclose(agg.weights.numpy(), expected, rtol=1e-12)
+    assert total.item() == pytest.approx(float(expected @ losses.double().numpy()), rel=1e-6)
+
+
+def test_uncertainty_value_and_gradient_by_hand():
+    agg = get("uncertainty")
+    agg.reset(2)
+    (s,) = agg.parameters()
+    with torch.no_grad():
+        s.copy_(torch.tensor([0.0, math.log(4.0)]))
+    losses = torch.tensor([2.0, 8.0], requires_grad=True)
+    total = agg.combine(losses)
+    # ½e^{-s}L + ½s: 1 + (1 + ½ log 4)
+    assert total.item() == pytest.approx(1.0 + 1.0 + 0.5 * math.log(4.0), rel=1e-6)
+    total.backward()
+    torch.testing.assert_close(losses.grad, torch.tensor([0.5, 0.125]))
+    # ∂/∂s = −½e^{-s}L + ½: [−1 + ½, −1 + ½]
+    torch.testing.assert_close(s.grad, torch.tensor([-0.5, -0.5]))
+
+
+def test_imtl_l_and_scale_invariant_by_hand():
+    agg = get("imtl_l")
+    agg.reset(2)
+    losses = torch.tensor([2.0, 3.0], requires_grad=True)
+    total = agg.combine(losses)
+    assert total.item() == pytest.approx(5.0)
+    total.backward()
+    torch.testing.assert_close(agg.parameters()[0].grad, torch.tensor([1.0, 2.0]))  # e^s L − 1
+    scale_invariant = get("scale_invariant", eps=0.0)
+    assert scale_invariant.combine(torch.tensor([2.0, 3.0])).item() == pytest.approx(math.log(6.0))
+    torch.testing.assert_close(scale_invariant.weights, torch.tensor([0.5, 1 / 3], dtype=torch.float64))
+
+
+def test_rlw_weights_are_a_reproducible_softmax():
+    weights = []
+    for _ in range(2):
+        agg = get("rlw", generator=torch.Generator().manual_seed(5))
+        agg.combine(torch.ones(4))
+        weights.append(agg.weights.clone())
+    torch.testing.assert_close(weights[0], weights[1])
+    assert weights[0].sum().item() == pytest.approx(1.0) and (weights[0] > 0).all()
+
+
+def test_famo_one_step_by_hand():
+    agg = get("famo", gamma=1e-3, lr=0.025, eps=0.0)
+    before = torch.tensor([1.0, 4.0], requires_grad=True)
+    total = agg.combine(before)
+    # z = ½ each; c = ½(1/1 + 1/4) = 0.625; loss = ½(log 1 + log 4)/c
+    assert total.item() == pytest.approx(0.5 * math.log(4.0) / 0.625, rel=1e-6)
+    total.backward()
+    torch.testing.assert_close(before.grad, torch.tensor([0.5 / 0.625, 0.125 / 0.625]))
+    torch.testing.assert_close(agg.weights, torch.tensor([0.8, 0.2], dtype=torch.float64))
+    after = torch.tensor([0.5, 3.0])
+    agg.after_step(after)
+    delta = np.log([1.0, 4.0]) - np.log([0.5, 3.0])
+    grad = 0.5 * (delta - delta.mean())  # softmax Jacobian at z = ½: diag(z) − zzᵀ
+    # Adam's first step (m̂ = g, v̂ = g², weight decay on ξ = 0 adds nothing): ξ = −lr·g/(|g| + 1e-8)
+    expected = -0.025 * grad / (np.abs(grad) + 1e-8)
+    np.testing.assert_allclose(agg.logits.detach().numpy(), expected, rtol=1e-5)
+
+
+def test_gradnorm_one_step_by_hand():
+    W = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    losses = torch.stack([3.0 * W.sum(), 1.0 * W.sum()])  # ‖∇_W L‖ = 3√2 and √2
+    agg = get("gradnorm", alpha=1.5, lr=0.1)
+    total = agg.combine(losses, last_shared=[W])
+    assert total.item() == pytest.approx(8.0)  # weights 1 at the first step
+    # r = 1, target = mean(G) = 2√2: ∂L_grad/∂w = sign(G_i − target)·n_i = [+, −]; Adam moves ±lr
+    w = np.array([1.0 - 0.1, 1.0 + 0.1])
+    np.testing.assert_allclose(agg.task_weights.detach().numpy(), 2 * w / w.sum(), rtol=1e-5)
+    total.backward()
+    torch.testing.assert_close(W.grad, torch.tensor([4.0, 4.0]))
+
+
+# --- state ---------------------------------------------------------------------------------------
+def _drive_gradient(agg, steps):
+    return [agg(random_jacobian(3, 10, None, seed=100 + s), torch.tensor([1.0, 2.0, 0.5])) for s in steps]
+
+
+@pytest.mark.parametrize("name", ["nashmtl", "gradvac", "dbmtl", "pcgrad"])
+def test_gradient_state_round_trip(name):
+    first = make(name, 3, **({"update_weights_every": 2} if name == "nashmtl" else {}))
+    _drive_gradient(first, range(3))
+    clone = make(name, 3, **first.options)
+    clone.load_state_dict(first.state_dict())
+    if first.randomised:
+        first.set_generator(torch.Generator().manual_seed(9))
+        clone.set_generator(torch.Generator().manual_seed(9))
+    torch.testing.assert_close(_drive_gradient(clone, range(3, 5)), _drive_gradient(first, range(3, 5)))
+
+
+def _drive_loss(agg, steps, W):
+    outputs = []
+    for s in steps:
+        losses = torch.stack([(1.0 + s) * W.square().sum(), (2.0 - 0.3 * s) * W.abs().sum()])
+        outputs.append(agg.combine(losses, last_shared=[W]).detach())
+        agg.after_step(losses.detach() * 0.9)
+        agg.end_epoch(losses.detach())
+    return outputs + [agg.weights]
+
+
+@pytest.mark.parametrize("name", ["famo", "gradnorm", "dwa", "uncertainty"])
+def test_loss_state_round_trip(name):
+    W = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    first = make(name)
+    _drive_loss(first, range(3), W)
+    clone = make(name)
+    clone.reset(2)
+    clone.load_state_dict(first.state_dict())
+    torch.testing.assert_close(_drive_loss(clone, range(3, 5), W), _drive_loss(first, range(3, 5), W))
+
+
+def test_reset_clears_state():
+    agg = make("nashmtl")
+    agg(J_REFERENCE)
+    agg.reset(2)
+    torch.testing.assert_close(agg.alpha, torch.ones(2, dtype=torch.float64))
+    assert torch.isnan(agg.weights).all()
+
+
+# --- task_jacobian ------------------------------------------------------------------------------
+def _losses_and_params():
+    torch.manual_seed(0)
+    layer, head = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+    unused = torch.nn.Parameter(torch.ones(2))
+    outputs = head(torch.tanh(layer(torch.randn(5, 4))))
+    losses = torch.stack([outputs[:, k].square().mean() for k in range(3)])
+    return losses, [*layer.parameters(), unused]
+
+
+def _loop_jacobian(losses, params):
+    rows = []
+    for k in range(len(losses)):
+        grads = torch.autograd.grad(losses[k], params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 3, 10])
+def test_task_jacobian_equals_loop(chunk_size):
+    losses, params = _losses_and_params()
+    expected = _loop_jacobian(losses, params)
+    J = task_jacobian(losses, params, chunk_size=chunk_size)
+    torch.testing.assert_close(J, expected)
+    assert (J[:, -2:] == 0).all()  # the unused parameter
+
+
+def test_task_jacobian_falls_back_to_loop(monkeypatch):
+    losses, params = _losses_and_params()
+    expected = _loop_jacobian(losses, params)
+    real_grad = torch.autograd.grad
+
+    def no_batching(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("batching rule not implemented")
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    torch.testing.assert_close(task_jacobian(losses, params, chunk_size=2, retain_graph=False), expected)
+
+
+def test_unflatten_into_grads_sets_and_accumulates():
+    params = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(3))]
+    d = torch.arange(7.0)
+    unflatten_into_grads(d, params)
+    torch.testing.assert_close(params[0].grad, torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+    unflatten_into_grads(d, params, accumulate=True)
+    torch.testing.assert_close(params[1].grad, torch.tensor([8.0, 10.0, 12.0]))
+    unflatten_into_grads(d, params)
+    torch.testing.assert_close(params[1].grad, torch.tensor([4.0, 5.0, 6.0]))
+    with pytest.raises(ValueError, match="7 entries"):
+        unflatten_into_grads(torch.ones(6), params)
+
+
+# --- every method trains the LeNet model for 3 steps --------------------------------------------
+@pytest.mark.parametrize("name", available())
+def test_trains_lenet_three_steps(name):
+    torch.manual_seed(0)
+    tasks = {"a": 10, "b": 10, "c": 10}
+    model = build_model("lenet", tasks)
+    agg = make(name, len(tasks))
+    agg.reset(len(tasks))
+    optimizer = torch.optim.SGD([*model.parameters(), *agg.parameters()], lr=0.01)
+    x = torch.randn(8, 1, 28, 28)
+    y = {t: torch.randint(0, 10, (8,)) for t in tasks}
+    before = [p.detach().clone() for p in model.shared_parameters()]
+
+    def task_losses(z):
+        return torch.stack([torch.nn.functional.cross_entropy(model.heads[t](z), y[t]) for t in tasks])
+
+    for _ in range(3):
+        optimizer.zero_grad()
+        z = model.encoder(x)
+        losses = task_losses(z)
+        shared = model.shared_parameters()
+        if agg.kind == "loss":
+            agg.combine(losses, last_shared=model.last_shared_layer()).backward()
+        elif agg.jacobian_of == "representation":
+            weights = agg.weights_from(task_jacobian(losses, [z]), losses.detach())
+            (weights.to(losses) * losses).sum().backward()
+        else:
+            d = agg(task_jacobian(losses, shared), losses.detach())
+            losses.sum().backward()
+            unflatten_into_grads(d, shared)
+        optimizer.step()
+        if agg.needs_losses_after:
+            with torch.no_grad():
+                agg.after_step(task_losses(model.encoder(x)))
+        agg.end_epoch(losses.detach())
+        assert agg.weights.shape == (3,)
+        if name not in ("graddrop", "dbmtl"):
+            assert torch.isfinite(agg.weights).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.shared_parameters()))

@@ -1,0 +1,380 @@
+"""Metrics against independent truths: closed forms, per-example loops, exact covariances."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from mtlcore import metrics
+from mtlcore.metrics.common import mean_loss, task_named_parameters
+from mtlcore.models import MultiTaskModel, build_model
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    torch.manual_seed(0)
+    return build_model("lenet", {"a": 10, "b": 10})
+
+
+@pytest.fixture(scope="module")
+def images():
+    generator = seeded(1)
+    return torch.randn(48, 1, 28, 28, generator=generator), torch.randint(0, 10, (48,), generator=generator)
+
+
+def softmax_regression(features: int = 5, classes: int = 4) -> MultiTaskModel:
+    """Logits W x + b: no shared parameters, the head is the whole model."""
+    torch.manual_seed(2)
+    return MultiTaskModel(nn.Identity(), {"a": nn.Linear(features, classes)})
+
+
+def small_two_task_model() -> MultiTaskModel:
+    torch.manual_seed(3)
+    encoder = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
+    return MultiTaskModel(encoder, {"a": nn.Linear(3, 2), "b": nn.Linear(3, 3)})
+
+
+def with_bias_column(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(len(x), 1)], dim=1)
+
+
+# --- per-example gradients -------------------------------------------------------------------
+
+
+def test_vmap_and_loop_per_example_gradients_agree_in_any_chunking(lenet, images):
+    x, y = images
+    by_vmap = metrics.per_example_gradients(lenet, "a", x[:20], y[:20], method="vmap", chunk_size=7)
+    by_loop = metrics.per_example_gradients(lenet, "a", x[:20], y[:20], method="loop", chunk_size=20)
+    parameter_count = sum(p.numel() for p in task_named_parameters(lenet, "a").values())
+    assert by_vmap.shape == (20, parameter_count)
+    torch.testing.assert_close(by_vmap, by_loop, rtol=1e-4, atol=1e-6)
+
+
+def test_per_example_gradient_mean_is_the_batch_gradient():
+    model = small_two_task_model()
+    x, y = torch.randn(10, 4, generator=seeded()), torch.randint(0, 2, (10,), generator=seeded())
+    per_example = metrics.per_example_gradients(model, "a", x, y)
+    parameters = list(task_named_parameters(model, "a").values())
+    batch = torch.autograd.grad(mean_loss(model(x, "a"), y, "cross_entropy"), parameters)
+    torch.testing.assert_close(per_example.mean(dim=0), torch.cat([g.reshape(-1) for g in batch]))
+
+
+def test_auto_falls_back_to_the_loop_when_vmap_fails(caplog):
+    class NoVmap(nn.Module):  # .item() inside forward cannot be vmapped
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.linear(x) * (1.0 + 0.0 * x.sum().item())
+
+    model = MultiTaskModel(NoVmap(), {"a": nn.Linear(3, 2)})
+    x, y = torch.randn(6, 4, generator=seeded()), torch.randint(0, 2, (6,), generator=seeded())
+    with pytest.raises(Exception):
+        metrics.per_example_gradients(model, "a", x, y, method="vmap")
+    with caplog.at_level("WARNING"):
+        automatic = metrics.per_example_gradients(model, "a", x, y, method="auto")
+    assert "using the loop" in caplog.text
+    torch.testing.assert_close(automatic, metrics.per_example_gradients(model, "a", x, y, method="loop"))
+
+
+# --- Fisher trace ----------------------------------------------------------------------------
+
+
+def softmax_fisher_closed_form(model: MultiTaskModel, x: torch.Tensor) -> tuple[float, float]:
+    """∇_W ℓ(c) = (p − e_c) x̃ᵀ, so E_c ‖∇ℓ‖² = ‖x̃‖² Σ_c p_c ‖p − e_c‖²; also the variance of one draw."""
+    with torch.no_grad():
+        p = torch.softmax(model(x, "a"), dim=1)
+    squared_distance = (p.pow(2).sum(1, keepdim=True) - 2 * p + 1)  # ‖p − e_c‖² for every c
+    norms = with_bias_column(x).pow(2).sum(1, keepdim=True) * squared_distance  # N × C
+    per_example_mean = (p * norms).sum(1)
+    per_example_variance = (p * norms.pow(2)).sum(1) - per_example_mean.pow(2)
+    return per_example_mean.mean().item(), per_example_variance.sum().item() / len(x) ** 2
+
+
+def test_fisher_trace_exact_expectation_matches_softmax_closed_form():
+    model = softmax_regression()
+    x = torch.randn(30, 5, generator=seeded())
+    expected, _ = softmax_fisher_closed_form(model, x)
+    assert metrics.fisher_trace(model, "a", x, expectation="exact") == pytest.approx(expected, rel=1e-5)
+
+
+def test_sampled_fisher_trace_is_within_four_standard_errors_of_the_closed_form():
+    model = softmax_regression()
+    x = torch.randn(30, 5, generator=seeded())
+    expected, variance_of_one_draw = softmax_fisher_closed_form(model, x)
+    samples = 200
+    estimate = metrics.fisher_trace(model, "a", x, num_samples=samples, generator=seeded(4))
+    standard_error = math.sqrt(variance_of_one_draw / samples)
+    assert abs(estimate - expected) < 4 * standard_error
+
+
+def test_fisher_trace_by_vmap_equals_the_per_example_loop(lenet, images):
+    x, y = images
+    by_vmap = metrics.fisher_trace(lenet, "a", x, generator=seeded(5), method="vmap")
+    by_loop = metrics.fisher_trace(lenet, "a", x, generator=seeded(5), method="loop")
+    assert by_vmap == pytest.approx(by_loop, rel=1e-5)
+    assert metrics.fisher_trace(lenet, "a", x, y, empirical=True) > 0
+
+
+def test_gaussian_fisher_of_linear_regression():
+    """f = wᵀx + b, ℓ = (f − ŷ)²/(2σ²): ∇ℓ = (f − ŷ) x̃ / σ², so E_ŷ‖∇ℓ‖² = ‖x̃‖²/σ², empirical (f − y)²‖x̃‖²/σ⁴."""
+    torch.manual_seed(6)
+    model = MultiTaskModel(nn.Identity(), {"r": nn.Linear(3, 1)})
+    x, y = torch.randn(40, 3, generator=seeded()), torch.randn(40, generator=seeded(1))
+    sigma = 0.5
+    squared_inputs = with_bias_column(x).pow(2).sum(1)
+    with torch.no_grad():
+        residuals = model(x, "r").squeeze(1) - y
+    empirical = metrics.fisher_trace(model, "r", x, y, empirical=True, loss="mse", sigma=sigma)
+    assert empirical == pytest.approx((residuals.pow(2) * squared_inputs).mean().item() / sigma**4, rel=1e-5)
+    # One draw of (f − ŷ)²/σ⁴ · ‖x̃‖² is ‖x̃‖²/σ² · χ²₁ (variance 2), so the standard error is known.
+    samples = 100
+    sampled = metrics.fisher_trace(model, "r", x, loss="mse", sigma=sigma, num_samples=samples, generator=seeded(7))
+    expected = squared_inputs.mean().item() / sigma**2
+    standard_error = math.sqrt(2 * (squared_inputs / sigma**2).pow(2).sum().item() / (len(x) ** 2 * samples))
+    assert abs(sampled - expected) < 4 * standard_error
+
+
+# --- gradient coherence ----------------------------------------------------------------------
+
+
+def exact_covariance_trace_and_norm(model, task, x, y) -> tuple[float, float]:
+    gradients = metrics.per_example_gradients(model, task, x, y)
+    mean = gradients.mean(0)
+    return (gradients - mean).pow(2).sum(1).mean().item(), mean.pow(2).sum().item()
+
+
+def test_coherence_estimate_by_hand():
+    # N = 9, B = 2, L = 8: A_B = 7/8, A_L = 1/8; (3 − 1)/(7/16 − 1/64) = 2·64/27.
+    trace, norm_sq = metrics.coherence_estimate(3.0, 1.0, 2, 8, 9)
+    assert trace == pytest.approx(128 / 27)
+    assert norm_sq == pytest.approx((64 * 1.0 - (16 / 7) * 3.0) / (64 - 16 / 7))
+
+
+@pytest.fixture(scope="module")
+def coherence_data():
+    x = torch.randn(24, 5, generator=seeded(8))
+    return x, torch.randint(0, 4, (24,), generator=seeded(9))
+
+
+def test_coherence_is_exact_when_the_large_batch_is_the_data_and_small_batches_are_single_examples(coherence_data):
+    model = softmax_regression()
+    x, y = coherence_data
+    trace, norm_sq = exact_covariance_trace_and_norm(model, "a", x, y)
+    result = metrics.gradient_coherence(model, "a", x, y, small_batch=1, large_batch=len(x), generator=seeded())
+    assert result.trace_covariance == pytest.approx(trace, rel=1e-5)
+    assert result.grad_norm_sq == pytest.approx(norm_sq, rel=1e-5)
+    # With L = N the full-gradient norm is exact for any small batch size.
+    result = metrics.gradient_coherence(model, "a", x, y, small_batch=4, large_batch=len(x), generator=seeded())
+    assert result.grad_norm_sq == pytest.approx(norm_sq, rel=1e-5)
+
+
+def assert_unbiased(draws: list[metrics.GradientCoherence], trace: float, norm_sq: float) -> None:
+    """The mean of independent draws lies within 4 standard errors (estimated from the draws) of the truth:
+    a false failure has probability ≈ 6e-5 under the normal approximation, and the seeds are fixed."""
+    for name, truth in (("trace_covariance", trace), ("grad_norm_sq", norm_sq)):
+        values = torch.tensor([getattr(draw, name) for draw in draws], dtype=torch.float64)
+        standard_error = values.std().item() / math.sqrt(len(values))
+        assert abs(values.mean().item() - truth) < 4 * standard_error, name
+
+
+def test_coherence_is_unbiased_for_large_batches_smaller_than_the_data(coherence_data):
+    model = softmax_regression()
+    x, y = coherence_data
+    trace, norm_sq = exact_covariance_trace_and_norm(model, "a", x, y)
+    generator = seeded(10)
+    # L = 16 of N = 24, where dropping the finite-population correction fails by > 4 standard errors.
+    draws = [metrics.gradient_coherence(model, "a", x, y, small_batch=4, large_batch=16, generator=generator) for _ in range(300)]
+    assert_unbiased(draws, trace, norm_sq)
+
+
+def test_multitask_coherence_with_one_task_equals_the_task_coherence(coherence_data):
+    model = softmax_regression()
+    x, y = coherence_data
+    single = metrics.gradient_coherence(model, "a", x, y, small_batch=2, large_batch=8, generator=seeded(11))
+    multi = metrics.multitask_gradient_coherence(model, {"a": (x, y)}, small_batch=2, large_batch=8, generator=seeded(11))
+    assert multi.trace_covariance == pytest.approx(single.trace_covariance, rel=1e-6)
+    assert multi.grad_norm_sq == pytest.approx(single.grad_norm_sq, rel=1e-6)
+
+
+def test_multitask_coherence_is_unbiased_for_the_uniform_multitask_gradient():
+    """Truth: tr Σ_MT = (1/C²) Σ_k tr Σ_k; ∇^MT = (1/C)(Σ_k ḡ_k on the encoder, ḡ_k on head k)."""
+    model = small_two_task_model()
+    data = {
+        "a": (torch.randn(16, 4, generator=seeded(12)), torch.randint(0, 2, (16,), generator=seeded(13))),
+        "b": (torch.randn(16, 4, generator=seeded(14)), torch.randint(0, 3, (16,), generator=seeded(15))),
+    }
+    shared_size = sum(p.numel() for p in model.shared_parameters())
+    scale = 1 / 2  # reduction="mean" over K = 2 tasks
+    traces, shared_sum, head_norms = 0.0, 0.0, 0.0
+    for task, (x, y) in data.items():
+        trace, _ = exact_covariance_trace_and_norm(model, task, x, y)
+        mean = metrics.per_example_gradients(model, task, x, y).mean(0)
+        traces, shared_sum = traces + trace, shared_sum + mean[:shared_size]
+        head_norms += mean[shared_size:].pow(2).sum().item()
+    norm_sq = scale**2 * (shared_sum.pow(2).sum().item() + head_norms)
+    generator = seeded(16)
+    draws = [
+        metrics.multitask_gradient_coherence(model, data, small_batch=2, large_batch=8, reduction="mean", generator=generator)
+        for _ in range(150)
+    ]
+    assert_unbiased(draws, scale**2 * traces, norm_sq)
+
+
+def test_coherence_rejects_a_large_batch_beyond_the_data(coherence_data):
+    with pytest.raises(ValueError, match="exceeds the 24 examples"):
+        metrics.gradient_coherence(softmax_regression(), "a", *coherence_data, small_batch=2, large_batch=32)
+
+
+# --- sharpness -------------------------------------------------------------------------------
+
+
+def loss_increase(model, task, x, y, perturbation, loss="cross_entropy") -> float:
+    parameters = {name: p.detach() for name, p in task_named_parameters(model, task).items()}
+    with torch.no_grad():
+        clean = mean_loss(functional_call(model, parameters, (x, task)), y, loss)
+        shifted = {name: w + perturbation[name] for name, w in parameters.items()}
+        return (mean_loss(functional_call(model, shifted, (x, task)), y, loss) - clean).item()
+
+
+def test_sharpness_is_zero_at_zero_radius(lenet, images):
+    assert metrics.sharpness(lenet, "a", *images, rho=0.0, batch_size=24, steps=5) == 0.0
+
+
+def test_sharpness_beats_random_feasible_perturbations_and_grows_with_rho(lenet, images):
+    x, y = images
+    lenet.eval()
+    rho, batch_size = 0.01, 24
+    worst = metrics.sharpness(lenet, "a", x, y, rho=rho, batch_size=batch_size)
+    generator = seeded(17)
+    for _ in range(10):
+        signs = {
+            name: torch.randint(0, 2, w.shape, generator=generator) * 2.0 - 1.0
+            for name, w in task_named_parameters(lenet, "a").items()
+        }
+        vertex = {name: rho * w.detach().abs() * signs[name] for name, w in task_named_parameters(lenet, "a").items()}
+        random_increase = sum(
+            loss_increase(lenet, "a", x[start : start + batch_size], y[start : start + batch_size], vertex)
+            for start in range(0, len(x), batch_size)
+        ) / (len(x) // batch_size)
+        assert worst >= random_increase
+    values = [metrics.sharpness(lenet, "a", x, y, rho=r, batch_size=batch_size, steps=10) for r in (1e-3, 3e-3, 1e-2)]
+    assert 0 < values[0] < values[1] < values[2]
+
+
+def test_worst_perturbation_is_feasible_and_reaches_the_reported_loss(lenet, images):
+    x, y = images
+    rho = 0.02
+    result = metrics.worst_case_perturbation(lenet, "a", x, y, rho=rho, random_init=True, generator=seeded(18))
+    for name, w in task_named_parameters(lenet, "a").items():
+        assert (result.perturbation[name].abs() <= rho * w.detach().abs() * (1 + 1e-6)).all(), name
+    assert result.worst_loss > result.clean_loss
+    assert loss_increase(lenet, "a", x, y, result.perturbation) == pytest.approx(
+        result.worst_loss - result.clean_loss, rel=1e-4
+    )
+
+
+def test_sharpness_matches_the_closed_form_of_a_monotone_linear_regression():
+    """f = wᵀx + b with w, b, x > 0 and targets below every prediction: every residual r_i > 0 grows in
+    every parameter, so the worst ε is the corner +ρ|w| and the worst loss is mean_i (r_i + ρ Σ_j x̃_ij |w_j|)²."""
+    model = MultiTaskModel(nn.Identity(), {"r": nn.Linear(3, 1)})
+    with torch.no_grad():
+        model.heads["r"].weight.copy_(torch.tensor([[0.5, 1.5, 2.0]]))
+        model.heads["r"].bias.fill_(0.3)
+    x = torch.rand(16, 3, generator=seeded(19)) + 0.1
+    y = -torch.rand(16, generator=seeded(20))
+    rho = 0.05
+    with torch.no_grad():
+        residuals = model(x, "r").squeeze(1) - y
+    weights = torch.tensor([0.5, 1.5, 2.0, 0.3])
+    expected = ((residuals + rho * with_bias_column(x) @ weights).pow(2) - residuals.pow(2)).mean().item()
+    measured = metrics.sharpness(model, "r", x, y, rho=rho, batch_size=16, loss="mse")
+    assert measured == pytest.approx(expected, rel=1e-4)
+
+
+# --- gradient conflict -----------------------------------------------------------------------
+
+
+def conflict_data():
+    return {
+        "a": (torch.randn(20, 4, generator=seeded(21)), torch.randint(0, 2, (20,), generator=seeded(22))),
+        "b": (torch.randn(30, 4, generator=seeded(23)), torch.randint(0, 3, (30,), generator=seeded(24))),
+    }
+
+
+def test_conflict_of_a_single_task_is_one():
+    data = conflict_data()
+    result = metrics.gradient_conflict(small_two_task_model(), {"a": data["a"]}, batch_size=8, num_batches=5)
+    assert result == {"a": pytest.approx(1.0)}
+
+
+def test_conflict_does_not_depend_on_task_order_or_the_update_scale():
+    model, data = small_two_task_model(), conflict_data()
+    forward = metrics.gradient_conflict(model, data, batch_size=8, num_batches=10, generator=seeded(25))
+    backward = metrics.gradient_conflict(
+        model, dict(reversed(data.items())), batch_size=8, num_batches=10, reduction="mean", generator=seeded(25)
+    )
+    assert forward.keys() == backward.keys()
+    for task in forward:
+        assert forward[task] == pytest.approx(backward[task], abs=1e-6)
+        assert -1.0 <= forward[task] <= 1.0
+
+
+def test_conflict_uses_the_given_update():
+    model, data = small_two_task_model(), conflict_data()
+    follow_a = metrics.gradient_conflict(model, data, lambda j: j[0], batch_size=8, num_batches=3)
+    assert follow_a["a"] == pytest.approx(1.0)
+    assert follow_a["b"] < 1.0
+
+
+def test_mean_cosine_to_mean_gradient_by_hand():
+    assert metrics.mean_cosine_to_mean_gradient(torch.tensor([[1.0, 0.0], [0.0, 1.0]])) == pytest.approx(1 / math.sqrt(2))
+    assert metrics.mean_cosine_to_mean_gradient(torch.tensor([[1.0, 2.0], [2.0, 4.0]])) == pytest.approx(1.0)
+    # Opposite gradients: ḡ = 0, cosine 0 rather than NaN.
+    assert metrics.mean_cosine_to_mean_gradient(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == 0.0
+
+
+# --- scores and the contract every metric keeps ----------------------------------------------
+
+
+def test_accuracy_evaluate_and_min_training_loss(lenet, images):
+    assert metrics.accuracy(torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]]), torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)
+    x, y = images
+    lenet.eval()
+    with torch.no_grad():
+        logits = lenet(x, "a")
+    result = metrics.evaluate(lenet, "a", x, y, batch_size=10)
+    assert result.loss == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+    assert result.accuracy == metrics.accuracy(logits, y)
+    assert metrics.min_training_loss([2.0, float("nan"), 0.5, 0.7]) == 0.5
+    assert math.isnan(metrics.min_training_loss([float("nan")] * 3))
+
+
+@pytest.mark.parametrize(
+    "measure",
+    [
+        lambda m, x, y: metrics.fisher_trace(m, "a", x, generator=seeded()),
+        lambda m, x, y: metrics.gradient_coherence(m, "a", x, y, small_batch=4, large_batch=16, generator=seeded()),
+        lambda m, x, y: metrics.sharpness(m, "a", x, y, rho=0.01, batch_size=24, steps=3),
+        lambda m, x, y: metrics.gradient_conflict(m, {"a": (x, y), "b": (x, y)}, batch_size=8, num_batches=2),
+        lambda m, x, y: metrics.evaluate(m, "a", x, y),
+    ],
+    ids=["fisher", "coherence", "sharpness", "conflict", "evaluate"],
+)
+def test_metrics_restore_the_mode_and_leave_parameters_unchanged(lenet, images, measure):
+    lenet.train()
+    lenet.heads["b"].eval()  # a mixed state must come back as it was
+    before = {name: t.clone() for name, t in lenet.state_dict().items()}
+    measure(lenet, *images)
+    assert lenet.training and lenet.encoder.dropout.training and not lenet.heads["b"].training
+    for name, tensor in lenet.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert all(p.grad is None for p in lenet.parameters())
