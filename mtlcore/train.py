@@ -113,15 +113,16 @@ def evaluate(model: MultiTaskModel, task: str, split: Split, batch_size: int, ki
 
 
 def multitask_losses(model: MultiTaskModel, batches: list[tuple[str, torch.Tensor, torch.Tensor]],
-                     kinds: dict[str, str]) -> torch.Tensor:
-    """The K task losses of one step; the tasks' batches go through the encoder together (one forward)."""
+                     kinds: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K task losses of one step and the shared features; the tasks' batches go through the encoder
+    together (one forward), which equals separate forwards for encoders without batch statistics."""
     features = model.encoder(torch.cat([x for _, x, _ in batches]))
     losses, start = [], 0
     for task, x, y in batches:
         z = features[start : start + len(x)]
         start += len(x)
         losses.append(task_loss(model.heads[task](z), y, kinds[task]))
-    return torch.stack(losses)
+    return torch.stack(losses), features
 
 
 class Diverged(FloatingPointError):
@@ -160,12 +161,12 @@ class Trainer:
         from mtlcore import aggregators
 
         aggregator = aggregators.get(self.config.aggregator, **self.config.aggregator_options)
-        aggregator.reset(len(self.tasks))
-        if hasattr(aggregator, "set_generator"):
-            aggregator.set_generator(torch_generator(self.config.seed, "aggregator"))
+        aggregator.reset(len(self.tasks), self.device)
+        if aggregator.randomised:
+            aggregator.set_generator(torch_generator(self.config.seed, "aggregator", device=self.device))
         return aggregator
 
-    def _update(self, losses: torch.Tensor) -> torch.Tensor:
+    def _update(self, losses: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Set every parameter's .grad for this step; return the task weights applied to the shared part."""
         if self.aggregator is None:
             (losses.sum() / self.scale).backward()
@@ -174,9 +175,33 @@ class Trainer:
                     for p in self.model.task_parameters(task):
                         p.grad.mul_(self.scale)
             return torch.full((len(self.tasks),), 1.0 / self.scale)
-        from mtlcore.aggregators.step import aggregate_step
+        return self._aggregated_update(losses, features)
 
-        return aggregate_step(self.model, self.tasks, losses, self.aggregator, self.config)
+    def _aggregated_update(self, losses: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        from mtlcore.aggregators import task_jacobian, unflatten_into_grads
+
+        agg, model = self.aggregator, self.model
+        shared = model.shared_parameters()
+        heads = [p for task in self.tasks for p in model.task_parameters(task)]
+        own_heads = self.config.head_update == "own"
+        if agg.kind == "loss":
+            last = model.last_shared_layer() if agg.needs_last_shared else None
+            agg.combine(losses, last_shared=last).backward(retain_graph=own_heads)
+        elif agg.jacobian_of == "representation":  # MGDA-UB: weights from the gradients w.r.t. the features
+            w = agg.weights_from(task_jacobian(losses, [features]), losses.detach())
+            grads = torch.autograd.grad((w.to(losses) * losses).sum(), shared, retain_graph=True)
+            for p, g in zip(shared, grads):
+                p.grad = g
+        else:
+            jacobian = task_jacobian(losses, shared, chunk_size=self.config.jacobian_chunk_size)
+            unflatten_into_grads(agg(jacobian, losses.detach()), shared)
+        weights = agg.weights.to(torch.float64)
+        if agg.kind == "gradient" or own_heads:
+            # Heads see only their own task's loss; methods without weights (graddrop, dbmtl) use "own".
+            head_weights = torch.ones_like(losses) if own_heads or not torch.isfinite(weights).all() else weights.to(losses)
+            for p, g in zip(heads, torch.autograd.grad((head_weights * losses).sum(), heads)):
+                p.grad = g
+        return weights
 
     # -- one epoch ------------------------------------------------------------------------------------
     def _batches(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -189,25 +214,27 @@ class Trainer:
 
     def _train_epoch(self, bar: tqdm) -> None:
         self.model.train()
+        epoch_losses = torch.zeros(len(self.tasks), dtype=torch.float64)
         for _ in range(self.steps_per_epoch):
             self.optimizer.zero_grad(set_to_none=True)
-            losses = multitask_losses(self.model, self._batches(), self.kinds)
+            batches = self._batches()
+            losses, features = multitask_losses(self.model, batches, self.kinds)
             if not torch.isfinite(losses).all():
                 raise Diverged(f"non-finite training loss {losses.tolist()} at step {self.step + 1}")
-            weights = self._update(losses)
+            weights = self._update(losses, features)
             self.optimizer.step()
-            if self.aggregator is not None and hasattr(self.aggregator, "after_step"):
-                self._after_step_losses()
+            if self.aggregator is not None and self.aggregator.needs_losses_after:
+                with torch.no_grad():  # FAMO learns from the loss change on the same batch
+                    self.aggregator.after_step(multitask_losses(self.model, batches, self.kinds)[0])
+            epoch_losses += losses.detach().double().cpu()
             self.weight_sum += weights.detach().double().cpu()
             self.weight_count += 1
             self.step += 1
             bar.update(1)
             if self.step % 50 == 0:
                 bar.set_postfix(loss=f"{float(losses.sum()):.3g}", refresh=False)
-
-    def _after_step_losses(self) -> None:
-        """Loss-level methods that learn from the step they just took (FAMO) see the same batch again."""
-        raise NotImplementedError  # replaced when the aggregators land
+        if self.aggregator is not None:
+            self.aggregator.end_epoch(epoch_losses / self.steps_per_epoch)  # DWA's loss history
 
     def _record(self) -> None:
         e = self.epoch

@@ -27,10 +27,11 @@ class TaskData:
     num_classes: int
     kind: str = "classification"  # or "regression"
     metric: str = "accuracy"
+    normalization: tuple[float, float] = (0.0, 1.0)  # inputs are (raw/255 - mean) / std
 
     def to(self, device: torch.device | str) -> "TaskData":
         return TaskData(self.name, self.train.to(device), self.val.to(device), self.test.to(device),
-                        self.num_classes, self.kind, self.metric)
+                        self.num_classes, self.kind, self.metric, self.normalization)
 
 
 @dataclass

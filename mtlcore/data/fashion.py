@@ -108,17 +108,17 @@ def _take(pool: int, sizes: list[int], rng: np.random.Generator, what: str) -> l
     return [np.sort(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _standardise(images: list[np.ndarray]) -> list[torch.Tensor]:
+def _standardise(images: list[np.ndarray]) -> tuple[list[torch.Tensor], tuple[float, float]]:
     """Scale to [0, 1], then standardise by the training images' mean and std (the first array)."""
     scaled = [torch.from_numpy(im.astype(np.float32) / 255.0).unsqueeze(1) for im in images]
     mean, std = scaled[0].mean(), scaled[0].std().clamp_min(1e-6)
-    return [(im - mean) / std for im in scaled]
+    return [(im - mean) / std for im in scaled], (float(mean), float(std))
 
 
 def _task(name: str, images: list[np.ndarray], labels: list[np.ndarray], num_classes: int) -> TaskData:
-    xs = _standardise(images)
+    xs, normalization = _standardise(images)
     splits = [Split(x, torch.from_numpy(np.ascontiguousarray(y))) for x, y in zip(xs, labels)]
-    return TaskData(name, *splits, num_classes=num_classes)
+    return TaskData(name, *splits, num_classes=num_classes, normalization=normalization)
 
 
 def load(tasks: list[str], train_size: int = 25_000, val_size: int = 5_000, test_size: int = 5_000,

@@ -1,0 +1,59 @@
+"""Profiles and notebooks agree: every profile parameter is a parameter of its notebook."""
+import ast
+
+import jupytext
+import pytest
+
+from mtlcore.batch import NOTEBOOKS, PROJECT_ROOT, profile_parameters, profiles
+
+
+def notebook_parameters(name: str) -> dict:
+    notebook = jupytext.read(PROJECT_ROOT / "notebooks" / f"{name}.py")
+    cells = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{name} needs exactly one cell tagged 'parameters'"
+    names = {}
+    for node in ast.parse(cells[0].source).body:
+        assert isinstance(node, ast.Assign), f"{name}: the parameters cell holds assignments only"
+        names[node.targets[0].id] = ast.literal_eval(node.value)
+    return names
+
+
+def test_three_profiles_exist():
+    assert {"smoke", "quick", "paper"} <= set(profiles())
+
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "paper"])
+def test_profile_keys_are_notebook_parameters(profile):
+    for name, params in profile_parameters(profile).items():
+        valid = notebook_parameters(name)
+        unknown = set(params) - set(valid)
+        assert not unknown, f"{profile}/{name}.yaml sets {sorted(unknown)}, which {name}.py does not take"
+
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "paper"])
+def test_profile_runs_are_valid_configs(profile):
+    """Every run a profile will ask for passes validation before anything trains."""
+    from mtlcore.config import RunConfig
+
+    for name, params in profile_parameters(profile).items():
+        p = {**notebook_parameters(name), **params}
+        for partner in [None] + p["partners"]:
+            tasks = [p["target"]] + ([partner] if partner else [])
+            RunConfig.from_dict({k: p[k] for k in ("setting", "setting_options", "epochs", "optimizer", "lr",
+                                                   "batch_size", "loss_scale", "dropout")} | {"tasks": tasks})
+
+
+def test_unknown_profile_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown profile 'fast'; valid profiles: \["):
+        profile_parameters("fast")
+
+
+def test_notebooks_are_known():
+    assert NOTEBOOKS and all((PROJECT_ROOT / "notebooks" / f"{n}.py").exists() for n in NOTEBOOKS)
+
+
+def test_cli_reports_bad_input_without_a_traceback(capsys):
+    from mtlcore.cli import main
+
+    assert main(["batch", "--profile", "fast"]) == 2
+    assert "unknown profile 'fast'" in capsys.readouterr().err

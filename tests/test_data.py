@@ -1,0 +1,108 @@
+"""FashionMTL data: disjoint, seeded splits, label permutation, data root, clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mtlcore.data import DataNotFoundError, data_root, load_setting
+from mtlcore.data.locate import read_idx, write_idx
+
+from conftest import SMALL
+
+
+def load(root, tasks=("fashion1", "fashion2", "noisy_fashion", "notmnist"), **options):
+    return load_setting("fashion_mtl", list(tasks), {**SMALL, **options}, root=root, download=False)
+
+
+def example_ids(task, split: str) -> set[int]:
+    """The example numbers the fixture wrote into the first three pixels, read back through the
+    task's recorded standardisation."""
+    mean, std = task.normalization
+    pixels = torch.round((getattr(task, split).x[:, 0, 0, :3].double() * std + mean) * 255).long()
+    return set((pixels[:, 0] + 256 * pixels[:, 1] + 65536 * pixels[:, 2]).tolist())
+
+
+def test_splits_are_disjoint_within_and_across_tasks(fake_data_root):
+    s = load(fake_data_root, tasks=("fashion1", "fashion2"))
+    parts = {(t, split): example_ids(s.tasks[t], split) for t in ("fashion1", "fashion2") for split in ("train", "val", "test")}
+    sizes = {"train": 200, "val": 100, "test": 100}
+    for (task, split), found in parts.items():
+        assert len(found) == sizes[split], (task, split)  # every example distinct
+    keys = list(parts)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            assert not parts[a] & parts[b], (a, b)
+
+
+def test_splits_are_a_pure_function_of_the_seed(fake_data_root):
+    a = load(fake_data_root, tasks=("fashion1",))
+    b = load(fake_data_root, tasks=("fashion1", "noisy_fashion", "notmnist"))  # other tasks asked for too
+    c = load(fake_data_root, tasks=("fashion1",), data_seed=1)
+    assert torch.equal(a.tasks["fashion1"].train.x, b.tasks["fashion1"].train.x)
+    assert torch.equal(a.tasks["fashion1"].test.y, b.tasks["fashion1"].test.y)
+    assert not torch.equal(a.tasks["fashion1"].train.x, c.tasks["fashion1"].train.x)
+
+
+def test_noisy_fashion_is_fashion2_with_permuted_labels(fake_data_root):
+    s = load(fake_data_root, tasks=("fashion2", "noisy_fashion"))
+    clean, noisy = s.tasks["fashion2"], s.tasks["noisy_fashion"]
+    for split in ("train", "val", "test"):
+        c, n = getattr(clean, split), getattr(noisy, split)
+        assert torch.equal(c.x, n.x)  # same images
+        assert torch.equal(torch.sort(c.y).values, torch.sort(n.y).values)  # same label multiset
+        assert (c.y != n.y).float().mean() > 0.6  # but shuffled: ~90% differ for 10 balanced classes
+
+
+def test_sizes_and_classes(fake_data_root):
+    s = load(fake_data_root)
+    for task in s.tasks.values():
+        assert (len(task.train), len(task.val), len(task.test)) == (200, 100, 100)
+        assert task.train.x.shape[1:] == (1, 28, 28) and task.num_classes == 10
+        assert abs(float(task.train.x.mean())) < 1e-4 and abs(float(task.train.x.std()) - 1) < 1e-3
+
+
+def test_too_large_sizes_name_what_exists(fake_data_root):
+    with pytest.raises(ValueError, match=r"only 600 exist"):
+        load(fake_data_root, tasks=("notmnist",), train_size=500)
+
+
+def test_unknown_task_lists_valid_ones(fake_data_root):
+    with pytest.raises(ValueError, match=r"valid tasks: \['fashion1', 'fashion2', 'noisy_fashion', 'notmnist'\]"):
+        load(fake_data_root, tasks=("fashion3",))
+
+
+def test_missing_data_names_files_folder_and_remedy(tmp_path):
+    with pytest.raises(DataNotFoundError) as error:
+        load(tmp_path, tasks=("fashion1",))
+    message = str(error.value)
+    assert "train-images-idx3-ubyte.gz" in message and str(tmp_path / "fashion-mnist") in message
+    assert "MTLCORE_DATA_DIR" in message and "mtlcore data" in message
+
+
+def test_data_root_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTLCORE_DATA_DIR", str(tmp_path / "env"))
+    assert data_root(tmp_path / "explicit") == (tmp_path / "explicit").resolve()
+    assert data_root() == (tmp_path / "env").resolve()
+    monkeypatch.delenv("MTLCORE_DATA_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert data_root() == tmp_path / "cache" / "mtlcore" / "data"
+
+
+def test_idx_round_trip_and_bad_files(tmp_path):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a-idx3-ubyte.gz", array)
+    assert np.array_equal(read_idx(tmp_path / "a-idx3-ubyte.gz"), array)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(tmp_path / "bad")
+
+
+def test_real_fashion_mnist_files(real_data_root):
+    """The real release: 60,000 / 10,000 images, 6,000 / 1,000 per class (REFERENCE, data MANIFEST)."""
+    x = read_idx(real_data_root / "fashion-mnist" / "train-images-idx3-ubyte.gz")
+    y = read_idx(real_data_root / "fashion-mnist" / "train-labels-idx1-ubyte.gz")
+    assert x.shape == (60000, 28, 28) and np.bincount(y).tolist() == [6000] * 10
+    s = load_setting("fashion_mtl", ["fashion1", "notmnist"], {"train_size": 1000, "val_size": 100, "test_size": 100},
+                     root=real_data_root, download=False)
+    assert len(s.tasks["notmnist"].train) == 1000

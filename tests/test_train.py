@@ -1,0 +1,149 @@
+"""The training loop: learns, counts steps alike for STL and MTL, reproduces bit for bit, resumes, and
+records divergence; run files are written atomically and skipped when done."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from mtlcore import train
+from mtlcore.config import RunConfig
+from mtlcore.results import VARIABLES, combine_runs, load_run, validate_run
+from mtlcore.runner import ensure_runs
+
+from conftest import SMALL
+
+BASE = {"setting_options": SMALL, "epochs": 3, "batch_size": 32, "lr": 0.05, "optimizer": "momentum", "device": "cpu"}
+
+
+def config(tasks=("fashion1",), **changes) -> RunConfig:
+    return RunConfig.from_dict({**BASE, "tasks": list(tasks), **changes})
+
+
+def assert_identical(a: xr.Dataset, b: xr.Dataset) -> None:
+    for name in VARIABLES:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)  # NaN == NaN here
+    np.testing.assert_array_equal(a["step"].values, b["step"].values)
+
+
+def test_training_lowers_the_loss_and_learns(fake_data_root):
+    ds = train.run(config(), data_root=fake_data_root, progress=False)
+    loss = ds["train_loss"].sel(task="fashion1").values
+    assert loss[-1] < 0.7 * loss[0]
+    assert ds["test_score"].sel(task="fashion1").values[-1] > 0.3  # chance is 0.1
+    assert ds.attrs["status"] == "complete"
+
+
+def test_stl_and_mtl_take_the_same_steps(fake_data_root):
+    stl = train.run(config(epochs=2), data_root=fake_data_root, progress=False)
+    mtl = train.run(config(("fashion1", "noisy_fashion"), epochs=2), data_root=fake_data_root, progress=False)
+    assert stl["step"].values.tolist() == mtl["step"].values.tolist() == [0, 7, 14]  # ceil(200/32) per epoch
+
+
+def test_same_seed_same_dataset_other_seed_other(fake_data_root):
+    a = train.run(config(("fashion1", "fashion2"), epochs=2), data_root=fake_data_root, progress=False)
+    b = train.run(config(("fashion1", "fashion2"), epochs=2), data_root=fake_data_root, progress=False)
+    c = train.run(config(("fashion1", "fashion2"), epochs=2, seed=1), data_root=fake_data_root, progress=False)
+    assert_identical(a, b)
+    assert not np.array_equal(a["train_loss"].values, c["train_loss"].values)
+
+
+def test_stl_and_mtl_start_from_the_same_weights(fake_data_root):
+    stl = train.run(config(epochs=1), data_root=fake_data_root, progress=False)
+    mtl = train.run(config(("fashion1", "notmnist"), epochs=1), data_root=fake_data_root, progress=False)
+    np.testing.assert_array_equal(stl["test_loss"].sel(task="fashion1", epoch=0), mtl["test_loss"].sel(task="fashion1", epoch=0))
+
+
+def test_results_schema_round_trip(fake_data_root, tmp_path):
+    cfg = config(("fashion1", "fashion2"), epochs=1)
+    ds = train.run(cfg, data_root=fake_data_root, results_dir=tmp_path, progress=False)
+    path = train.run_path(cfg, tmp_path)
+    assert path.name == f"{cfg.content_hash()}.nc"
+    loaded = load_run(path)
+    validate_run(loaded)
+    assert_identical(ds, loaded)
+    assert RunConfig.from_dict(__import__("json").loads(loaded.attrs["config"])).content_hash() == cfg.content_hash()
+    assert loaded.attrs["tasks"] == '["fashion1", "fashion2"]' and loaded.attrs["mode"] == "mtl"
+
+
+def test_finished_runs_are_skipped(fake_data_root, tmp_path, monkeypatch):
+    cfg = config(epochs=1)
+    first = train.run(cfg, data_root=fake_data_root, results_dir=tmp_path, progress=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(train, "Trainer", refuse)
+    assert_identical(first, train.run(cfg, data_root=fake_data_root, results_dir=tmp_path, progress=False))
+
+
+def test_a_killed_run_resumes_bit_for_bit(fake_data_root, tmp_path, monkeypatch):
+    cfg = config(("fashion1", "fashion2"), epochs=3)
+    reference = train.run(cfg, data_root=fake_data_root, progress=False)
+    original_record = train.Trainer._record
+
+    def killed_in_epoch_2(self):
+        if self.epoch == 2:
+            raise KeyboardInterrupt  # the process dies after epoch 1's checkpoint
+        original_record(self)
+
+    monkeypatch.setattr(train.Trainer, "_record", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg, data_root=fake_data_root, results_dir=tmp_path, progress=False)
+    assert not train.run_path(cfg, tmp_path).exists()  # nothing that reads as complete
+    assert train.run_path(cfg, tmp_path).with_suffix(".partial.pt").exists()
+    monkeypatch.setattr(train.Trainer, "_record", original_record)
+    resumed = train.run(cfg, data_root=fake_data_root, results_dir=tmp_path, progress=False)
+    assert_identical(reference, resumed)
+    assert not train.run_path(cfg, tmp_path).with_suffix(".partial.pt").exists()
+
+
+def test_a_killed_write_leaves_no_file(fake_data_root, tmp_path, monkeypatch):
+    cfg = config(epochs=1)
+
+    def crash(self, path, *args, **kwargs):
+        open(path, "wb").write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg, data_root=fake_data_root, results_dir=tmp_path, progress=False)
+    assert list((tmp_path / "runs").glob("*.nc")) == [] and list((tmp_path / "runs").glob("*.tmp")) == []
+
+
+def test_divergence_is_recorded_and_the_batch_goes_on(fake_data_root, tmp_path):
+    bad, good = config(lr=1e6, epochs=3), config(epochs=1)
+    paths = ensure_runs([bad, good], tmp_path, data_root=fake_data_root, progress=False)
+    diverged, fine = load_run(paths[0]), load_run(paths[1])
+    assert diverged.attrs["status"] == "diverged" and "non-finite" in diverged.attrs["message"]
+    assert np.isfinite(diverged["train_loss"].values[0]).all()  # the trajectory so far is kept
+    assert np.isnan(diverged["train_loss"].values[-1]).all()
+    assert fine.attrs["status"] == "complete"
+    combined = combine_runs(paths)
+    assert combined.sizes["run"] == 2 and list(combined["status"].values) == ["diverged", "complete"]
+
+
+def test_combine_outer_joins_tasks(fake_data_root):
+    stl = train.run(config(epochs=1), data_root=fake_data_root, progress=False)
+    mtl = train.run(config(("fashion1", "notmnist"), epochs=1), data_root=fake_data_root, progress=False)
+    combined = combine_runs([stl, mtl])
+    assert combined.sizes == {"run": 2, "epoch": 2, "task": 2}
+    assert np.isnan(combined["train_loss"].sel(task="notmnist").values[0]).all()
+    assert list(combined["mode"].values) == ["stl", "mtl"]
+
+
+@pytest.mark.parametrize("name, options", [("mgda", {}), ("pcgrad", {}), ("gradnorm", {}), ("famo", {}),
+                                           ("dwa", {}), ("mgda_ub", {}), ("uncertainty", {})])
+def test_aggregators_train_and_record_weights(fake_data_root, name, options):
+    ds = train.run(config(("fashion1", "fashion2"), epochs=2, aggregator=name, aggregator_options=options),
+                   data_root=fake_data_root, progress=False)
+    assert ds.attrs["status"] == "complete" and ds.attrs["aggregator"] == name
+    weights = ds["task_weight"].values[1:]
+    assert np.isfinite(weights).all() and (weights > 0).all()
+    loss = ds["train_loss"].sel(task="fashion1").values
+    assert loss[-1] < loss[0]
+
+
+def test_uniform_weights_follow_the_loss_scale(fake_data_root):
+    ds = train.run(config(("fashion1", "fashion2"), epochs=1, loss_scale="mean"), data_root=fake_data_root, progress=False)
+    np.testing.assert_allclose(ds["task_weight"].values[1], [0.5, 0.5])

@@ -1,0 +1,78 @@
+"""§3 analysis on hand-made trajectories with hand-computed answers."""
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from mtlcore import transfer
+
+
+def test_labels():
+    assert transfer.configuration_label('["fashion1"]', "fashion1") == "STL"
+    assert transfer.configuration_label(["fashion1", "noisy_fashion"], "fashion1") == "MTL: NoisyFashion"
+
+
+def test_significance_is_non_overlap_of_two_std_intervals():
+    assert transfer.significant(1.0, 0.1, 1.5, 0.1)  # [0.8, 1.2] vs [1.3, 1.7]
+    assert not transfer.significant(1.0, 0.1, 1.3, 0.1)  # [0.8, 1.2] vs [1.1, 1.5] overlap
+
+
+def test_value_at_loss_interpolates_in_log_loss():
+    loss = np.array([1.0, 0.1, 0.01])
+    score = np.array([0.2, 0.6, 0.8])
+    assert transfer.value_at_loss(loss, score, 0.1) == pytest.approx(0.6)
+    # sqrt(0.1 * 0.01) lies half way between epochs 1 and 2 in log loss
+    assert transfer.value_at_loss(loss, score, np.sqrt(0.001)) == pytest.approx(0.7)
+    assert np.isnan(transfer.value_at_loss(loss, score, 0.001))  # never reached
+
+
+def test_common_levels_lie_inside_every_trajectory():
+    loss = np.array([[2.0, 0.5, 0.01], [2.5, 1.0, 0.1]])
+    levels = transfer.common_loss_levels(loss, 3)
+    assert len(levels) == 3 and (levels < 2.0).all() and (levels > 0.1).all()
+    np.testing.assert_allclose(np.diff(np.log(levels)), np.log(0.1 / 2.0) / 4)  # geometric spacing
+
+
+def _runs(values, labels):
+    return (xr.DataArray(np.asarray(values, dtype=float), dims=["run"], coords={"run": [f"r{i}" for i in range(len(values))]}),
+            xr.DataArray(labels, dims=["run"]))
+
+
+def test_transfer_table():
+    summary, labels = _runs([0.80, 0.82, 0.90, 0.92, 0.70, 0.72], ["STL", "STL", "A", "A", "B", "B"])
+    table = transfer.transfer_table(summary, labels)
+    assert list(table.index) == ["STL", "A", "B"]
+    assert table.loc["A", "delta"] == pytest.approx(0.10) and table.loc["B", "delta"] == pytest.approx(-0.10)
+    assert table.loc["A", "std"] == pytest.approx(np.std([0.90, 0.92], ddof=1))
+    assert table.loc["A", "significant"] and table.loc["B", "significant"] and not table.loc["STL", "significant"]
+    with pytest.raises(ValueError, match="no run labelled 'STL'"):
+        transfer.transfer_table(*_runs([1.0], ["A"]))
+
+
+def test_gaps_at_loss_find_an_early_gap():
+    # Same losses for everybody; configuration A is 0.1 better at every epoch, B is equal to STL.
+    epochs = np.array([2.3, 1.0, 0.1, 0.01])
+    loss = np.tile(epochs, (6, 1)) * (1 + 0.01 * np.arange(6))[:, None]
+    base = np.array([0.1, 0.5, 0.7, 0.8])
+    score = np.stack([base, base + 0.001, base + 0.1, base + 0.101, base, base + 0.001])
+    labels = xr.DataArray(["STL", "STL", "A", "A", "B", "B"], dims=["run"])
+    gaps = transfer.gaps_at_loss(xr.DataArray(loss, dims=["run", "epoch"]), xr.DataArray(score, dims=["run", "epoch"]),
+                                 labels, n_levels=3)
+    a, b = gaps[gaps.configuration == "A"], gaps[gaps.configuration == "B"]
+    assert len(a) == 3 and a["significant"].all() and np.allclose(a["delta"], 0.1, atol=0.002)
+    assert not b["significant"].any()
+    assert (a["x_final"] > 1).all()
+
+
+def test_analysis_dataset_round_trips(tmp_path):
+    from mtlcore.results import save_atomic
+
+    summary, labels = _runs([0.8, 0.82, 0.9, 0.92], ["STL", "STL", "A", "A"])
+    table = transfer.transfer_table(summary, labels)
+    gaps = pd.DataFrame([{"loss_level": 0.5, "x_final": 50.0, "configuration": "A", "reference": 0.5, "mean": 0.6,
+                          "delta": 0.1, "significant": True}])
+    ds = transfer.analysis_dataset(summary, labels, table, gaps, {"profile": "test"})
+    save_atomic(ds, tmp_path / "a.nc")
+    back = xr.open_dataset(tmp_path / "a.nc", engine="h5netcdf")
+    assert float(back["transfer_delta"].sel(configuration="A")) == pytest.approx(0.1)
+    assert list(back["run_configuration"].values) == ["STL", "STL", "A", "A"]
