@@ -130,13 +130,12 @@ class RunConfig:
             raise ConfigError(str(error)) from None
 
     def _validate_metrics(self) -> None:
-        try:
-            from mtlcore.metrics.schedule import validate_metrics_config
-        except ImportError:
-            if self.metrics:
-                raise ConfigError("trajectory metrics are not available in this build; leave `metrics` empty") from None
-            return
-        validate_metrics_config(self.metrics)
+        from mtlcore.metrics.schedule import validate_metrics_config
+
+        from mtlcore.data import setting_module
+
+        sizes = {**setting_module(self.setting).DEFAULTS, **self.setting_options}
+        validate_metrics_config(self.metrics, sizes.get("train_size"))
 
     # -- serialisation and identity -----------------------------------------------------------------
     def resolved(self) -> dict[str, Any]:

@@ -31,8 +31,9 @@ def seed_band(loss: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def generalization_vs_loss(runs: xr.Dataset, *, group: str, order: Sequence[str] | None = None,
                            loss: str = "train_loss", score: str = "test_score", title: str = "",
-                           ax: plt.Axes | None = None) -> plt.Figure:
-    """The paper's Figure 1: `score` against `loss` (log axis), one curve per `group` value, mean ± 2 std."""
+                           ax: plt.Axes | None = None, yscale: str = "linear", legend: bool = True) -> plt.Figure:
+    """The paper's Figures 1 and 3: `score` (a score or a factor) against `loss` (log axis), one curve
+    per `group` value, mean ± 2 std over the runs of the group; unmeasured epochs are skipped."""
     labels = list(order) if order is not None else sorted(set(runs[group].values))
     colors = colors_for(labels)
     if ax is None:
@@ -49,12 +50,67 @@ def generalization_vs_loss(runs: xr.Dataset, *, group: str, order: Sequence[str]
         ax.plot(x[ok], y[ok], "-o", ms=2.5, color=colors[label], label=f"{label} (n={n})")
         ax.fill_between(x[ok], (y - 2 * s)[ok], (y + 2 * s)[ok], color=colors[label], alpha=0.18, lw=0)
     ax.set_xscale("log")
-    ax.invert_xaxis()  # training goes left to right
+    ax.set_yscale(yscale)
+    if not ax.xaxis_inverted():
+        ax.invert_xaxis()  # training goes left to right
     ax.set_xlabel(f"{loss.replace('_', ' ')} (log scale, decreasing →)")
     ax.set_ylabel(score.replace("_", " "))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(frameon=False)
+    if legend:
+        ax.legend(frameon=False, fontsize="small")
     if title:
         ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def factors_vs_loss(runs: xr.Dataset, factors: Sequence[str], *, group: str, order: Sequence[str] | None = None,
+                    title: str = "") -> plt.Figure:
+    """The paper's Figure 3: each factor against the training loss, one panel per factor."""
+    fig, axes = plt.subplots(1, len(factors), figsize=(4.2 * len(factors), 3.8), squeeze=False)
+    for i, (ax, factor) in enumerate(zip(axes[0], factors)):
+        generalization_vs_loss(runs, group=group, order=order, score=factor, ax=ax, legend=(i == 0),
+                               yscale="log" if factor in ("fisher_trace", "grad_cov_trace", "grad_norm_sq") else "linear")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+QUADRANT_MARKERS = {"mgda": "o", "pcgrad": "s", "gradnorm": "^"}
+
+
+def quadrant_plot(changes, factors: Sequence[str], title: str = "") -> plt.Figure:
+    """The paper's Figure 4: %Δ factor (x) against %Δ generalization (y) of SMTOs over the uniform
+    gradient, one panel per factor. For every factor lower is better, so the agreeing quadrants
+    (better optimisation and better generalization; worse and worse) are top-left and bottom-right.
+    Filled markers: the change in generalization is significant (±2 std)."""
+    fig, axes = plt.subplots(1, len(factors), figsize=(4.0 * len(factors), 3.8), squeeze=False)
+    methods = list(dict.fromkeys(changes["aggregator"]))
+    colors = colors_for(list(dict.fromkeys(changes["task"])))
+    for ax, factor in zip(axes[0], factors):
+        x, y = changes[factor].to_numpy(dtype=float), changes["generalization"].to_numpy(dtype=float)
+        finite = np.isfinite(x) & np.isfinite(y)
+        span_x = max(1.0, np.nanmax(np.abs(x[finite])) * 1.15) if finite.any() else 1.0
+        span_y = max(0.5, np.nanmax(np.abs(y[finite])) * 1.15) if finite.any() else 1.0
+        ax.fill_between([-span_x, 0], 0, span_y, color="tab:green", alpha=0.12, lw=0)
+        ax.fill_between([0, span_x], -span_y, 0, color="tab:red", alpha=0.12, lw=0)
+        for _, row in changes.iterrows():
+            marker = QUADRANT_MARKERS.get(row["aggregator"], "D")
+            color = colors[row["task"]]
+            ax.scatter(row[factor], row["generalization"], marker=marker, s=42, edgecolors=color,
+                       facecolors=color if row["significant"] else "none", linewidths=1.4)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.axvline(0, color="k", lw=0.6)
+        ax.set_xlim(-span_x, span_x)
+        ax.set_ylim(-span_y, span_y)
+        ax.set_xlabel(f"%Δ {factor.replace('_', ' ')}")
+        ax.set_ylabel("%Δ generalization")
+        ax.grid(True, alpha=0.3)
+    handles = [plt.Line2D([], [], marker=QUADRANT_MARKERS.get(m, "D"), ls="", color="k", mfc="none", label=m) for m in methods]
+    handles += [plt.Line2D([], [], marker="o", ls="", color=c, label=t) for t, c in colors.items()]
+    axes[0][-1].legend(handles=handles, frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

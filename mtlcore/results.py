@@ -13,6 +13,8 @@ import xarray as xr
 # Per (epoch, task) float variables; NaN where not measured.
 VARIABLES = ("train_loss", "val_loss", "test_loss", "val_score", "test_score", "sharpness", "fisher_trace",
              "grad_cov_trace", "grad_norm_sq", "conflict", "task_weight")
+# Per-epoch variables of the multi-task gradient (MTL runs with the coherence factor).
+EPOCH_VARIABLES = ("multitask_grad_cov_trace", "multitask_grad_norm_sq")
 REQUIRED_ATTRS = ("run_id", "setting", "mode", "aggregator", "seed", "tasks", "config", "status")
 STATUSES = ("complete", "diverged")
 ENGINE = "h5netcdf"
@@ -22,6 +24,7 @@ def new_run_dataset(tasks: list[str], epochs: int, attrs: dict) -> xr.Dataset:
     """An all-NaN run dataset for epochs 0..`epochs` (0 = before training)."""
     shape = (epochs + 1, len(tasks))
     data = {name: (("epoch", "task"), np.full(shape, np.nan)) for name in VARIABLES}
+    data.update({name: (("epoch",), np.full(epochs + 1, np.nan)) for name in EPOCH_VARIABLES})
     coords = {"epoch": np.arange(epochs + 1), "task": list(tasks), "step": ("epoch", np.zeros(epochs + 1, dtype=np.int64))}
     return xr.Dataset(data, coords=coords, attrs=_netcdf_attrs(attrs))
 

@@ -25,6 +25,7 @@ from mtlcore import __version__
 from mtlcore._seeding import derive_seed, torch_generator
 from mtlcore.config import RunConfig
 from mtlcore.data import Setting, Split, load_setting
+from mtlcore.metrics.schedule import FactorSchedule, applied_update
 from mtlcore.models import MultiTaskModel, build_model
 from mtlcore.results import load_run, new_run_dataset, save_atomic
 
@@ -137,7 +138,8 @@ class Trainer:
         self.setting = setting.to(device)
         self.tasks = list(config.tasks)
         self.kinds = {t: self.setting.tasks[t].kind for t in self.tasks}
-        self.model = make_model(config, setting).to(device)
+        # channels-last makes oneDNN's small-channel convolutions about twice as fast on the CPU.
+        self.model = make_model(config, setting).to(device, memory_format=torch.channels_last)
         self.scale = 1.0 if config.loss_scale == "sum" else float(len(self.tasks))
         self.aggregator = self._make_aggregator()
         extra = list(self.aggregator.parameters()) if self.aggregator is not None else []
@@ -147,6 +149,7 @@ class Trainer:
         self.samplers = {t: BatchSampler(len(self.setting.tasks[t].train), config.batch_size,
                                          torch_generator(config.seed, "batches", t)) for t in self.tasks}
         torch.manual_seed(derive_seed(config.seed, "dropout"))
+        self.factors = FactorSchedule(config.metrics, config.seed, config.batch_size, config.loss_scale)
         self.epoch, self.step = 0, 0
         self.weight_sum = torch.zeros(len(self.tasks), dtype=torch.float64)
         self.weight_count = 0
@@ -252,6 +255,11 @@ class Trainer:
         self.ds["step"][e] = self.step
         if not np.isfinite(self.ds["train_loss"][e].values).all():
             raise Diverged(f"non-finite full training loss at epoch {e}")
+        if self.factors.due(e):
+            update = applied_update(self.aggregator, self.config.loss_scale, len(self.tasks))
+            for name, values in self.factors.measure(self.model, self.setting, self.tasks, e, update).items():
+                self.ds[name][e] = values
+            self.ds.attrs["metrics_seconds"] = self.factors.spent
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -265,6 +273,7 @@ class Trainer:
             "trajectory": {name: self.ds[name].values.copy() for name in self.ds.data_vars},
             "steps": self.ds["step"].values.copy(),
             "wall_seconds": self.ds.attrs.get("wall_seconds", 0.0),
+            "metrics_seconds": self.factors.spent,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -282,6 +291,7 @@ class Trainer:
             self.ds[name].values[:] = values
         self.ds["step"].values[:] = state["steps"]
         self.ds.attrs["wall_seconds"] = state["wall_seconds"]
+        self.factors.spent = state["metrics_seconds"]
 
     # -- the run --------------------------------------------------------------------------------------
     def _attrs(self) -> dict:

@@ -1,4 +1,8 @@
-"""Transfer between MTL and STL trajectories (§3): labels, generalization tables, gaps at comparable loss."""
+"""Comparing configurations of one setting (§3, §4): MTL vs STL and SMTOs vs the uniform gradient.
+
+Built on `mtlcore.analysis` (summaries, Δ with ±2 std significance, %Δ); this module knows the run
+datasets: their `run`/`task`/`epoch` dims and the attrs that label a configuration.
+"""
 from __future__ import annotations
 
 import json
@@ -8,7 +12,16 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from mtlcore import analysis
+
 TASK_NAMES = {"fashion1": "Fashion1", "fashion2": "Fashion2", "noisy_fashion": "NoisyFashion", "notmnist": "NotMNIST"}
+# factor -> (run variable, summary along epochs): REFERENCE §1.4's one number per trajectory.
+FACTOR_SUMMARIES = {
+    "sharpness": ("sharpness", "last"),
+    "fisher_trace": ("fisher_trace", "top"),
+    "grad_cov_trace": ("grad_cov_trace", "last"),
+    "min_train_loss": ("train_loss", "min"),
+}
 
 
 def configuration_label(tasks: str | Sequence[str], target: str) -> str:
@@ -20,31 +33,56 @@ def configuration_label(tasks: str | Sequence[str], target: str) -> str:
     return "MTL: " + " + ".join(TASK_NAMES.get(p, p) for p in partners)
 
 
-def significant(mean_a, std_a, mean_b, std_b) -> bool:
-    """The ±2 std intervals of a and b do not overlap (the paper's test)."""
-    return bool(abs(mean_a - mean_b) > 2 * (std_a + std_b))
+def partner_of(tasks: str | Sequence[str], target: str) -> str:
+    tasks = json.loads(tasks) if isinstance(tasks, str) else list(tasks)
+    return "+".join(t for t in tasks if t != target) or "none"
 
 
-def _mean_std(values: np.ndarray) -> tuple[float, float]:
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+def generalization(val_score: xr.DataArray, test_score: xr.DataArray, k: int = 10) -> xr.DataArray:
+    """One number per trajectory: mean test score at its `k` best-validation checkpoints."""
+    return analysis.best_validation_mean(val_score, test_score, k=k).rename("generalization")
+
+
+def trajectory_summaries(runs: xr.Dataset, k_best: int = 10, k_last: int = 20, k_top: int = 20) -> xr.Dataset:
+    """Generalization and each measured factor reduced to one number per trajectory (run, task)."""
+    out = {"generalization": generalization(runs["val_score"], runs["test_score"], k_best)}
+    for name, (variable, how) in FACTOR_SUMMARIES.items():
+        values = runs[variable]
+        if how == "last":
+            out[name] = analysis.last_mean(values, k=k_last)
+        elif how == "top":
+            out[name] = analysis.top_mean(values, k=k_top)
+        else:
+            out[name] = values.min("epoch", skipna=True)
+    return xr.Dataset(out)
+
+
+def delta_table(values: xr.DataArray | xr.Dataset, labels: xr.DataArray, reference: str = "STL") -> pd.DataFrame:
+    """Per configuration and quantity: Δ = mean − mean of `reference` over seeds, and ±2 std significance.
+
+    `values` holds one number per run (a DataArray, or a Dataset of several quantities).
+    """
+    data = values if isinstance(values, xr.Dataset) else values.to_dataset(name=values.name or "value")
+    labels = np.asarray(labels.values)
+    if reference not in set(labels):
+        raise ValueError(f"no run labelled {reference!r}; labels: {sorted(set(labels))}")
+    rows = []
+    for label in dict.fromkeys(labels):
+        row = {"configuration": label, "seeds": int((labels == label).sum())}
+        for name, variable in data.data_vars.items():
+            d = analysis.delta(variable.values[labels == label], variable.values[labels == reference])
+            row.update({f"{name}": d.mtl_mean, f"{name}_std": d.mtl_std, f"delta_{name}": d.delta,
+                        f"significant_{name}": label != reference and d.significant})
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("configuration")
+    return table.loc[[reference] + [i for i in table.index if i != reference]]
 
 
 def transfer_table(summary: xr.DataArray, labels: xr.DataArray, reference: str = "STL") -> pd.DataFrame:
-    """Per configuration: seeds, mean, std of `summary` (one value per run), Δ to `reference`, significance."""
-    frame = pd.DataFrame({"value": summary.values, "configuration": labels.values})
-    if reference not in set(frame["configuration"]):
-        raise ValueError(f"no run labelled {reference!r}; labels: {sorted(set(frame['configuration']))}")
-    ref_mean, ref_std = _mean_std(frame.loc[frame["configuration"] == reference, "value"].to_numpy())
-    rows = []
-    for label, part in frame.groupby("configuration", sort=False):
-        mean, std = _mean_std(part["value"].to_numpy())
-        rows.append({"configuration": label, "seeds": len(part), "mean": mean, "std": std, "delta": mean - ref_mean,
-                     "significant": label != reference and significant(mean, std, ref_mean, ref_std)})
-    table = pd.DataFrame(rows).set_index("configuration")
-    return table.loc[[reference] + [i for i in table.index if i != reference]]
+    """§3's table: mean, std, Δ to `reference` and significance of one summary per run."""
+    table = delta_table(summary.rename("value"), labels, reference)
+    return table.rename(columns={"value": "mean", "value_std": "std", "delta_value": "delta",
+                                 "significant_value": "significant"})
 
 
 def value_at_loss(loss: np.ndarray, values: np.ndarray, level: float) -> float:
@@ -76,39 +114,51 @@ def gaps_at_loss(loss: xr.DataArray, score: xr.DataArray, labels: xr.DataArray, 
                  n_levels: int = 6) -> pd.DataFrame:
     """Score gaps to `reference` at common training-loss levels, with the ±2 std significance test."""
     levels = common_loss_levels(loss.values, n_levels)
-    ref = (labels == reference).values
+    labels = np.asarray(labels.values)
+    ref = labels == reference
     final_ref = float(np.exp(np.nanmean(np.log([l[np.isfinite(l)][-1] for l in loss.values[ref]]))))
     rows = []
     for level in levels:
         at = np.array([value_at_loss(l, s, level) for l, s in zip(loss.values, score.values)])
-        ref_mean, ref_std = _mean_std(at[ref])
-        for label in dict.fromkeys(labels.values):
+        for label in dict.fromkeys(labels):
             if label == reference:
                 continue
-            mean, std = _mean_std(at[(labels == label).values])
+            d = analysis.delta(at[labels == label], at[ref])
             rows.append({"loss_level": level, "x_final": level / final_ref, "configuration": label,
-                         "reference": ref_mean, "mean": mean, "delta": mean - ref_mean,
-                         "significant": significant(mean, std, ref_mean, ref_std)})
+                         "reference": d.stl_mean, "mean": d.mtl_mean, "delta": d.delta, "significant": d.significant})
     return pd.DataFrame(rows)
 
 
-def generalization(val_score: xr.DataArray, test_score: xr.DataArray, k: int = 10) -> xr.DataArray:
-    """One number per run: mean test score at its `k` best-validation checkpoints (REFERENCE §1.4)."""
-    from mtlcore.analysis import best_validation_mean
-
-    values = [best_validation_mean(v, t, k=k) for v, t in zip(val_score.values, test_score.values)]
-    return xr.DataArray(np.asarray(values, dtype=float), dims=["run"], coords={"run": val_score["run"].values},
-                        name="generalization")
+def smto_changes(summaries: xr.Dataset, aggregator: xr.DataArray, group: xr.DataArray,
+                 reference: str = "uniform") -> pd.DataFrame:
+    """§4.2: for every (group, task, SMTO), %Δ = 100·(SMTO − uniform)/|uniform| of each summary (seed
+    means), and whether the change in generalization is significant (±2 std)."""
+    rows = []
+    aggregator, group = np.asarray(aggregator.values), np.asarray(group.values)
+    for g in dict.fromkeys(group):
+        base = (group == g) & (aggregator == reference)
+        if not base.any():
+            raise ValueError(f"group {g!r} has no {reference!r} runs to compare with")
+        for method in dict.fromkeys(aggregator[(group == g) & (aggregator != reference)]):
+            mine = (group == g) & (aggregator == method)
+            for task in summaries["task"].values:
+                s = summaries.sel(task=task)
+                if not np.isfinite(s["generalization"].values[mine]).any():
+                    continue
+                d = analysis.delta(s["generalization"].values[mine], s["generalization"].values[base])
+                row = {"group": g, "task": str(task), "aggregator": method, "significant": d.significant,
+                       "generalization": float(analysis.percent_change(d.mtl_mean, d.stl_mean))}
+                for name in FACTOR_SUMMARIES:
+                    row[name] = float(analysis.percent_change(np.nanmean(s[name].values[mine]), np.nanmean(s[name].values[base])))
+                rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def analysis_dataset(summary: xr.DataArray, labels: xr.DataArray, table: pd.DataFrame, gaps: pd.DataFrame,
                      attrs: dict) -> xr.Dataset:
     """The §3 analysis as one dataset: per-run generalization, the transfer table, the gaps at loss levels."""
     per_run = xr.Dataset({"generalization": summary}).assign_coords(run_configuration=("run", [str(v) for v in labels.values]))
-    tab = table.reset_index().astype({"configuration": str, "significant": int})
-    tab = xr.Dataset.from_dataframe(tab.set_index("configuration")).rename(
-        {name: f"transfer_{name}" for name in ("seeds", "mean", "std", "delta", "significant")})
-    out = xr.merge([per_run, tab], compat="override")
+    out = xr.merge([per_run, table_dataset(table, "transfer")], compat="override")
     if len(gaps):
         gap = gaps.astype({"configuration": str, "significant": int}).copy()
         gap["level"] = gap.groupby("configuration").cumcount()
@@ -116,3 +166,11 @@ def analysis_dataset(summary: xr.DataArray, labels: xr.DataArray, table: pd.Data
         out = out.merge(gap_ds.rename({n: f"gap_{n}" for n in gap_ds.data_vars}).rename(configuration="gap_configuration"))
     out.attrs.update(attrs)
     return out
+
+
+def table_dataset(table: pd.DataFrame, prefix: str) -> xr.Dataset:
+    """A table indexed by configuration as a netCDF-safe dataset (bools as ints, prefixed names)."""
+    frame = table.copy()
+    frame.index = frame.index.astype(str)
+    frame = frame.astype({c: int for c in frame.columns if frame[c].dtype == bool})
+    return xr.Dataset.from_dataframe(frame).rename({c: f"{prefix}_{c}" for c in frame.columns})

@@ -34,6 +34,7 @@ lr = 0.01
 batch_size = 128
 loss_scale = "sum"
 dropout = 0.5
+metrics = {}
 device = "auto"
 executor = "local"
 
@@ -53,7 +54,7 @@ from mtlcore.runner import diverged_runs, grid, load_runs
 logging.basicConfig(level=logging.WARNING)
 results_dir = Path(results_dir)
 base = dict(setting=setting, setting_options=setting_options, epochs=epochs, optimizer=optimizer, lr=lr,
-            batch_size=batch_size, loss_scale=loss_scale, dropout=dropout, device=device)
+            batch_size=batch_size, loss_scale=loss_scale, dropout=dropout, device=device, metrics=metrics)
 task_sets = [[target]] + [[target, partner] for partner in partners]
 configs = grid(base, tasks=task_sets, seed=seeds)
 print(f"{len(configs)} runs: {len(task_sets)} configurations x {len(seeds)} seeds; results in {results_dir}")

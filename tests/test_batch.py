@@ -39,8 +39,10 @@ def test_profile_runs_are_valid_configs(profile):
         p = {**notebook_parameters(name), **params}
         for partner in [None] + p["partners"]:
             tasks = [p["target"]] + ([partner] if partner else [])
-            RunConfig.from_dict({k: p[k] for k in ("setting", "setting_options", "epochs", "optimizer", "lr",
-                                                   "batch_size", "loss_scale", "dropout")} | {"tasks": tasks})
+            for aggregator in ["uniform"] + p.get("aggregators", []):
+                RunConfig.from_dict({k: p[k] for k in ("setting", "setting_options", "epochs", "optimizer", "lr",
+                                                       "batch_size", "loss_scale", "dropout", "metrics")}
+                                    | {"tasks": tasks, "aggregator": aggregator})
 
 
 def test_unknown_profile_lists_the_valid_ones():

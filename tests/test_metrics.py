@@ -245,6 +245,10 @@ def loss_increase(model, task, x, y, perturbation, loss="cross_entropy") -> floa
         return (mean_loss(functional_call(model, shifted, (x, task)), y, loss) - clean).item()
 
 
+def test_step_halving_checkpoints_are_the_references():
+    assert metrics.apgd_checkpoints(20) == (5, 9, 12, 15, 16, 18, 19)
+
+
 def test_sharpness_is_zero_at_zero_radius(lenet, images):
     assert metrics.sharpness(lenet, "a", *images, rho=0.0, batch_size=24, steps=5) == 0.0
 

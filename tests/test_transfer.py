@@ -12,11 +12,6 @@ def test_labels():
     assert transfer.configuration_label(["fashion1", "noisy_fashion"], "fashion1") == "MTL: NoisyFashion"
 
 
-def test_significance_is_non_overlap_of_two_std_intervals():
-    assert transfer.significant(1.0, 0.1, 1.5, 0.1)  # [0.8, 1.2] vs [1.3, 1.7]
-    assert not transfer.significant(1.0, 0.1, 1.3, 0.1)  # [0.8, 1.2] vs [1.1, 1.5] overlap
-
-
 def test_value_at_loss_interpolates_in_log_loss():
     loss = np.array([1.0, 0.1, 0.01])
     score = np.array([0.2, 0.6, 0.8])
@@ -62,6 +57,23 @@ def test_gaps_at_loss_find_an_early_gap():
     assert len(a) == 3 and a["significant"].all() and np.allclose(a["delta"], 0.1, atol=0.002)
     assert not b["significant"].any()
     assert (a["x_final"] > 1).all()
+
+
+def test_smto_changes_percent_and_significance():
+    # two seeds each; aggregator A raises generalization of task t by 10% (significant), B leaves it alone
+    runs = ["u0", "u1", "a0", "a1", "b0", "b1"]
+    gen = np.array([0.50, 0.501, 0.55, 0.551, 0.50, 0.501])
+    sharp = np.array([2.0, 2.0, 1.0, 1.0, 3.0, 3.0])
+    summaries = xr.Dataset({name: (("run", "task"), v[:, None]) for name, v in
+                            {"generalization": gen, "sharpness": sharp, "fisher_trace": sharp,
+                             "grad_cov_trace": sharp, "min_train_loss": sharp}.items()},
+                           coords={"run": runs, "task": ["t"]})
+    agg = xr.DataArray(["uniform", "uniform", "A", "A", "B", "B"], dims=["run"])
+    group = xr.DataArray(["g"] * 6, dims=["run"])
+    changes = transfer.smto_changes(summaries, agg, group).set_index("aggregator")
+    assert changes.loc["A", "generalization"] == pytest.approx(100 * 0.05 / 0.5005)
+    assert changes.loc["A", "sharpness"] == pytest.approx(-50.0) and changes.loc["B", "sharpness"] == pytest.approx(50.0)
+    assert changes.loc["A", "significant"] and not changes.loc["B", "significant"]
 
 
 def test_analysis_dataset_round_trips(tmp_path):

@@ -1,0 +1,108 @@
+"""Analysis functions on hand-made trajectories with hand-computed answers."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from mtlcore import analysis
+
+NAN = float("nan")
+
+
+def test_loss_bins_are_geometric_over_the_measured_positive_range():
+    edges = analysis.loss_bins([1000.0, NAN, 10.0, 1.0, 0.0], n_bins=3)
+    np.testing.assert_allclose(edges, [1.0, 10.0, 100.0, 1000.0])
+    assert edges[0] == 1.0 and edges[-1] == 1000.0
+    with pytest.raises(ValueError, match="no positive finite loss"):
+        analysis.loss_bins([NAN, 0.0])
+
+
+def test_bin_trajectory_means_per_bin_skipping_unmeasured_values():
+    loss = [1000.0, 500.0, 50.0, 20.0, 5.0, 1.0]
+    values = [1.0, 3.0, 10.0, NAN, 7.0, 9.0]
+    means = analysis.bin_trajectory(loss, values, [1.0, 10.0, 100.0, 1000.0])
+    # Bin [1, 10): 5 → 7 and 1 → 9; bin [10, 100): 50 → 10 (20 unmeasured); bin [100, 1000]: 1 and 3.
+    np.testing.assert_allclose(means, [8.0, 10.0, 2.0])
+    empty = analysis.bin_trajectory([5.0], [1.0], [1.0, 2.0, 10.0])
+    assert math.isnan(empty[0]) and empty[1] == 1.0
+
+
+def test_band_mean_includes_both_ends():
+    assert analysis.band_mean([1.0, 2.0, 4.0, 8.0], [1.0, 2.0, 3.0, 4.0], (2.0, 4.0)) == 2.5
+
+
+def test_early_phase_band_skips_the_highest_loss_bins():
+    losses = np.geomspace(1e4, 1.0, 9)  # edges of 4 bins: 1, 10, 100, 1000, 10000
+    assert analysis.early_phase_band(losses, n_bins=4, skip_highest=1, width=2) == pytest.approx((10.0, 1000.0))
+    assert analysis.early_phase_band(losses, n_bins=4, skip_highest=0, width=1) == pytest.approx((1000.0, 1e4))
+    with pytest.raises(ValueError, match="skip_highest"):
+        analysis.early_phase_band(losses, n_bins=4, skip_highest=2, width=3)
+
+
+def test_end_of_training_band_is_set_by_the_highest_minimum_loss():
+    single_task = [100.0, 1.0, 0.01]  # converges further
+    multi_task = [100.0, 10.0, 1.0]  # highest minimum: its bins over [1, 100]
+    band = analysis.end_of_training_band([single_task, multi_task], n_bins=2, width=1)
+    assert band == pytest.approx((1.0, 10.0))
+    assert analysis.band_mean(single_task, [5.0, 6.0, 7.0], band) == 6.0
+
+
+def test_best_validation_mean_uses_the_k_best_measured_checkpoints():
+    val = [0.1, 0.9, NAN, 0.8, 0.5, 0.9]
+    test = [1.0, 2.0, 100.0, 3.0, 4.0, 5.0]
+    assert analysis.best_validation_mean(val, test, k=2) == 3.5  # the two 0.9 checkpoints
+    assert analysis.best_validation_mean(val, test, k=3) == pytest.approx(10 / 3)
+    assert analysis.best_validation_mean(val, test, k=1, higher_is_better=False) == 1.0
+    assert analysis.best_validation_mean(val, test, k=50) == pytest.approx(3.0)  # all measured
+    assert math.isnan(analysis.best_validation_mean([NAN], [1.0]))
+
+
+def test_last_and_top_means_skip_unmeasured_checkpoints():
+    values = [5.0, NAN, 1.0, 4.0, NAN, 2.0]
+    assert analysis.last_mean(values, k=2) == 3.0
+    assert analysis.top_mean(values, k=2) == 4.5
+    assert analysis.last_mean(values, k=20) == 3.0
+    assert math.isnan(analysis.top_mean([NAN, NAN]))
+
+
+def test_summaries_act_along_epoch_for_data_arrays():
+    values = xr.DataArray([[1.0, 2.0, 3.0], [4.0, NAN, 6.0]], dims=["run", "epoch"], coords={"run": ["x", "y"]})
+    last = analysis.last_mean(values, k=2)
+    assert last.dims == ("run",)
+    np.testing.assert_allclose(last.values, [2.5, 5.0])
+    loss = xr.DataArray([[10.0, 5.0, 1.0], [10.0, 5.0, 1.0]], dims=["run", "epoch"])
+    binned = analysis.bin_trajectory(loss, values, [1.0, 2.0, 10.0])
+    assert binned.dims == ("run", "loss_bin")
+    np.testing.assert_allclose(binned.values, [[3.0, 1.5], [6.0, 4.0]])
+
+
+def test_delta_and_its_significance():
+    result = analysis.delta([10.0, 11.0, 12.0], [1.0, 2.0, 3.0])
+    assert result.delta == 9.0 and result.mtl_std == 1.0 and result.stl_std == 1.0  # sample std
+    assert result.significant  # 9 > 2·(1 + 1)
+    close = analysis.delta([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])
+    assert close.delta == 2.0 and not close.significant  # 2 < 4: the ±2 std intervals overlap
+    one_seed = analysis.delta([10.0, NAN], [1.0, 2.0, 3.0])
+    assert one_seed.delta == 8.0 and math.isnan(one_seed.mtl_std) and not one_seed.significant
+
+
+def test_percent_change():
+    assert analysis.percent_change(1.5, 1.0) == 50.0
+    assert analysis.percent_change(-3.0, -2.0) == -50.0  # divided by |UMTG|
+    np.testing.assert_allclose(analysis.percent_change([2.0, 1.0, 1.0], [4.0, 0.0, NAN]), [-50.0, NAN, NAN])
+    by_task = analysis.percent_change(xr.DataArray([3.0, 1.0], dims="task"), xr.DataArray([2.0, 4.0], dims="task"))
+    np.testing.assert_allclose(by_task.values, [50.0, -75.0])
+
+
+def test_correlations_against_hand_computed_values():
+    result = analysis.correlations([1.0, 2.0, 3.0, 4.0, NAN], [2.0, 4.0, 5.0, 9.0, 1.0])
+    # Pearson by hand on the 4 measured pairs: x̄ = 2.5, ȳ = 5, Σdxdy = 11, Σdx² = 5, Σdy² = 26.
+    assert result.n == 4
+    assert result.pearson == pytest.approx(11 / math.sqrt(5 * 26))
+    assert result.spearman == pytest.approx(1.0)  # monotone
+    assert 0 < result.pearson_p < 0.1
+    degenerate = analysis.correlations([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])
+    assert math.isnan(degenerate.pearson) and degenerate.n == 3
