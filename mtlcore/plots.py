@@ -3,9 +3,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: notebooks capture the figure; scripts save it
 import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr

@@ -235,7 +235,7 @@ class Trainer:
             self.step += 1
             bar.update(1)
             if self.step % 50 == 0:
-                bar.set_postfix(loss=f"{float(losses.sum()):.3g}", refresh=False)
+                bar.set_postfix(loss=f"{float(losses.detach().sum()):.3g}", refresh=False)
         if self.aggregator is not None:
             self.aggregator.end_epoch(epoch_losses / self.steps_per_epoch)  # DWA's loss history
 

@@ -19,7 +19,7 @@
 # Below, Fashion1 is trained alone (STL) and with each partner (MTL, uniform multi-task gradient)
 # over several seeds; every epoch records the full Fashion1 training loss and its test accuracy.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "remove-cell"]
 profile = "adhoc"
 results_dir = "../results/adhoc"
 data_root = ""
@@ -96,9 +96,12 @@ display(table.style.format(precision=4))
 # %%
 gaps = transfer.gaps_at_loss(target_runs["train_loss"], target_runs["test_score"], target_runs["configuration"],
                              reference="STL", n_levels=6)
-display(gaps.style.format(precision=4))
+shown = gaps.assign(cell=[f"{d:+.4f}" + (" ✱" if s else "") for d, s in zip(gaps["delta"], gaps["significant"])])
+shown = shown.pivot_table(index=["loss_level", "x_final", "reference"], columns="configuration", values="cell", aggfunc="first")
+display(Markdown("Δ test accuracy against STL at each common training loss (✱: significant, ±2 std)."))
+display(shown.sort_index(ascending=False))
 
-# %%
+# %% tags=["hide-input"]
 def verdict(partner_label, expected_sign):
     row = table.loc[partner_label]
     sign = "positive" if row["delta"] > 0 else "negative"
@@ -127,7 +130,7 @@ display(Markdown(
        "**Not fully**: see which part below (with few seeds or small data the ±2 std test is strict).\n\n")
     + "\n".join(lines)))
 
-# %%
+# %% tags=["hide-input"]
 analysis_ds = transfer.analysis_dataset(
     summary, target_runs["configuration"], table, gaps,
     attrs={"profile": profile, "target": target, "seeds": str(seeds), "runs": ",".join(map(str, runs["run"].values))})

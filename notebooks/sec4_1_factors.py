@@ -18,7 +18,7 @@
 # better on it than STL, and MTL with the harmful partner (NoisyFashion) worse (lower is better for all
 # three). This chapter draws the counterparts of Figure 3 and Table 1 for FashionMTL.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "remove-cell"]
 profile = "adhoc"
 results_dir = "../results/adhoc"
 data_root = ""
@@ -96,7 +96,7 @@ display(shown)
 # %% [markdown]
 # ## Does any factor explain both the positive and the negative transfer?
 
-# %%
+# %% tags=["hide-input"]
 def explains(q: str) -> tuple[bool, str]:
     """A factor explains transfer if MTL moves it the 'good' way (down) where transfer is positive and the
     'bad' way (up) where it is negative, significantly in both cases."""
@@ -122,7 +122,7 @@ display(Markdown(
     f"{'a factor moves with transfer in both directions' if any_ok else 'no factor moves with the transfer in both directions'}. "
     "The paper finds no factor that explains both (Table 1).\n\n" + "\n".join(lines)))
 
-# %%
+# %% tags=["hide-input"]
 analysis_ds = summaries.assign_coords(run_configuration=("run", [str(v) for v in target_runs["configuration"].values]))
 analysis_ds = analysis_ds.drop_vars([c for c in analysis_ds.coords if c not in ("run", "run_configuration")])
 analysis_ds = analysis_ds.merge(transfer.table_dataset(table, "table1"))

@@ -17,7 +17,7 @@
 # quadrants only (better optimisation and better generalization, top left; worse and worse, bottom
 # right). The counterpart of the paper's Figure 4, with minimum training loss as a fourth factor.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "remove-cell"]
 profile = "adhoc"
 results_dir = "../results/adhoc"
 data_root = ""
@@ -81,9 +81,14 @@ changes = transfer.smto_changes(summaries, runs["aggregator"], runs["pair"])
 factors = [f for f in ("sharpness", "fisher_trace", "grad_cov_trace", "min_train_loss")
            if np.isfinite(changes[f]).any()]
 fig = plots.quadrant_plot(changes, factors, title=f"FashionMTL ({profile} profile): SMTOs vs the uniform gradient")
-display(changes.style.format(precision=2))
+
+# %% [markdown]
+# The points of the figure (%Δ; `significant`: the generalization change passes the ±2 std test).
 
 # %%
+display(changes.style.format(precision=2))
+
+# %% tags=["hide-input"]
 def agreeing(frame, factor):
     x, y = frame[factor], frame["generalization"]
     return ((x < 0) & (y > 0)) | ((x > 0) & (y < 0))
@@ -101,7 +106,7 @@ display(Markdown(
     f"in this run ({profile} profile, {len(seeds)} seeds){': ' + ', '.join(all_inside) if all_inside else ''}. "
     "The paper finds no factor whose points lie solely there.\n\n" + "\n".join(lines)))
 
-# %%
+# %% tags=["hide-input"]
 analysis_ds = changes.assign(significant=changes["significant"].astype(int)).to_xarray().rename(index="point")
 analysis_ds.attrs.update(profile=profile, target=target, seeds=str(seeds), aggregators=",".join(aggregators))
 save_atomic(analysis_ds, results_dir / "sec4_2_smtos.nc")

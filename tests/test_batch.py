@@ -59,3 +59,17 @@ def test_cli_reports_bad_input_without_a_traceback(capsys):
 
     assert main(["batch", "--profile", "fast"]) == 2
     assert "unknown profile 'fast'" in capsys.readouterr().err
+
+
+def test_environment_yml_pins_match_pyproject():
+    """environment.yml's pip section carries the same pinned versions as pyproject.toml."""
+    import tomllib
+
+    import yaml
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    env = yaml.safe_load((PROJECT_ROOT / "environment.yml").read_text())["dependencies"]
+    pip = next(d["pip"] for d in env if isinstance(d, dict))
+    pinned = {d for d in project if "==" in d}
+    assert pinned and pinned <= set(pip)
+    assert "python=3.11" in env
