@@ -5,7 +5,7 @@
 =================  ========  ============================================  ==========================  ===========================
 name               kind      options (defaults)                            scale convention            reference
 =================  ========  ============================================  ==========================  ===========================
-uniform            gradient  reduction="mean" | "sum"                      d = (1/K) Σ g (or Σ g)      —
+uniform            gradient  reduction="sum" | "mean"                      d = Σ g (or (1/K) Σ g)      —
 fixed              gradient  weights (required list)                       d = Σ w g as given          Paper B (EMA of SMTO weights)
 mgda               gradient  normalization="none"|l2|loss|loss+,           α on the simplex (Σα = 1)   Sener & Koltun 2018
                              apply_to="normalized"|"raw"

@@ -12,7 +12,7 @@ class Uniform(WeightedAggregator):
     """d = Σ g_k ("sum") or (1/K) Σ g_k ("mean")."""
 
     name = "uniform"
-    defaults = {"reduction": "mean"}
+    defaults = {"reduction": "sum"}  # REFERENCE Eq. 2: C = 1 unless noted, as RunConfig.loss_scale
 
     def _check_options(self, options):
         require(
