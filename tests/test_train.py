@@ -147,3 +147,15 @@ def test_aggregators_train_and_record_weights(fake_data_root, name, options):
 def test_uniform_weights_follow_the_loss_scale(fake_data_root):
     ds = train.run(config(("fashion1", "fashion2"), epochs=1, loss_scale="mean"), data_root=fake_data_root, progress=False)
     np.testing.assert_allclose(ds["task_weight"].values[1], [0.5, 0.5])
+
+
+def test_dask_executor_trains_the_missing_runs(fake_data_root, tmp_path):
+    from distributed import Client
+
+    configs = [config(epochs=1), config(epochs=1, seed=1)]
+    ensure_runs(configs[:1], tmp_path, data_root=fake_data_root, progress=False)  # one already on disk
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        paths = ensure_runs(configs, tmp_path, data_root=fake_data_root, executor="dask", dask_client=client, progress=False)
+    assert all(p.exists() for p in paths)
+    local = train.run(configs[1], data_root=fake_data_root, progress=False)
+    assert_identical(local, load_run(paths[1]))  # same numbers wherever it ran
