@@ -18,7 +18,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 LOSS_SCALES = ("sum", "mean")
 HEAD_UPDATES = ("own", "weighted")
 # Fields that change where or how fast a run goes, not its numbers: left out of the content hash.
-NOT_HASHED = ("device", "jacobian_chunk_size")
+NOT_HASHED = ("device",)
 
 
 class ConfigError(ValueError):
@@ -43,7 +43,6 @@ class RunConfig:
     aggregator: str = "uniform"
     aggregator_options: dict = field(default_factory=dict)
     head_update: str = "own"  # heads get their own task's gradient, unweighted ("own") or weighted
-    jacobian_chunk_size: int | None = None  # tasks per batched backward when building J (memory)
     metrics: dict = field(default_factory=dict)  # trajectory factors to measure and their schedule
     eval_batch_size: int = 1024
     seed: int = 0
@@ -106,8 +105,6 @@ class RunConfig:
         _positive("batch_size", self.batch_size, integer=True)
         _positive("eval_batch_size", self.eval_batch_size, integer=True)
         _positive("epochs", self.epochs, integer=True)
-        if self.jacobian_chunk_size is not None:
-            _positive("jacobian_chunk_size", self.jacobian_chunk_size, integer=True)
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout={self.dropout!r} must lie in [0, 1)")
         if not 0 <= self.momentum < 1:

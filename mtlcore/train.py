@@ -126,6 +126,14 @@ def multitask_losses(model: MultiTaskModel, batches: list[tuple[str, torch.Tenso
     return torch.stack(losses), features
 
 
+def per_task_losses(model: MultiTaskModel, batches: list[tuple[str, torch.Tensor, torch.Tensor]],
+                    kinds: dict[str, str]) -> tuple[torch.Tensor, None]:
+    """The K task losses with one forward (and so one graph) per task: a task's gradient then costs
+    one backward through its own batch only, instead of through every task's batch."""
+    losses = [task_loss(model(x, task), y, kinds[task]) for task, x, y in batches]
+    return torch.stack(losses), None
+
+
 class Diverged(FloatingPointError):
     pass
 
@@ -146,6 +154,11 @@ class Trainer:
         self.optimizer = make_optimizer(config, list(self.model.parameters()) + extra)
         sizes = [len(self.setting.tasks[t].train) for t in self.tasks]
         self.steps_per_epoch = math.ceil(max(sizes) / config.batch_size)
+        # Methods that need J of the shared parameters get one graph per task (see per_task_losses);
+        # the two forwards agree for encoders without batch statistics, such as LeNet.
+        needs_jacobian = self.aggregator is not None and self.aggregator.kind == "gradient" \
+            and self.aggregator.jacobian_of == "shared"
+        self._forward = per_task_losses if needs_jacobian else multitask_losses
         self.samplers = {t: BatchSampler(len(self.setting.tasks[t].train), config.batch_size,
                                          torch_generator(config.seed, "batches", t)) for t in self.tasks}
         torch.manual_seed(derive_seed(config.seed, "dropout"))
@@ -196,7 +209,7 @@ class Trainer:
             for p, g in zip(shared, grads):
                 p.grad = g
         else:
-            jacobian = task_jacobian(losses, shared, chunk_size=self.config.jacobian_chunk_size)
+            jacobian = task_jacobian(losses, shared, method="loop")
             unflatten_into_grads(agg(jacobian, losses.detach()), shared)
         weights = agg.weights.to(torch.float64)
         if agg.kind == "gradient" or own_heads:
@@ -221,7 +234,7 @@ class Trainer:
         for _ in range(self.steps_per_epoch):
             self.optimizer.zero_grad(set_to_none=True)
             batches = self._batches()
-            losses, features = multitask_losses(self.model, batches, self.kinds)
+            losses, features = self._forward(self.model, batches, self.kinds)
             if not torch.isfinite(losses).all():
                 raise Diverged(f"non-finite training loss {losses.tolist()} at step {self.step + 1}")
             weights = self._update(losses, features)

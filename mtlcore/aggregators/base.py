@@ -53,10 +53,22 @@ def check_finite(method: str, tensor: Tensor | None, what: str) -> None:
         )
 
 
+GRAMIAN_CHUNK = 1 << 20  # columns of J converted to float64 at a time
+
+
 def gramian(J: Tensor) -> np.ndarray:
-    """G = J Jᵀ in float64 on the CPU: exact for float32 J and safe from overflow up to |J| ~ 1e150."""
-    J64 = J.detach().to(torch.float64)
-    return (J64 @ J64.T).cpu().numpy()
+    """G = J Jᵀ in float64 on the CPU: exact for float32 J and safe from overflow up to |J| ~ 1e150.
+
+    Accumulated over column chunks, so the float64 copy never exceeds K × GRAMIAN_CHUNK entries
+    (a full float64 copy of a large J would double its memory). Non-finite entries of J show up
+    as non-finite entries of G, which callers check instead of scanning all of J.
+    """
+    J = J.detach()
+    G = torch.zeros(J.shape[0], J.shape[0], dtype=torch.float64, device=J.device)
+    for start in range(0, J.shape[1], GRAMIAN_CHUNK):
+        block = J[:, start : start + GRAMIAN_CHUNK].to(torch.float64)
+        G += block @ block.T
+    return G.cpu().numpy()
 
 
 def normalize_gramian(G: np.ndarray) -> tuple[np.ndarray, float]:
@@ -195,6 +207,8 @@ class GradientAggregator(Aggregator):
     kind = "gradient"
     jacobian_of: ClassVar[str] = "shared"  # or "representation" (MGDA-UB)
     needs_losses: ClassVar[bool] = False
+    # Methods that form the Gramian check its K×K entries for NaN/inf instead of all K×P entries of J.
+    scans_jacobian: ClassVar[bool] = True
 
     def _check_inputs(self, J: Tensor, losses: Tensor | None) -> None:
         require(
@@ -202,7 +216,8 @@ class GradientAggregator(Aggregator):
             f"{self.name}: J must be a float matrix (tasks × parameters), got shape {tuple(J.shape)}",
         )
         self._ensure_tasks(J.shape[0])
-        check_finite(self.name, J, "the task gradients J")
+        if self.scans_jacobian:
+            check_finite(self.name, J, "the task gradients J")
         require(
             losses is not None or not self.needs_losses,
             f"{self.name}: with options {self.options} the losses are needed: call agg(J, losses)",
@@ -223,6 +238,9 @@ class GradientAggregator(Aggregator):
 class WeightedAggregator(GradientAggregator):
     """d = Jᵀw with w computed from the Gramian (and losses): subclasses write `_weights`."""
 
+    scans_jacobian = False
+    needs_gramian: ClassVar[bool] = True  # False: weights known without G (uniform, fixed); G is then None
+
     def weights_from(self, J: Tensor, losses: Tensor | None = None) -> Tensor:
         """The weights w for J (also stored in `self.weights`); the trainer applies Σ w_k g_k."""
         self._check_inputs(J, losses)
@@ -231,14 +249,19 @@ class WeightedAggregator(GradientAggregator):
         return self.weights.clone()
 
     def _gramian_weights(self, J: Tensor, losses: Tensor | None) -> np.ndarray:
-        G = gramian(J)
-        if not np.isfinite(G).all():
-            raise NonFiniteGradientError(f"{self.name}: the Gramian J Jᵀ overflowed; the run has diverged")
+        if self.needs_gramian:
+            G = gramian(J)
+            if not np.isfinite(G).all():
+                raise NonFiniteGradientError(f"{self.name}: the task gradients J contain NaN or inf; the run has diverged "
+                                             "(lower the learning rate or clip gradients)")
+        else:
+            check_finite(self.name, J, "the task gradients J")
+            G = None
         loss_values = None if losses is None else losses.detach().to("cpu", torch.float64).numpy()
         weights = np.asarray(self._weights(G, loss_values), dtype=np.float64)
         if not np.isfinite(weights).all():  # safety net; the solvers are not expected to get here
             logger.warning("%s: non-finite weights %s; using uniform weights 1/K for this step", self.name, weights)
-            weights = uniform_weights(len(G))
+            weights = uniform_weights(J.shape[0])
         return weights
 
     def _aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, np.ndarray]:

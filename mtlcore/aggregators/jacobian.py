@@ -43,6 +43,7 @@ def task_jacobian(
     params: Iterable[Tensor],
     chunk_size: int | None = None,
     retain_graph: bool = True,
+    method: str = "batched",
 ) -> Tensor:
     """J[k] = ∇_params losses[k], flattened in the order of `params` (K × P).
 
@@ -52,8 +53,15 @@ def task_jacobian(
     `params` may include non-leaf tensors (MGDA-UB's representation). Parameters a task does not
     reach get zero gradient. The batched path always keeps the graph; `retain_graph=False` lets
     the loop path free it on its last pass.
+
+    `method="loop"` takes K ordinary backward passes instead: the faster choice when each loss has a
+    graph of its own (one forward per task), since a batched pass traverses every task's graph.
     """
     params = list(params)
+    if method not in ("batched", "loop"):
+        raise ValueError(f"method={method!r}; use 'batched' or 'loop'")
+    if method == "loop":
+        return _loop_rows(losses, params, range(losses.numel()), retain_graph)
     if losses.dim() != 1:
         raise ValueError(f"losses must be a vector of K task losses, got shape {tuple(losses.shape)}")
     if chunk_size is not None and chunk_size < 1:

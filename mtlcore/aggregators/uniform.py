@@ -12,6 +12,7 @@ class Uniform(WeightedAggregator):
     """d = Σ g_k ("sum") or (1/K) Σ g_k ("mean")."""
 
     name = "uniform"
+    needs_gramian = False
     defaults = {"reduction": "sum"}  # REFERENCE Eq. 2: C = 1 unless noted, as RunConfig.loss_scale
 
     def _check_options(self, options):
@@ -21,7 +22,7 @@ class Uniform(WeightedAggregator):
         )
 
     def _weights(self, G, losses):
-        num_tasks = len(G)
+        num_tasks = self.num_tasks
         return np.full(num_tasks, 1.0 if self.options["reduction"] == "sum" else 1.0 / num_tasks)
 
 
@@ -29,6 +30,7 @@ class Fixed(WeightedAggregator):
     """d = Σ w_k g_k for given constant weights (e.g. an SMTO's EMA-smoothed mean weights)."""
 
     name = "fixed"
+    needs_gramian = False
     defaults = {"weights": None}
 
     def _check_options(self, options):
@@ -43,7 +45,7 @@ class Fixed(WeightedAggregator):
     def _weights(self, G, losses):
         weights = np.asarray(self.options["weights"], dtype=np.float64)
         require(
-            len(weights) == len(G),
-            f"fixed: {len(weights)} weights were given for {len(G)} tasks",
+            len(weights) == self.num_tasks,
+            f"fixed: {len(weights)} weights were given for {self.num_tasks} tasks",
         )
         return weights

@@ -1,0 +1,314 @@
+"""Cost of every multi-task aggregator: one training step and the aggregation alone, against the uniform step
+and against TorchJD.
+
+For each method in `mtlcore.aggregators.available()` (`fixed` with weights [1/K]*K, every other method with
+its defaults) it reports, relative to the uniform step (the trainer's fast path, one backward of Σ L_k):
+
+* the wall time of ONE training step, exactly the trainer's step (`Trainer._update`: forward of all tasks'
+  batches, task Jacobian or loss combination, aggregation, backward, `optimizer.step()`, FAMO's hook);
+  the method and the uniform step are timed alternately in the same process (median over repeats of
+  the paired ratio), with `torch.set_num_threads(1)`;
+* the peak memory of that step: the peak of the bytes of live tensors allocated during the step, from
+  `torch.profiler.profile(profile_memory=True)` (the "Total Allocated" counter of the profiler's memory
+  events, minus its value before the step); memory held before the step (parameters, momentum) is not
+  counted, allocations outside torch (scipy, cvxpy) are not seen;
+* the aggregation alone, `agg(J, losses)` on one fixed J, against TorchJD's aggregator on the same J
+  (n/a when `torchjd` is not importable), and the tensor memory each allocates on top of J.
+
+Settings: (a) FashionMTL LeNet, 3 tasks, batch 128, real data through `Trainer`; (b) ResNet18 (fc → Identity,
+512 features) with 20 linear heads of 5 classes, CIFAR-100-shaped random inputs, 32 per task, a `Trainer`
+shell around a hand-built `MultiTaskModel` so the step is `Trainer._update` itself. In (b) a Jacobian step
+takes minutes at one thread, so it is run once (under the memory profiler, whose overhead is small next
+to minutes; its wall time is the step's time) with uniform weights; the step
+of each other gradient-level method is estimated as that step minus its aggregation time plus the
+method's own (marked ≈), its memory is that step's peak (≈) plus the aggregation's own column.
+
+    .venv/bin/python benchmarks/bench_aggregators.py                      # both settings ((a) ≈ 4 min, (b) ≈ 30–40 min)
+    .venv/bin/python benchmarks/bench_aggregators.py --settings a --repeats 7 --steps 20
+
+Writes benchmarks/out/aggregators.md (and prints it). A benchmark, not a test: nothing is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import types
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mtlcore import aggregators
+from mtlcore.aggregators import task_jacobian
+from mtlcore.config import RunConfig
+from mtlcore.data import load_setting
+from mtlcore.train import Trainer, make_optimizer, multitask_losses, per_task_losses
+
+try:
+    import torchjd.aggregation as tjd
+except ImportError:  # the script still runs; TorchJD columns read n/a
+    tjd = None
+
+OUT = Path(__file__).resolve().parent / "out"
+MB = 2**20
+# mtlcore name → TorchJD aggregator for K tasks (rlw is loss-level in mtlcore: combine(losses) vs Random(J)).
+TORCHJD = {
+    "uniform": lambda K: tjd.Mean(), "fixed": lambda K: tjd.Constant(torch.full((K,), 1 / K)),
+    "mgda": lambda K: tjd.MGDA(), "pcgrad": lambda K: tjd.PCGrad(), "cagrad": lambda K: tjd.CAGrad(c=0.5),
+    "nashmtl": lambda K: tjd.NashMTL(n_tasks=K), "imtl_g": lambda K: tjd.IMTLG(), "graddrop": lambda K: tjd.GradDrop(),
+    "gradvac": lambda K: tjd.GradVac(), "aligned_mtl": lambda K: tjd.AlignedMTL(), "upgrad": lambda K: tjd.UPGrad(),
+    "dualproj": lambda K: tjd.DualProj(), "rlw": lambda K: tjd.Random(),
+}
+
+
+def methods(K: int) -> list[tuple[str, str, dict]]:
+    """(label, aggregator, options); "uniform" is the trainer's fast path, "uniform (via J)" its Jacobian path."""
+    rows = [("uniform", "uniform", {}), ("uniform (via J)", "uniform", {"reduction": "mean"})]
+    return rows + [(n, n, {"weights": [1 / K] * K} if n == "fixed" else {}) for n in aggregators.available() if n != "uniform"]
+
+
+def make_aggregator(name: str, options: dict, K: int):
+    agg = aggregators.get(name, **options)
+    agg.reset(K, "cpu")
+    if agg.randomised:
+        agg.set_generator(torch.Generator().manual_seed(0))
+    return agg
+
+
+# -- measuring -----------------------------------------------------------------------------------------
+def seconds(fn, n: int = 1) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+def peak_bytes(fn) -> float:
+    """Peak bytes of tensors allocated by fn() and alive at once, from the profiler's memory events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+    memory = sorted((e["ts"], e["args"]["Total Allocated"], e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]")
+    if not memory:
+        return 0.0
+    before = memory[0][1] - memory[0][2]  # the counter just before the first allocation
+    return max(total for _, total, _ in memory) - before
+
+
+def kind(trainer: Trainer) -> str:
+    return "fast path" if trainer.aggregator is None else trainer.aggregator.kind
+
+
+def step(trainer: Trainer, batches=None) -> None:
+    """One iteration of Trainer._train_epoch (without its bookkeeping)."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    batches = trainer._batches() if batches is None else batches
+    losses, features = trainer._forward(trainer.model, batches, trainer.kinds)
+    trainer._update(losses, features)
+    trainer.optimizer.step()
+    if trainer.aggregator is not None and trainer.aggregator.needs_losses_after:
+        with torch.no_grad():
+            trainer.aggregator.after_step(multitask_losses(trainer.model, batches, trainer.kinds)[0])
+
+
+def paired(method_fn, baseline_fn, repeats: int, n: int) -> tuple[float, float, float]:
+    """Median method time, median baseline time and median of the per-repeat ratios (timed alternately)."""
+    pairs = [(seconds(method_fn, n), seconds(baseline_fn, n)) for _ in range(repeats)]
+    return (statistics.median(m for m, _ in pairs), statistics.median(b for _, b in pairs),
+            statistics.median(m / b for m, b in pairs))
+
+
+def aggregation_rows(J: torch.Tensor, losses: torch.Tensor, repeats: int, n: int) -> list[dict]:
+    """agg(J, losses) of every gradient-level method (and rlw's combine) against TorchJD on the same J."""
+    K, rows = len(J), []
+    for label, name, options in methods(K)[1:]:
+        agg = make_aggregator(name, options, K)
+        if agg.kind == "loss" and name != "rlw" or getattr(agg, "jacobian_of", "shared") != "shared":
+            continue
+        ours = (lambda: agg.combine(losses)) if agg.kind == "loss" else (lambda: agg(J, losses))
+        ours()  # warm-up
+        row = {"method": label, "ms": None, "tjd_ms": None, "ratio": None, "mb": peak_bytes(ours) / MB, "tjd_mb": None}
+        if tjd is not None and name in TORCHJD:
+            theirs = TORCHJD[name](K)
+            theirs(J)
+            ms, tjd_ms, ratio = paired(ours, lambda: theirs(J), repeats, n)
+            row.update(ms=1e3 * ms, tjd_ms=1e3 * tjd_ms, ratio=ratio)
+            row["tjd_mb"] = peak_bytes(lambda: theirs(J)) / MB
+        else:
+            row["ms"] = 1e3 * statistics.median(seconds(ours, n) for _ in range(repeats))
+        rows.append(row)
+    return rows
+
+
+# -- the two settings ------------------------------------------------------------------------------------
+def fashion(args) -> tuple[list[dict], list[dict]]:
+    tasks = ["fashion1", "fashion2", "noisy_fashion"]
+    sizes = {"train_size": 2048, "val_size": 16, "test_size": 16}
+    setting = load_setting("fashion_mtl", tasks, sizes, root=args.data_root)
+
+    def trainer(name, options):
+        config = RunConfig.from_dict({"tasks": tasks, "batch_size": 128, "device": "cpu", "aggregator": name,
+                                      "aggregator_options": options, "setting_options": sizes})
+        t = Trainer(config, setting, torch.device("cpu"))
+        for _ in range(args.warmup):
+            step(t)
+        return t
+
+    base = trainer("uniform", {})
+    base_peak = peak_bytes(lambda: step(base))
+    rows = []
+    for label, name, options in methods(len(tasks)):
+        t = trainer(name, options)
+        ms, base_ms, ratio = paired(lambda: step(t), lambda: step(base), args.repeats, args.steps)
+        peak = peak_bytes(lambda: step(t))
+        rows.append({"method": label, "kind": kind(t),
+                     "ms": 1e3 * ms, "ratio": ratio, "mb": peak / MB, "mem_ratio": peak / base_peak})
+        print(f"(a) {label:18s} {1e3 * ms:8.1f} ms  ×{ratio:.2f}   {peak / MB:7.1f} MB ×{peak / base_peak:.2f}", flush=True)
+    losses, _ = multitask_losses(base.model, base._batches(), base.kinds)
+    J = task_jacobian(losses, base.model.shared_parameters())
+    return rows, aggregation_rows(J.detach(), losses.detach(), args.repeats, args.agg_calls)
+
+
+class Capture:
+    """Wraps an aggregator: records J, the losses and the time of each agg(J, losses) inside a step."""
+
+    def __init__(self, agg):
+        self.agg, self.J, self.seconds = agg, None, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.agg, name)
+
+    def __call__(self, J, losses=None):
+        start = time.perf_counter()
+        d = self.agg(J, losses)
+        self.seconds, self.J, self.losses = time.perf_counter() - start, J.detach(), losses
+        return d
+
+
+def resnet(args) -> tuple[list[dict], list[dict]]:
+    import torchvision
+
+    from mtlcore.models import MultiTaskModel
+
+    K = args.resnet_tasks
+    torch.manual_seed(0)
+    encoder = torchvision.models.resnet18(num_classes=10)
+    encoder.fc = nn.Identity()
+    model = MultiTaskModel(encoder, {f"t{k}": nn.Linear(512, 5) for k in range(K)}).to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    batches = [(f"t{k}", torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 5, (32,), generator=g))
+               for k in range(K)]
+
+    def trainer(name, options):  # the Trainer's state that _update and the step read, around our model
+        t = object.__new__(Trainer)
+        t.config = types.SimpleNamespace(aggregator=name, aggregator_options=options, loss_scale="sum", head_update="own",
+                                         seed=0, optimizer="momentum", lr=1e-2, momentum=0.9,
+                                         weight_decay=0.0)
+        t.device, t.tasks, t.model, t.scale = torch.device("cpu"), [b[0] for b in batches], model, 1.0
+        t.kinds = {task: "classification" for task in t.tasks}
+        t.aggregator = t._make_aggregator()
+        jacobian = t.aggregator is not None and t.aggregator.kind == "gradient" and t.aggregator.jacobian_of == "shared"
+        t._forward = per_task_losses if jacobian else multitask_losses  # as Trainer.__init__ chooses
+        extra = t.aggregator.parameters() if t.aggregator is not None else []
+        t.optimizer = make_optimizer(t.config, list(model.parameters()) + list(extra))
+        return t
+
+    def run(t):
+        return step(t, batches)
+
+    base = trainer("uniform", {})
+    run(base)  # warm-up (one step: each one takes seconds)
+    base_peak = peak_bytes(lambda: run(base))
+    rows = []
+    # The Jacobian step, once, under the memory profiler (its profiling overhead is small next to minutes).
+    jstep = trainer("uniform", {"reduction": "mean"})
+    jstep.aggregator = capture = Capture(jstep.aggregator)
+    start = time.perf_counter()
+    j_peak = peak_bytes(lambda: run(jstep))
+    j_seconds, j_agg = time.perf_counter() - start, capture.seconds
+    u_seconds = statistics.median(seconds(lambda: run(base)) for _ in range(args.resnet_repeats))
+    print(f"(b) Jacobian step {j_seconds:.1f} s (agg {j_agg:.2f} s), uniform {u_seconds:.1f} s", flush=True)
+    agg_rows = aggregation_rows(capture.J, capture.losses, args.resnet_repeats, 1)
+    agg_ms = {r["method"]: r["ms"] for r in agg_rows}
+    for label, name, options in methods(K):
+        t = base if label == "uniform" else trainer(name, options)
+        if t.aggregator is not None and t.aggregator.kind == "gradient" and t.aggregator.jacobian_of == "shared":
+            ms = 1e3 * (j_seconds - j_agg) + agg_ms[label]  # estimated from the measured Jacobian step
+            rows.append({"method": label, "kind": "gradient", "ms": ms, "ratio": ms / (1e3 * u_seconds),
+                         "mb": j_peak / MB, "mem_ratio": j_peak / base_peak, "estimated": True})
+        else:
+            ms, _, ratio = paired(lambda: run(t), lambda: run(base), args.resnet_repeats, 1)
+            peak = peak_bytes(lambda: run(t))
+            rows.append({"method": label, "kind": kind(t),
+                         "ms": 1e3 * ms, "ratio": ratio, "mb": peak / MB, "mem_ratio": peak / base_peak})
+        print(f"(b) {label:18s} {rows[-1]['ms']:9.0f} ms  ×{rows[-1]['ratio']:.2f}", flush=True)
+    return rows, agg_rows
+
+
+# -- report ------------------------------------------------------------------------------------------------
+def fmt(value, spec=".2f", prefix=""):
+    return "n/a" if value is None else f"{prefix}{value:{spec}}"
+
+
+def step_table(rows: list[dict]) -> str:
+    lines = ["| method | kind | step (ms) | step / uniform | peak tensor memory (MB) | peak / uniform |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        est = "≈" if r.get("estimated") else ""
+        lines.append(f"| {r['method']} | {r['kind']} | {est}{r['ms']:.1f} | {est}{r['ratio']:.2f} | "
+                     f"{est}{r['mb']:.1f} | {est}{r['mem_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def agg_table(rows: list[dict]) -> str:
+    lines = ["| method | mtlcore agg (ms) | TorchJD (ms) | mtlcore / TorchJD | mtlcore extra memory (MB) | TorchJD extra memory (MB) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        note = " †" if r["method"] == "rlw" else ""
+        lines.append(f"| {r['method']}{note} | {r['ms']:.3f} | {fmt(r['tjd_ms'], '.3f')} | {fmt(r['ratio'])} | "
+                     f"{r['mb']:.2f} | {fmt(r['tjd_mb'])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", default="ab", help="a: FashionMTL LeNet, b: ResNet18 × 20 tasks (default: ab)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per method in (a) and for the aggregation")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per timed repeat in (a)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per method in (a)")
+    parser.add_argument("--agg-calls", type=int, default=20, help="agg(J) calls per timed repeat in (a)")
+    parser.add_argument("--resnet-repeats", type=int, default=2, help="timed repeats (of one step) per method in (b)")
+    parser.add_argument("--resnet-tasks", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data-root", default="/work/shared/data")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    header = (f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"torch.set_num_threads({args.threads}), torch {torch.__version__}, "
+              f"TorchJD {'n/a' if tjd is None else version('torchjd')}")
+    sections = [f"Measured {header}."]
+    titles = {"a": "(a) FashionMTL LeNet, 3 tasks, batch 128 per task",
+              "b": f"(b) ResNet18 + {args.resnet_tasks} linear heads, 3×32×32 random inputs, batch 32 per task"}
+    for key in args.settings:
+        steps, aggs = fashion(args) if key == "a" else resnet(args)
+        sections += [f"### {titles[key]}: one training step", step_table(steps),
+                     f"### {titles[key]}: aggregation alone on one fixed J ({'3' if key == 'a' else args.resnet_tasks} tasks)",
+                     agg_table(aggs)]
+    sections.append("† rlw is loss-level in mtlcore: its time is `combine(losses)` (it never forms J), TorchJD's is "
+                    "`Random()(J)`.")
+    text = "\n\n".join(sections) + "\n"
+    OUT.mkdir(exist_ok=True)
+    (OUT / "aggregators.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Cost of the trajectory factors at one checkpoint, relative to one training epoch, on FashionMTL.
+
+Quick-profile sizes: tasks fashion1 + fashion2, 5,000 training examples per task, batch 128, so one epoch is
+ceil(5000/128) = 40 steps of the trainer's step (`Trainer._update` with the uniform fast path). At one
+checkpoint, with the arguments `mtlcore.metrics.schedule.FactorSchedule.measure` uses (the first 2,048
+training examples of each task), it times, per task and summed over the two tasks:
+
+* `sharpness` (m = 128, ρ = 1e-3, 20 ascent steps), `fisher_trace` (2,048 examples, sampled labels),
+* `gradient_coherence` per task (B = 16, L = 1024) and `multitask_gradient_coherence`,
+* `gradient_conflict` with 200 batches of 128 (the default) and with 20,
+
+and, separately, `per_example_squared_norms(..., method="vmap")` against `method="loop"` on LeNet.
+Each repeat times the epoch and every factor one after the other in this process (medians over repeats,
+ratios per repeat), with `torch.set_num_threads(1)` unless --threads says otherwise.
+
+    .venv/bin/python benchmarks/bench_metrics.py                 # ≈ 5 min
+    .venv/bin/python benchmarks/bench_metrics.py --repeats 3 --per-example 128
+
+Writes benchmarks/out/metrics.md (and prints it). A benchmark, not a test: nothing is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mtlcore.config import RunConfig
+from mtlcore.data import load_setting
+from mtlcore.metrics import (
+    fisher_trace,
+    gradient_coherence,
+    gradient_conflict,
+    multitask_gradient_coherence,
+    per_example_squared_norms,
+    sharpness,
+)
+from mtlcore.train import Trainer, multitask_losses
+
+OUT = Path(__file__).resolve().parent / "out"
+TASKS = ["fashion1", "fashion2"]
+
+
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of the epoch and of every factor")
+    parser.add_argument("--train-size", type=int, default=5000)
+    parser.add_argument("--examples", type=int, default=2048, help="examples per task the factors see")
+    parser.add_argument("--per-example", type=int, default=256, help="examples for the vmap-vs-loop comparison")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data-root", default="/work/shared/data")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    sizes = {"train_size": args.train_size, "val_size": 16, "test_size": 16}
+    setting = load_setting("fashion_mtl", TASKS, sizes, root=args.data_root)
+    config = RunConfig.from_dict({"tasks": TASKS, "batch_size": 128, "device": "cpu", "setting_options": sizes})
+    trainer = Trainer(config, setting, torch.device("cpu"))
+    model, batch = trainer.model, config.batch_size
+
+    def step():  # one iteration of Trainer._train_epoch (without its bookkeeping)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        losses, features = multitask_losses(model, trainer._batches(), trainer.kinds)
+        trainer._update(losses, features)
+        trainer.optimizer.step()
+
+    def epoch():
+        model.train()
+        for _ in range(trainer.steps_per_epoch):
+            step()
+
+    data = {t: (setting.tasks[t].train.x[: args.examples], setting.tasks[t].train.y[: args.examples]) for t in TASKS}
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    coherence = {"small_batch": 16, "large_batch": 1024}
+    factors = {
+        "sharpness (m=128, ρ=1e-3)": lambda: [sharpness(model, t, *data[t], rho=1e-3, batch_size=batch, generator=gen())
+                                              for t in TASKS],
+        f"fisher_trace ({args.examples} examples)": lambda: [fisher_trace(model, t, *data[t], generator=gen()) for t in TASKS],
+        "gradient_coherence per task (B=16, L=1024)": lambda: [gradient_coherence(model, t, *data[t], generator=gen(), **coherence)
+                                                               for t in TASKS],
+        "multitask_gradient_coherence": lambda: multitask_gradient_coherence(model, data, TASKS, generator=gen(), **coherence),
+        "gradient_conflict (200 batches of 128)": lambda: gradient_conflict(model, data, batch_size=batch, num_batches=200,
+                                                                            generator=gen()),
+    }
+    conflict_20 = "gradient_conflict (20 batches of 128)"
+    factors[conflict_20] = lambda: gradient_conflict(model, data, batch_size=batch, num_batches=20, generator=gen())
+    x, y = data[TASKS[0]][0][: args.per_example], data[TASKS[0]][1][: args.per_example]
+    per_example = {m: (lambda m=m: per_example_squared_norms(model, TASKS[0], x, y, method=m)) for m in ("vmap", "loop")}
+
+    epoch()  # warm-up: momentum buffers, oneDNN primitives (each factor runs hundreds of passes: no warm-up)
+    for fn in per_example.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in ["epoch", *factors, *per_example]}
+    for r in range(args.repeats):
+        times["epoch"].append(seconds(epoch))
+        for name, fn in [*factors.items(), *per_example.items()]:
+            times[name].append(seconds(fn))
+        print(f"repeat {r + 1}/{args.repeats}: epoch {times['epoch'][-1]:.2f} s", flush=True)
+
+    median = {name: statistics.median(values) for name, values in times.items()}
+    ratio = {name: statistics.median(t / e for t, e in zip(values, times["epoch"])) for name, values in times.items()}
+    checkpoint = [name for name in factors if name != conflict_20]
+    totals = {"all factors, 200 conflict batches": checkpoint,
+              "all factors, 20 conflict batches": [n for n in checkpoint if not n.startswith("gradient_conflict")] + [conflict_20]}
+    steps = math.ceil(args.train_size / batch)
+    lines = [f"Measured {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
+             f"torch.set_num_threads({args.threads}), torch {torch.__version__}; median of {args.repeats} repeats (the epoch "
+             f"and the per-example gradients after one warm-up). Factors are summed over the 2 tasks (fashion1, fashion2), on their first {args.examples} "
+             f"training examples; one epoch = {steps} steps of 2 × 128 examples.", "",
+             "| at one checkpoint | seconds | / one training epoch |", "|---|---:|---:|",
+             f"| one training epoch ({steps} steps) | {median['epoch']:.2f} | 1.00 |"]
+    lines += [f"| {name} | {median[name]:.2f} | {ratio[name]:.2f} |" for name in factors]
+    for label, names in totals.items():
+        per_repeat = [sum(times[n][r] for n in names) for r in range(args.repeats)]
+        lines.append(f"| **{label}** | **{statistics.median(per_repeat):.2f}** | "
+                     f"**{statistics.median(t / e for t, e in zip(per_repeat, times['epoch'])):.2f}** |")
+    speedups = [loop / vmap for vmap, loop in zip(times["vmap"], times["loop"])]
+    lines += ["", f"| per_example_squared_norms, LeNet, {args.per_example} examples of {TASKS[0]} | seconds |",
+              "|---|---:|", f"| method='vmap' | {median['vmap']:.3f} |", f"| method='loop' | {median['loop']:.3f} |",
+              f"| **speed-up of vmap over the loop** | **{statistics.median(speedups):.1f}×** |"]
+    text = "\n".join(lines) + "\n"
+    OUT.mkdir(exist_ok=True)
+    (OUT / "metrics.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
