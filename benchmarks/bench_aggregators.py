@@ -111,12 +111,11 @@ def step(trainer: Trainer, batches=None) -> None:
     """One iteration of Trainer._train_epoch (without its bookkeeping)."""
     trainer.optimizer.zero_grad(set_to_none=True)
     batches = trainer._batches() if batches is None else batches
-    losses, features = trainer._forward(trainer.model, batches, trainer.kinds)
-    trainer._update(losses, features)
+    trainer._update(trainer._forward(trainer.model, batches, trainer.kinds))
     trainer.optimizer.step()
     if trainer.aggregator is not None and trainer.aggregator.needs_losses_after:
         with torch.no_grad():
-            trainer.aggregator.after_step(multitask_losses(trainer.model, batches, trainer.kinds)[0])
+            trainer.aggregator.after_step(multitask_losses(trainer.model, batches, trainer.kinds).losses)
 
 
 def paired(method_fn, baseline_fn, repeats: int, n: int) -> tuple[float, float, float]:
@@ -172,7 +171,7 @@ def fashion(args) -> tuple[list[dict], list[dict]]:
         rows.append({"method": label, "kind": kind(t),
                      "ms": 1e3 * ms, "ratio": ratio, "mb": peak / MB, "mem_ratio": peak / base_peak})
         print(f"(a) {label:18s} {1e3 * ms:8.1f} ms  ×{ratio:.2f}   {peak / MB:7.1f} MB ×{peak / base_peak:.2f}", flush=True)
-    losses, _ = multitask_losses(base.model, base._batches(), base.kinds)
+    losses = multitask_losses(base.model, base._batches(), base.kinds).losses
     J = task_jacobian(losses, base.model.shared_parameters())
     return rows, aggregation_rows(J.detach(), losses.detach(), args.repeats, args.agg_calls)
 

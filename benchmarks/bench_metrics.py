@@ -71,8 +71,7 @@ def main() -> None:
 
     def step():  # one iteration of Trainer._train_epoch (without its bookkeeping)
         trainer.optimizer.zero_grad(set_to_none=True)
-        losses, features = multitask_losses(model, trainer._batches(), trainer.kinds)
-        trainer._update(losses, features)
+        trainer._update(multitask_losses(model, trainer._batches(), trainer.kinds))
         trainer.optimizer.step()
 
     def epoch():

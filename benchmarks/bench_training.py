@@ -20,7 +20,7 @@ import torch
 
 from mtlcore.config import RunConfig
 from mtlcore.data import load_setting
-from mtlcore.train import Trainer, multitask_losses
+from mtlcore.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,8 +34,7 @@ def throughput(tasks: list[str], batch_size: int, steps: int, aggregator: str = 
 
     def step():
         trainer.optimizer.zero_grad(set_to_none=True)
-        losses, features = multitask_losses(trainer.model, trainer._batches(), trainer.kinds)
-        trainer._update(losses, features)
+        trainer._update(trainer._forward(trainer.model, trainer._batches(), trainer.kinds))
         trainer.optimizer.step()
 
     for _ in range(5):

@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +114,17 @@ def evaluate(model: MultiTaskModel, task: str, split: Split, batch_size: int, ki
     return total_loss / len(split), correct / len(split)
 
 
+@dataclass
+class StepLosses:
+    """One step's task losses: stacked (K,), as the K scalars they were computed as, and the features."""
+
+    losses: torch.Tensor
+    parts: list[torch.Tensor]
+    features: torch.Tensor | None = None
+
+
 def multitask_losses(model: MultiTaskModel, batches: list[tuple[str, torch.Tensor, torch.Tensor]],
-                     kinds: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+                     kinds: dict[str, str]) -> StepLosses:
     """The K task losses of one step and the shared features; the tasks' batches go through the encoder
     together (one forward), which equals separate forwards for encoders without batch statistics."""
     features = model.encoder(torch.cat([x for _, x, _ in batches]))
@@ -123,15 +133,15 @@ def multitask_losses(model: MultiTaskModel, batches: list[tuple[str, torch.Tenso
         z = features[start : start + len(x)]
         start += len(x)
         losses.append(task_loss(model.heads[task](z), y, kinds[task]))
-    return torch.stack(losses), features
+    return StepLosses(torch.stack(losses), losses, features)
 
 
 def per_task_losses(model: MultiTaskModel, batches: list[tuple[str, torch.Tensor, torch.Tensor]],
-                    kinds: dict[str, str]) -> tuple[torch.Tensor, None]:
-    """The K task losses with one forward (and so one graph) per task: a task's gradient then costs
-    one backward through its own batch only, instead of through every task's batch."""
+                    kinds: dict[str, str]) -> StepLosses:
+    """The K task losses with one forward (and so one graph) per task: the gradient of one of `parts`
+    then costs one backward through its own batch only, instead of through every task's batch."""
     losses = [task_loss(model(x, task), y, kinds[task]) for task, x, y in batches]
-    return torch.stack(losses), None
+    return StepLosses(torch.stack(losses), losses)
 
 
 class Diverged(FloatingPointError):
@@ -182,8 +192,9 @@ class Trainer:
             aggregator.set_generator(torch_generator(self.config.seed, "aggregator", device=self.device))
         return aggregator
 
-    def _update(self, losses: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def _update(self, step: StepLosses) -> torch.Tensor:
         """Set every parameter's .grad for this step; return the task weights applied to the shared part."""
+        losses = step.losses
         if self.aggregator is None:
             (losses.sum() / self.scale).backward()
             if self.config.head_update == "own" and self.scale != 1.0:
@@ -191,12 +202,12 @@ class Trainer:
                     for p in self.model.task_parameters(task):
                         p.grad.mul_(self.scale)
             return torch.full((len(self.tasks),), 1.0 / self.scale)
-        return self._aggregated_update(losses, features)
+        return self._aggregated_update(step)
 
-    def _aggregated_update(self, losses: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def _aggregated_update(self, step: StepLosses) -> torch.Tensor:
         from mtlcore.aggregators import task_jacobian, unflatten_into_grads
 
-        agg, model = self.aggregator, self.model
+        agg, model, losses = self.aggregator, self.model, step.losses
         shared = model.shared_parameters()
         heads = [p for task in self.tasks for p in model.task_parameters(task)]
         own_heads = self.config.head_update == "own"
@@ -204,12 +215,12 @@ class Trainer:
             last = model.last_shared_layer() if agg.needs_last_shared else None
             agg.combine(losses, last_shared=last).backward(retain_graph=own_heads)
         elif agg.jacobian_of == "representation":  # MGDA-UB: weights from the gradients w.r.t. the features
-            w = agg.weights_from(task_jacobian(losses, [features]), losses.detach())
+            w = agg.weights_from(task_jacobian(losses, [step.features]), losses.detach())
             grads = torch.autograd.grad((w.to(losses) * losses).sum(), shared, retain_graph=True)
             for p, g in zip(shared, grads):
                 p.grad = g
         else:
-            jacobian = task_jacobian(losses, shared, method="loop")
+            jacobian = task_jacobian(step.parts, shared, method="loop")
             unflatten_into_grads(agg(jacobian, losses.detach()), shared)
         weights = agg.weights.to(torch.float64)
         if agg.kind == "gradient" or own_heads:
@@ -234,14 +245,15 @@ class Trainer:
         for _ in range(self.steps_per_epoch):
             self.optimizer.zero_grad(set_to_none=True)
             batches = self._batches()
-            losses, features = self._forward(self.model, batches, self.kinds)
+            step = self._forward(self.model, batches, self.kinds)
+            losses = step.losses
             if not torch.isfinite(losses).all():
                 raise Diverged(f"non-finite training loss {losses.tolist()} at step {self.step + 1}")
-            weights = self._update(losses, features)
+            weights = self._update(step)
             self.optimizer.step()
             if self.aggregator is not None and self.aggregator.needs_losses_after:
                 with torch.no_grad():  # FAMO learns from the loss change on the same batch
-                    self.aggregator.after_step(multitask_losses(self.model, batches, self.kinds)[0])
+                    self.aggregator.after_step(multitask_losses(self.model, batches, self.kinds).losses)
             epoch_losses += losses.detach().double().cpu()
             self.weight_sum += weights.detach().double().cpu()
             self.weight_count += 1

@@ -12,7 +12,7 @@ Typical gradient-level step (what the trainer does)::
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ def _loop_rows(losses: Tensor, params: list[Tensor], tasks: range, retain_graph:
 
 
 def task_jacobian(
-    losses: Tensor,
+    losses: Tensor | Sequence[Tensor],
     params: Iterable[Tensor],
     chunk_size: int | None = None,
     retain_graph: bool = True,
@@ -56,12 +56,16 @@ def task_jacobian(
 
     `method="loop"` takes K ordinary backward passes instead: the faster choice when each loss has a
     graph of its own (one forward per task), since a batched pass traverses every task's graph.
+    Pass the K scalar losses as a sequence then: differentiating an entry of a stacked tensor sends
+    (zero) gradients into every task's graph.
     """
     params = list(params)
     if method not in ("batched", "loop"):
         raise ValueError(f"method={method!r}; use 'batched' or 'loop'")
     if method == "loop":
-        return _loop_rows(losses, params, range(losses.numel()), retain_graph)
+        return _loop_rows(losses, params, range(len(losses)), retain_graph)
+    if not isinstance(losses, Tensor):
+        losses = torch.stack(list(losses))
     if losses.dim() != 1:
         raise ValueError(f"losses must be a vector of K task losses, got shape {tuple(losses.shape)}")
     if chunk_size is not None and chunk_size < 1:
