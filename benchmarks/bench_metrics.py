@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--per-example", type=int, default=256, help="examples for the vmap-vs-loop comparison")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-root", default="/work/shared/data")
+    parser.add_argument("--profile", default="quick", help="also time one checkpoint exactly as this profile's runs measure it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -128,10 +129,40 @@ def main() -> None:
     lines += ["", f"| per_example_squared_norms, LeNet, {args.per_example} examples of {TASKS[0]} | seconds |",
               "|---|---:|", f"| method='vmap' | {median['vmap']:.3f} |", f"| method='loop' | {median['loop']:.3f} |",
               f"| **speed-up of vmap over the loop** | **{statistics.median(speedups):.1f}×** |"]
+    if args.profile:
+        lines += ["", *profile_checkpoint(args.profile, args.repeats, args.data_root)]
     text = "\n".join(lines) + "\n"
     OUT.mkdir(exist_ok=True)
     (OUT / "metrics.md").write_text(text)
     print(text)
+
+
+def profile_checkpoint(profile: str, repeats: int, data_root: str) -> list[str]:
+    """One checkpoint of a profile's MTL run (FactorSchedule.measure with the profile's metrics settings)
+    against one epoch of that run, both exactly as the trainer does them."""
+    from tqdm import tqdm
+
+    from mtlcore.batch import profile_parameters
+    from mtlcore.metrics.schedule import applied_update
+
+    p = profile_parameters(profile)["sec4_1_factors"]
+    tasks = [p["target"], p["partners"][0]]
+    config = RunConfig.from_dict({k: p[k] for k in ("setting", "setting_options", "epochs", "optimizer", "lr", "batch_size",
+                                                    "loss_scale", "dropout", "metrics")} | {"tasks": tasks, "device": "cpu"})
+    trainer = Trainer(config, load_setting(config.setting, tasks, config.setting_options, root=data_root), torch.device("cpu"))
+    update = applied_update(None, config.loss_scale, len(tasks))
+    bar = tqdm(disable=True)
+    epoch = lambda: trainer._train_epoch(bar)  # noqa: E731
+    checkpoint = lambda: trainer.factors.measure(trainer.model, trainer.setting, trainer.tasks, 0, update)  # noqa: E731
+    epoch()
+    pairs = [(seconds(epoch), seconds(checkpoint)) for _ in range(repeats)]
+    e, c = statistics.median(x for x, _ in pairs), statistics.median(y for _, y in pairs)
+    r = statistics.median(y / x for x, y in pairs)
+    return [f"Profile `{profile}` ({'+'.join(tasks)}, {config.setting_options['train_size']} examples per task, batch "
+            f"{config.batch_size}, metrics {config.metrics}):", "",
+            "| | seconds | / one epoch |", "|---|---:|---:|",
+            f"| one training epoch ({trainer.steps_per_epoch} steps) | {e:.2f} | 1.00 |",
+            f"| one checkpoint, all factors, as the profile measures it | {c:.2f} | {r:.2f} |"]
 
 
 if __name__ == "__main__":
