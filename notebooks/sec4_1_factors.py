@@ -64,7 +64,7 @@ target_runs = runs.sel(task=target)
 order = ["STL"] + [transfer.configuration_label([target, p], target) for p in partners]
 
 # %% [markdown]
-# ## Figure 3: each factor against the training loss ({target})
+# ## Figure 3: each factor of the target task against its training loss
 # Mean ± 2 std over seeds at every measured epoch; the loss axis decreases to the right.
 
 # %%

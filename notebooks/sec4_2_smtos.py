@@ -100,10 +100,17 @@ for factor in factors:
     significant = changes["significant"]
     lines.append(f"- **{factor.replace('_', ' ')}**: {int(inside.sum())} of {len(changes)} points in the agreeing quadrants "
                  f"({int((inside & significant).sum())} of {int(significant.sum())} significant ones).")
-all_inside = [f for f in factors if agreeing(changes[changes["significant"]], f).all() and changes["significant"].any()]
+significant_points = int(changes["significant"].sum())
+all_inside = [f for f in factors if significant_points and agreeing(changes[changes["significant"]], f).all()]
+if not significant_points:
+    headline = ("**No SMTO changed generalization significantly** in this run, so no factor can be tested "
+                "against the quadrants")
+else:
+    headline = (f"**{'Some factor' if all_inside else 'No factor'}** has its significant points only in the agreeing "
+                f"quadrants{': ' + ', '.join(all_inside) if all_inside else ''}; this rests on {significant_points} "
+                f"significant point{'s' if significant_points > 1 else ''} of {len(changes)}")
 display(Markdown(
-    f"**{'Some factor' if all_inside else 'No factor'}** has its significant points only in the agreeing quadrants "
-    f"in this run ({profile} profile, {len(seeds)} seeds){': ' + ', '.join(all_inside) if all_inside else ''}. "
+    f"{headline} ({profile} profile, {len(seeds)} seeds). "
     "The paper finds no factor whose points lie solely there.\n\n" + "\n".join(lines)))
 
 # %% tags=["hide-input"]
