@@ -33,11 +33,6 @@ def configuration_label(tasks: str | Sequence[str], target: str) -> str:
     return "MTL: " + " + ".join(TASK_NAMES.get(p, p) for p in partners)
 
 
-def partner_of(tasks: str | Sequence[str], target: str) -> str:
-    tasks = json.loads(tasks) if isinstance(tasks, str) else list(tasks)
-    return "+".join(t for t in tasks if t != target) or "none"
-
-
 def generalization(val_score: xr.DataArray, test_score: xr.DataArray, k: int = 10) -> xr.DataArray:
     """One number per trajectory: mean test score at its `k` best-validation checkpoints."""
     return analysis.best_validation_mean(val_score, test_score, k=k).rename("generalization")

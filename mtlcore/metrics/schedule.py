@@ -37,7 +37,6 @@ DEFAULTS = {
 VARIABLES = {"sharpness": ["sharpness"], "fisher_trace": ["fisher_trace"],
              "coherence": ["grad_cov_trace", "grad_norm_sq", "multitask_grad_cov_trace", "multitask_grad_norm_sq"],
              "conflict": ["conflict"]}
-EPOCH_ONLY = ("multitask_grad_cov_trace", "multitask_grad_norm_sq")
 
 
 def validate_metrics_config(metrics: dict, train_size: int | None = None) -> None:
