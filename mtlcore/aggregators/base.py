@@ -255,8 +255,7 @@ class WeightedAggregator(GradientAggregator):
                 raise NonFiniteGradientError(f"{self.name}: the task gradients J contain NaN or inf; the run has diverged "
                                              "(lower the learning rate or clip gradients)")
         else:
-            check_finite(self.name, J, "the task gradients J")
-            G = None
+            G = None  # NaN/inf in J reaches d = Jᵀw (0·inf is NaN too): _aggregate checks d, P entries not K×P
         loss_values = None if losses is None else losses.detach().to("cpu", torch.float64).numpy()
         weights = np.asarray(self._weights(G, loss_values), dtype=np.float64)
         if not np.isfinite(weights).all():  # safety net; the solvers are not expected to get here
@@ -266,7 +265,10 @@ class WeightedAggregator(GradientAggregator):
 
     def _aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, np.ndarray]:
         weights = self._gramian_weights(J, losses)
-        return torch.as_tensor(weights, dtype=J.dtype, device=J.device) @ J, weights
+        d = torch.as_tensor(weights, dtype=J.dtype, device=J.device) @ J
+        if not self.needs_gramian:
+            check_finite(self.name, d, "the task gradients J")
+        return d, weights
 
     def _weights(self, G: np.ndarray, losses: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
