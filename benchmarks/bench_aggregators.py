@@ -212,7 +212,7 @@ def resnet(args) -> tuple[list[dict], list[dict]]:
                                          seed=0, optimizer="momentum", lr=1e-2, momentum=0.9,
                                          weight_decay=0.0)
         t.device, t.tasks, t.model, t.scale = torch.device("cpu"), [b[0] for b in batches], model, 1.0
-        t.kinds = {task: "classification" for task in t.tasks}
+        t.kinds = {task: "cross_entropy" for task in t.tasks}
         t.aggregator = t._make_aggregator()
         jacobian = t.aggregator is not None and t.aggregator.kind == "gradient" and t.aggregator.jacobian_of == "shared"
         t._forward = per_task_losses if jacobian else multitask_losses  # as Trainer.__init__ chooses

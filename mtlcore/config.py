@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 # Bump when a change to training or the result schema makes old run files stale.
-RESULTS_VERSION = "1"
+RESULTS_VERSION = "2"  # 2: evaluation through mtlcore.metrics.scores
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LOSS_SCALES = ("sum", "mean")

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import xarray as xr
 from tqdm import tqdm
 
 from mtlcore import __version__
 from mtlcore._seeding import derive_seed, torch_generator
 from mtlcore.config import RunConfig
-from mtlcore.data import Setting, Split, load_setting
+from mtlcore.data import Setting, load_setting
+from mtlcore.metrics.common import mean_loss
 from mtlcore.metrics.schedule import FactorSchedule, applied_update
+from mtlcore.metrics.scores import evaluate
 from mtlcore.models import MultiTaskModel, build_model
 from mtlcore.results import load_run, new_run_dataset, save_atomic
 
@@ -92,28 +93,6 @@ def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay)
 
 
-def task_loss(output: torch.Tensor, target: torch.Tensor, kind: str = "classification") -> torch.Tensor:
-    if kind == "regression":
-        return F.mse_loss(output.squeeze(-1), target.float())
-    return F.cross_entropy(output, target)
-
-
-@torch.no_grad()
-def evaluate(model: MultiTaskModel, task: str, split: Split, batch_size: int, kind: str = "classification") -> tuple[float, float]:
-    """(mean loss, accuracy) of `task` on `split`, in eval mode."""
-    was_training = model.training
-    model.eval()
-    total_loss, correct = 0.0, 0
-    for start in range(0, len(split), batch_size):
-        x, y = split.x[start : start + batch_size], split.y[start : start + batch_size]
-        out = model(x, task)
-        total_loss += float(task_loss(out, y, kind)) * len(y)
-        if kind == "classification":
-            correct += int((out.argmax(-1) == y).sum())
-    model.train(was_training)
-    return total_loss / len(split), correct / len(split)
-
-
 @dataclass
 class StepLosses:
     """One step's task losses: stacked (K,), as the K scalars they were computed as, and the features."""
@@ -132,7 +111,7 @@ def multitask_losses(model: MultiTaskModel, batches: list[tuple[str, torch.Tenso
     for task, x, y in batches:
         z = features[start : start + len(x)]
         start += len(x)
-        losses.append(task_loss(model.heads[task](z), y, kinds[task]))
+        losses.append(mean_loss(model.heads[task](z), y, kinds[task]))
     return StepLosses(torch.stack(losses), losses, features)
 
 
@@ -140,7 +119,7 @@ def per_task_losses(model: MultiTaskModel, batches: list[tuple[str, torch.Tensor
                     kinds: dict[str, str]) -> StepLosses:
     """The K task losses with one forward (and so one graph) per task: the gradient of one of `parts`
     then costs one backward through its own batch only, instead of through every task's batch."""
-    losses = [task_loss(model(x, task), y, kinds[task]) for task, x, y in batches]
+    losses = [mean_loss(model(x, task), y, kinds[task]) for task, x, y in batches]
     return StepLosses(torch.stack(losses), losses)
 
 
@@ -155,7 +134,7 @@ class Trainer:
         self.config, self.device = config, device
         self.setting = setting.to(device)
         self.tasks = list(config.tasks)
-        self.kinds = {t: self.setting.tasks[t].kind for t in self.tasks}
+        self.kinds = {t: self.setting.tasks[t].loss for t in self.tasks}  # loss name per task
         # channels-last makes oneDNN's small-channel convolutions about twice as fast on the CPU.
         self.model = make_model(config, setting).to(device, memory_format=torch.channels_last)
         self.scale = 1.0 if config.loss_scale == "sum" else float(len(self.tasks))
@@ -269,7 +248,8 @@ class Trainer:
         for i, task in enumerate(self.tasks):
             data = self.setting.tasks[task]
             for split_name in ("train", "val", "test"):
-                loss, score = evaluate(self.model, task, getattr(data, split_name), self.config.eval_batch_size, data.kind)
+                split = getattr(data, split_name)
+                loss, score = evaluate(self.model, task, split.x, split.y, self.config.eval_batch_size, loss=data.loss)
                 self.ds[f"{split_name}_loss"][e, i] = loss
                 if split_name != "train":
                     self.ds[f"{split_name}_score"][e, i] = score

@@ -29,6 +29,11 @@ class TaskData:
     metric: str = "accuracy"
     normalization: tuple[float, float] = (0.0, 1.0)  # inputs are (raw/255 - mean) / std
 
+    @property
+    def loss(self) -> str:
+        """The training loss's name in `mtlcore.metrics` terms."""
+        return "cross_entropy" if self.kind == "classification" else "mse"
+
     def to(self, device: torch.device | str) -> "TaskData":
         return TaskData(self.name, self.train.to(device), self.val.to(device), self.test.to(device),
                         self.num_classes, self.kind, self.metric, self.normalization)

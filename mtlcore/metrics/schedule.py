@@ -120,7 +120,7 @@ class FactorSchedule:
         start = time.perf_counter()
         n = self.config["examples"]
         data = {t: (setting.tasks[t].train.x[:n], setting.tasks[t].train.y[:n]) for t in tasks}
-        kinds = {t: "cross_entropy" if setting.tasks[t].kind == "classification" else "mse" for t in tasks}
+        kinds = {t: setting.tasks[t].loss for t in tasks}
         out: dict[str, np.ndarray] = {}
         with torch.random.fork_rng(devices=[]):
             def generator(name: str) -> torch.Generator:
