@@ -144,11 +144,11 @@ def profile_checkpoint(profile: str, repeats: int, data_root: str) -> list[str]:
 
     from mtlcore.batch import profile_parameters
     from mtlcore.metrics.schedule import applied_update
+    from mtlcore.runner import base_config
 
     p = profile_parameters(profile)["sec4_1_factors"]
     tasks = [p["target"], p["partners"][0]]
-    config = RunConfig.from_dict({k: p[k] for k in ("setting", "setting_options", "epochs", "optimizer", "lr", "batch_size",
-                                                    "loss_scale", "dropout", "metrics")} | {"tasks": tasks, "device": "cpu"})
+    config = RunConfig.from_dict(base_config(p) | {"tasks": tasks, "device": "cpu"})
     trainer = Trainer(config, load_setting(config.setting, tasks, config.setting_options, root=data_root), torch.device("cpu"))
     update = applied_update(None, config.loss_scale, len(tasks))
     bar = tqdm(disable=True)

@@ -15,6 +15,16 @@ from mtlcore.results import combine_runs, load_run
 log = logging.getLogger(__name__)
 
 
+# The run-config keys a section notebook takes as parameters (the rest say what to compare).
+RUN_PARAMETERS = ("setting", "setting_options", "epochs", "optimizer", "lr", "batch_size", "loss_scale", "dropout",
+                  "device", "metrics")
+
+
+def base_config(parameters: dict) -> dict:
+    """The run-config part of a notebook's parameters (pass `globals()` from a notebook)."""
+    return {key: parameters[key] for key in RUN_PARAMETERS if key in parameters}
+
+
 def grid(base: dict, **axes: Sequence) -> list[RunConfig]:
     """Every combination of the `axes` values over the `base` config (validated before anything runs)."""
     keys = list(axes)
@@ -68,4 +78,4 @@ def diverged_runs(combined: xr.Dataset) -> list[str]:
     return [str(r) for r, s in zip(combined["run"].values, combined["status"].values) if s != "complete"]
 
 
-__all__ = ["grid", "ensure_runs", "load_runs", "load_run", "diverged_runs"]
+__all__ = ["RUN_PARAMETERS", "base_config", "grid", "ensure_runs", "load_runs", "load_run", "diverged_runs"]

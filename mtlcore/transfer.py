@@ -33,6 +33,11 @@ def configuration_label(tasks: str | Sequence[str], target: str) -> str:
     return "MTL: " + " + ".join(TASK_NAMES.get(p, p) for p in partners)
 
 
+def label_configurations(runs: xr.Dataset, target: str) -> xr.Dataset:
+    """Add the `configuration` coordinate along `run` ('STL', 'MTL: <partners>')."""
+    return runs.assign_coords(configuration=("run", [configuration_label(t, target) for t in runs["tasks"].values]))
+
+
 def generalization(val_score: xr.DataArray, test_score: xr.DataArray, k: int = 10) -> xr.DataArray:
     """One number per trajectory: mean test score at its `k` best-validation checkpoints."""
     return analysis.best_validation_mean(val_score, test_score, k=k).rename("generalization")

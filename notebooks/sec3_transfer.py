@@ -43,25 +43,21 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import xarray as xr
 from IPython.display import Markdown, display
 
 from mtlcore import plots, transfer
 from mtlcore.results import save_atomic
-from mtlcore.runner import diverged_runs, grid, load_runs
+from mtlcore.runner import base_config, diverged_runs, grid, load_runs
 
 logging.basicConfig(level=logging.WARNING)
 results_dir = Path(results_dir)
-base = dict(setting=setting, setting_options=setting_options, epochs=epochs, optimizer=optimizer, lr=lr,
-            batch_size=batch_size, loss_scale=loss_scale, dropout=dropout, device=device, metrics=metrics)
+base = base_config(globals())  # the run-config parameters of this notebook
 task_sets = [[target]] + [[target, partner] for partner in partners]
 configs = grid(base, tasks=task_sets, seed=seeds)
 print(f"{len(configs)} runs: {len(task_sets)} configurations x {len(seeds)} seeds; results in {results_dir}")
 
 # %% tags=["remove-stderr"]
-runs = load_runs(configs, results_dir, data_root=data_root or None, executor=executor)
-runs = runs.assign_coords(configuration=("run", [transfer.configuration_label(t, target) for t in runs["tasks"].values]))
+runs = transfer.label_configurations(load_runs(configs, results_dir, data_root=data_root or None, executor=executor), target)
 print("diverged runs:", diverged_runs(runs) or "none")
 
 # %% [markdown]

@@ -46,19 +46,17 @@ from IPython.display import Markdown, display
 
 from mtlcore import plots, transfer
 from mtlcore.results import save_atomic
-from mtlcore.runner import diverged_runs, grid, load_runs
+from mtlcore.runner import base_config, diverged_runs, grid, load_runs
 
 logging.basicConfig(level=logging.WARNING)
 results_dir = Path(results_dir)
-base = dict(setting=setting, setting_options=setting_options, epochs=epochs, optimizer=optimizer, lr=lr,
-            batch_size=batch_size, loss_scale=loss_scale, dropout=dropout, device=device, metrics=metrics)
+base = base_config(globals())  # the run-config parameters of this notebook
 configs = grid(base, tasks=[[target]] + [[target, p] for p in partners], seed=seeds)
 print(f"{len(configs)} runs; factors {metrics['factors']} on the first {metrics.get('examples', 2048)} "
       f"training examples, every {metrics.get('every', 1)} epoch(s)")
 
 # %% tags=["remove-stderr"]
-runs = load_runs(configs, results_dir, data_root=data_root or None, executor=executor)
-runs = runs.assign_coords(configuration=("run", [transfer.configuration_label(t, target) for t in runs["tasks"].values]))
+runs = transfer.label_configurations(load_runs(configs, results_dir, data_root=data_root or None, executor=executor), target)
 print("diverged runs:", diverged_runs(runs) or "none")
 target_runs = runs.sel(task=target)
 order = ["STL"] + [transfer.configuration_label([target, p], target) for p in partners]

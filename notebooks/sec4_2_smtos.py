@@ -47,18 +47,16 @@ from IPython.display import Markdown, display
 
 from mtlcore import plots, transfer
 from mtlcore.results import save_atomic
-from mtlcore.runner import diverged_runs, grid, load_runs
+from mtlcore.runner import base_config, diverged_runs, grid, load_runs
 
 logging.basicConfig(level=logging.WARNING)
 results_dir = Path(results_dir)
-base = dict(setting=setting, setting_options=setting_options, epochs=epochs, optimizer=optimizer, lr=lr,
-            batch_size=batch_size, loss_scale=loss_scale, dropout=dropout, device=device, metrics=metrics)
+base = base_config(globals())  # the run-config parameters of this notebook
 configs = grid(base, tasks=[[target, p] for p in partners], aggregator=["uniform"] + list(aggregators), seed=seeds)
 print(f"{len(configs)} runs: {len(partners)} task pairs x {1 + len(aggregators)} aggregators x {len(seeds)} seeds")
 
 # %% tags=["remove-stderr"]
-runs = load_runs(configs, results_dir, data_root=data_root or None, executor=executor)
-runs = runs.assign_coords(pair=("run", [transfer.configuration_label(t, target) for t in runs["tasks"].values]))
+runs = transfer.label_configurations(load_runs(configs, results_dir, data_root=data_root or None, executor=executor), target)
 print("diverged runs:", diverged_runs(runs) or "none")
 
 # %% [markdown]
@@ -67,7 +65,7 @@ print("diverged runs:", diverged_runs(runs) or "none")
 
 # %%
 summaries = transfer.trajectory_summaries(runs)
-labels = pd.DataFrame({"run": runs["run"].values, "pair": runs["pair"].values, "aggregator": runs["aggregator"].values})
+labels = pd.DataFrame({"run": runs["run"].values, "pair": runs["configuration"].values, "aggregator": runs["aggregator"].values})
 frame = summaries["generalization"].reset_coords(drop=True).to_dataframe().reset_index().merge(labels, on="run")
 pivot = frame.dropna(subset=["generalization"]).groupby(["pair", "task", "aggregator"])["generalization"].agg(["mean", "std"]).unstack("aggregator")
 display(pivot.style.format(precision=4))
@@ -77,7 +75,7 @@ display(pivot.style.format(precision=4))
 # One point per (task pair, task, SMTO); filled when the generalization change is significant.
 
 # %%
-changes = transfer.smto_changes(summaries, runs["aggregator"], runs["pair"])
+changes = transfer.smto_changes(summaries, runs["aggregator"], runs["configuration"])
 factors = [f for f in ("sharpness", "fisher_trace", "grad_cov_trace", "min_train_loss")
            if np.isfinite(changes[f]).any()]
 fig = plots.quadrant_plot(changes, factors, title=f"FashionMTL ({profile} profile): SMTOs vs the uniform gradient")

@@ -34,15 +34,14 @@ def test_profile_keys_are_notebook_parameters(profile):
 def test_profile_runs_are_valid_configs(profile):
     """Every run a profile will ask for passes validation before anything trains."""
     from mtlcore.config import RunConfig
+    from mtlcore.runner import base_config
 
     for name, params in profile_parameters(profile).items():
         p = {**notebook_parameters(name), **params}
         for partner in [None] + p["partners"]:
             tasks = [p["target"]] + ([partner] if partner else [])
             for aggregator in ["uniform"] + p.get("aggregators", []):
-                RunConfig.from_dict({k: p[k] for k in ("setting", "setting_options", "epochs", "optimizer", "lr",
-                                                       "batch_size", "loss_scale", "dropout", "metrics")}
-                                    | {"tasks": tasks, "aggregator": aggregator})
+                RunConfig.from_dict(base_config(p) | {"tasks": tasks, "aggregator": aggregator})
 
 
 def test_unknown_profile_lists_the_valid_ones():
