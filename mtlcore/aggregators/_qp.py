@@ -61,13 +61,13 @@ def min_norm_in_hull(G: np.ndarray) -> np.ndarray:
     return u / u.sum()
 
 
-def project_weights_to_dual_cone(u: np.ndarray, G: np.ndarray) -> np.ndarray:
+def project_weights_to_dual_cone(u: np.ndarray, G: np.ndarray, R: np.ndarray | None = None) -> np.ndarray:
     """Weights v with Jᵀv the projection of Jᵀu onto the dual cone {x : Jx ≥ 0}.
 
     The projection's dual is v = argmin_{v ≥ u} vᵀGv (TorchJD's derivation); with v = u + μ it is
-    the NNLS min_{μ ≥ 0} ‖Rμ + Ru‖².
+    the NNLS min_{μ ≥ 0} ‖Rμ + Ru‖². R: G's `psd_factor`, when the caller already has it.
     """
-    R = psd_factor(G)
+    R = psd_factor(G) if R is None else R
     return u + _nnls(R, -R @ u)
 
 

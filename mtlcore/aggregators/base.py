@@ -46,14 +46,19 @@ def check_number(
 
 
 def check_finite(method: str, tensor: Tensor | None, what: str) -> None:
-    if tensor is not None and not bool(torch.isfinite(tensor).all()):
+    # One sum instead of an elementwise isfinite (6 µs against 140 µs for a LeNet-sized vector): NaN and ±inf
+    # propagate into it. Finite entries can only overflow it when they are ~1e38 / numel in float32, and an
+    # update that large turns the parameters into inf at the next step anyway.
+    if tensor is not None and not math.isfinite(tensor.detach().sum()):
         raise NonFiniteGradientError(
             f"{method}: {what} contain NaN or inf; the run has diverged "
             "(lower the learning rate or clip gradients)"
         )
 
 
-GRAMIAN_CHUNK = 1 << 20  # columns of J converted to float64 at a time
+# Columns of J converted to float64 at a time: K × 16k float64 blocks stay in the CPU's L2 cache, which
+# made the Gramian of a 20 × 11M J 2× faster than 1M-column blocks (benchmarks/README.md).
+GRAMIAN_CHUNK = 1 << 14
 
 
 def gramian(J: Tensor) -> np.ndarray:
@@ -64,10 +69,13 @@ def gramian(J: Tensor) -> np.ndarray:
     as non-finite entries of G, which callers check instead of scanning all of J.
     """
     J = J.detach()
+    if J.shape[1] <= GRAMIAN_CHUNK:
+        block = J.to(torch.float64)
+        return (block @ block.T).cpu().numpy()
     G = torch.zeros(J.shape[0], J.shape[0], dtype=torch.float64, device=J.device)
     for start in range(0, J.shape[1], GRAMIAN_CHUNK):
         block = J[:, start : start + GRAMIAN_CHUNK].to(torch.float64)
-        G += block @ block.T
+        G.addmm_(block, block.T)
     return G.cpu().numpy()
 
 
@@ -188,16 +196,17 @@ class Aggregator:
         """Mean training loss of each task over the epoch that just ended (DWA)."""
 
     def _set_weights(self, weights: Tensor | np.ndarray) -> None:
-        self.weights = torch.as_tensor(weights).detach().to("cpu", torch.float64).clone()
+        if isinstance(weights, np.ndarray):  # the solvers' own fresh float64 arrays: no copy needed
+            self.weights = torch.from_numpy(np.array(weights, dtype=np.float64))
+        else:
+            self.weights = weights.detach().to("cpu", torch.float64, copy=True)
 
     def _check_losses(self, losses: Tensor | None) -> None:
         if losses is None:
             return
-        require(
-            losses.dim() == 1 and losses.numel() == self.num_tasks,
-            f"{self.name}: losses must be a vector of {self.num_tasks} task losses, "
-            f"got shape {tuple(losses.shape)}",
-        )
+        if losses.dim() != 1 or losses.numel() != self.num_tasks:
+            raise ValueError(f"{self.name}: losses must be a vector of {self.num_tasks} task losses, "
+                             f"got shape {tuple(losses.shape)}")
         check_finite(self.name, losses, "the losses")
 
 
@@ -211,17 +220,15 @@ class GradientAggregator(Aggregator):
     scans_jacobian: ClassVar[bool] = True
 
     def _check_inputs(self, J: Tensor, losses: Tensor | None) -> None:
-        require(
-            J.dim() == 2 and J.is_floating_point(),
-            f"{self.name}: J must be a float matrix (tasks × parameters), got shape {tuple(J.shape)}",
-        )
-        self._ensure_tasks(J.shape[0])
+        # Called every step: messages are formatted only on failure.
+        if J.dim() != 2 or not J.is_floating_point():
+            raise ValueError(f"{self.name}: J must be a float matrix (tasks × parameters), got shape {tuple(J.shape)}")
+        if J.shape[0] != self.num_tasks:
+            self._ensure_tasks(J.shape[0])
         if self.scans_jacobian:
             check_finite(self.name, J, "the task gradients J")
-        require(
-            losses is not None or not self.needs_losses,
-            f"{self.name}: with options {self.options} the losses are needed: call agg(J, losses)",
-        )
+        if losses is None and self.needs_losses:
+            raise ValueError(f"{self.name}: with options {self.options} the losses are needed: call agg(J, losses)")
         self._check_losses(losses)
 
     def __call__(self, J: Tensor, losses: Tensor | None = None) -> Tensor:
@@ -265,7 +272,7 @@ class WeightedAggregator(GradientAggregator):
 
     def _aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, np.ndarray]:
         weights = self._gramian_weights(J, losses)
-        d = torch.as_tensor(weights, dtype=J.dtype, device=J.device) @ J
+        d = J.T @ torch.from_numpy(weights).to(J.device, J.dtype)  # a GEMV on Jᵀ: ~2× faster than w @ J
         if not self.needs_gramian:
             check_finite(self.name, d, "the task gradients J")
         return d, weights

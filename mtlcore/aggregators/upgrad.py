@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mtlcore.aggregators._qp import project_weights_to_dual_cone, solve_or_uniform
+from mtlcore.aggregators._qp import project_weights_to_dual_cone, psd_factor, solve_or_uniform
 from mtlcore.aggregators.base import WeightedAggregator, check_number, normalize_gramian
 
 
@@ -30,6 +30,7 @@ class UPGrad(DualConeAggregator):
         G = regularized_gramian(G, self.options["reg_eps"])
 
         def solve():
-            return sum(project_weights_to_dual_cone(row / num_tasks, G) for row in np.eye(num_tasks))
+            R = psd_factor(G)  # one factorisation for the K projections
+            return sum(project_weights_to_dual_cone(row / num_tasks, G, R) for row in np.eye(num_tasks))
 
         return solve_or_uniform(self.name, solve, num_tasks)
