@@ -593,3 +593,14 @@ def test_trains_lenet_three_steps(name):
             assert torch.isfinite(agg.weights).all()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(b, p) for b, p in zip(before, model.shared_parameters()))
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 18])
+def test_gramian_blocks_equal_float64_product(monkeypatch, block):
+    """Block-wise float64 accumulation gives J Jᵀ of the float64 J, whatever the block size."""
+    from mtlcore.aggregators import base
+
+    monkeypatch.setattr(base, "GRAMIAN_BLOCK", block)
+    J = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    expected = (J.double() @ J.double().T).numpy()
+    np.testing.assert_allclose(base.gramian(J), expected, rtol=1e-13, atol=1e-12)

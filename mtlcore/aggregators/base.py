@@ -56,25 +56,26 @@ def check_finite(method: str, tensor: Tensor | None, what: str) -> None:
         )
 
 
-# Columns of J converted to float64 at a time: K × 16k float64 blocks stay in the CPU's L2 cache, which
-# made the Gramian of a 20 × 11M J 2× faster than 1M-column blocks (benchmarks/README.md).
-GRAMIAN_CHUNK = 1 << 14
+# Entries of J converted to float64 at a time (K × columns): ~2 MB blocks stay in the CPU's cache, which made
+# the Gramian of a 20 × 11M J 2× faster than 1M-column blocks; a LeNet-sized J is done in one block.
+GRAMIAN_BLOCK = 1 << 18
 
 
 def gramian(J: Tensor) -> np.ndarray:
     """G = J Jᵀ in float64 on the CPU: exact for float32 J and safe from overflow up to |J| ~ 1e150.
 
-    Accumulated over column chunks, so the float64 copy never exceeds K × GRAMIAN_CHUNK entries
+    Accumulated over column blocks, so the float64 copy never exceeds GRAMIAN_BLOCK entries
     (a full float64 copy of a large J would double its memory). Non-finite entries of J show up
     as non-finite entries of G, which callers check instead of scanning all of J.
     """
     J = J.detach()
-    if J.shape[1] <= GRAMIAN_CHUNK:
+    columns = max(1, GRAMIAN_BLOCK // J.shape[0])
+    if J.shape[1] <= columns:
         block = J.to(torch.float64)
         return (block @ block.T).cpu().numpy()
     G = torch.zeros(J.shape[0], J.shape[0], dtype=torch.float64, device=J.device)
-    for start in range(0, J.shape[1], GRAMIAN_CHUNK):
-        block = J[:, start : start + GRAMIAN_CHUNK].to(torch.float64)
+    for start in range(0, J.shape[1], columns):
+        block = J[:, start : start + columns].to(torch.float64)
         G.addmm_(block, block.T)
     return G.cpu().numpy()
 
