@@ -4,15 +4,35 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
-from mtlcore.aggregators.base import WeightedAggregator, require
+from mtlcore.aggregators.base import WeightedAggregator, check_finite, require
 
 
-class Uniform(WeightedAggregator):
+class ConstantWeights(WeightedAggregator):
+    """Weights known in advance: computed once per (K, device, dtype), then each call is one GEMV and a
+    finiteness check of d (a NaN/inf in J reaches d, since 0·inf is NaN too)."""
+
+    needs_gramian = False
+
+    def _reset_state(self, num_tasks, device):
+        self._cached = None
+
+    def _aggregate(self, J, losses):
+        key = (J.shape[0], J.device, J.dtype)
+        if getattr(self, "_cached", None) is None or self._cached[0] != key:
+            weights = self._gramian_weights(J, losses)
+            self._cached = (key, weights, torch.from_numpy(weights).to(J.device, J.dtype))
+        _, weights, w = self._cached
+        d = J.T @ w
+        check_finite(self.name, d, "the task gradients J")
+        return d, weights
+
+
+class Uniform(ConstantWeights):
     """d = Σ g_k ("sum") or (1/K) Σ g_k ("mean")."""
 
     name = "uniform"
-    needs_gramian = False
     defaults = {"reduction": "sum"}  # REFERENCE Eq. 2: C = 1 unless noted, as RunConfig.loss_scale
 
     def _check_options(self, options):
@@ -26,11 +46,10 @@ class Uniform(WeightedAggregator):
         return np.full(num_tasks, 1.0 if self.options["reduction"] == "sum" else 1.0 / num_tasks)
 
 
-class Fixed(WeightedAggregator):
+class Fixed(ConstantWeights):
     """d = Σ w_k g_k for given constant weights (e.g. an SMTO's EMA-smoothed mean weights)."""
 
     name = "fixed"
-    needs_gramian = False
     defaults = {"weights": None}
 
     def _check_options(self, options):
