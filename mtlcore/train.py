@@ -87,10 +87,14 @@ def make_model(config: RunConfig, setting: Setting) -> MultiTaskModel:
 
 
 def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
+    params = list(params)
+    # The fused kernels (CPU and CUDA) update every tensor in one pass: on the quick profile's LeNet step,
+    # Adam's update went from 1.7 ms (per-tensor loop, the CPU default) to 0.37 ms, ~5% of a step.
+    fused = {"fused": True} if params and all(p.device.type in ("cpu", "cuda") for p in params) else {}
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
     momentum = config.momentum if config.optimizer == "momentum" else 0.0
-    return torch.optim.SGD(params, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay, **fused)
 
 
 @dataclass
