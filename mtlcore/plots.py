@@ -28,15 +28,21 @@ def seed_band(loss: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def generalization_vs_loss(runs: xr.Dataset, *, group: str, order: Sequence[str] | None = None,
                            loss: str = "train_loss", score: str = "test_score", title: str = "",
-                           ax: plt.Axes | None = None, yscale: str = "linear", legend: bool = True) -> plt.Figure:
+                           ax: plt.Axes | None = None, yscale: str = "linear", legend: bool = True,
+                           zoom_last: float | None = None) -> plt.Figure:
     """The paper's Figures 1 and 3: `score` (a score or a factor) against `loss` (log axis), one curve
-    per `group` value, mean ± 2 std over the runs of the group; unmeasured epochs are skipped."""
+    per `group` value, mean ± 2 std over the runs of the group; unmeasured epochs are skipped.
+
+    zoom_last: limit the axes to the bands of the last `zoom_last` fraction of the epochs (e.g. 0.5), where
+    the curves of a whole-trajectory plot sit on top of each other.
+    """
     labels = list(order) if order is not None else sorted(set(runs[group].values))
     colors = colors_for(labels)
     if ax is None:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
     else:
         fig = ax.figure
+    late_x, late_y = [], []
     for label in labels:
         sel = runs.where(runs[group] == label, drop=True)
         if sel.sizes.get("run", 0) == 0:
@@ -46,6 +52,16 @@ def generalization_vs_loss(runs: xr.Dataset, *, group: str, order: Sequence[str]
         n = sel.sizes["run"]
         ax.plot(x[ok], y[ok], "-o", ms=2.5, color=colors[label], label=f"{label} (n={n})")
         ax.fill_between(x[ok], (y - 2 * s)[ok], (y + 2 * s)[ok], color=colors[label], alpha=0.18, lw=0)
+        if zoom_last is not None:
+            late = ok & (np.arange(len(x)) >= round(len(x) * (1 - zoom_last)))
+            late_x.append(x[late])
+            late_y += [(y - 2 * s)[late], (y + 2 * s)[late]]
+    if late_x and np.concatenate(late_x).size:
+        xs, ys = np.concatenate(late_x), np.concatenate(late_y)
+        ys = ys[np.isfinite(ys)]
+        pad = 0.05 * (ys.max() - ys.min()) or 0.01 * abs(ys.max()) or 0.01
+        ax.set_ylim(ys.min() - pad, ys.max() + pad)
+        ax.set_xlim(xs.min() / 1.05, xs.max() * 1.05)
     ax.set_xscale("log")
     ax.set_yscale(yscale)
     if not ax.xaxis_inverted():

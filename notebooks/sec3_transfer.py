@@ -64,13 +64,20 @@ print("diverged runs:", diverged_runs(runs) or "none")
 # ## Figure 1: Fashion1 test accuracy against Fashion1 training loss
 # One curve per configuration: at each epoch, the geometric mean over seeds of the full training loss
 # (x, log scale, decreasing to the right as training goes on) and the mean test accuracy (y), with a
-# band of ±2 standard deviations over seeds.
+# band of ±2 standard deviations over seeds. Left: the whole trajectory; right: the same curves over the
+# second half of training, where the configurations separate.
 
 # %%
+import matplotlib.pyplot as plt
+
 target_runs = runs.sel(task=target)
 order = ["STL"] + [transfer.configuration_label([target, p], target) for p in partners]
-fig = plots.generalization_vs_loss(target_runs, group="configuration", order=order,
-                                   title=f"FashionMTL ({profile} profile): {target}")
+fig, (ax_all, ax_late) = plt.subplots(1, 2, figsize=(12, 4.2))
+plots.generalization_vs_loss(target_runs, group="configuration", order=order, ax=ax_all,
+                             title=f"FashionMTL ({profile} profile): {target}")
+plots.generalization_vs_loss(target_runs, group="configuration", order=order, ax=ax_late, legend=False,
+                             zoom_last=0.5, title="second half of training (zoom)")
+plt.show()
 
 # %% [markdown]
 # ## Final transfer
