@@ -18,13 +18,20 @@ class ConstantWeights(WeightedAggregator):
     def _reset_state(self, num_tasks, device):
         self._cached = None
 
-    def _aggregate(self, J, losses):
+    def __call__(self, J, losses=None):
+        self._check_inputs(J, losses)
         key = (J.shape[0], J.device, J.dtype)
         if getattr(self, "_cached", None) is None or self._cached[0] != key:
             weights = self._gramian_weights(J, losses)
-            self._cached = (key, weights, torch.from_numpy(weights).to(J.device, J.dtype))
-        _, weights, w = self._cached
+            self._cached = (key, torch.from_numpy(weights).to(J.device, J.dtype), torch.from_numpy(weights))
+        _, w, self.weights = self._cached  # the same tensor every step: agg.weights is read, never written
         d = J.T @ w
+        check_finite(self.name, d, "the task gradients J")
+        return d
+
+    def _aggregate(self, J, losses):  # weights_from() and subclasses that bypass __call__
+        weights = self._gramian_weights(J, losses)
+        d = J.T @ torch.from_numpy(weights).to(J.device, J.dtype)
         check_finite(self.name, d, "the task gradients J")
         return d, weights
 
