@@ -56,6 +56,7 @@ except ImportError:  # the script still runs; TorchJD columns read n/a
     tjd = None
 
 OUT = Path(__file__).resolve().parent / "out"
+RESNET18_SHARED = 11_176_512  # parameters of torchvision's ResNet18 without its fc layer
 MB = 2**20
 # mtlcore name → TorchJD aggregator for K tasks (rlw is loss-level in mtlcore: combine(losses) vs Random(J)).
 TORCHJD = {
@@ -278,7 +279,8 @@ def agg_table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--settings", default="ab", help="a: FashionMTL LeNet, b: ResNet18 × 20 tasks (default: ab)")
+    parser.add_argument("--settings", default="ab", help="a: FashionMTL LeNet, b: ResNet18 × 20 tasks, J: only (b)'s "
+                        "aggregation, on a random J of its shape (minutes instead of ~40) (default: ab)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per method in (a) and for the aggregation")
     parser.add_argument("--steps", type=int, default=5, help="training steps per timed repeat in (a)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per method in (a)")
@@ -297,6 +299,13 @@ def main() -> None:
     titles = {"a": "(a) FashionMTL LeNet, 3 tasks, batch 128 per task",
               "b": f"(b) ResNet18 + {args.resnet_tasks} linear heads, 3×32×32 random inputs, batch 32 per task"}
     for key in args.settings:
+        if key == "J":
+            g = torch.Generator().manual_seed(0)
+            J = torch.randn(args.resnet_tasks, RESNET18_SHARED, generator=g)
+            sections += [f"### (b)'s aggregation alone on a random J ({args.resnet_tasks} × {RESNET18_SHARED:,}, "
+                         "ResNet18's shared-parameter count)",
+                         agg_table(aggregation_rows(J, torch.rand(args.resnet_tasks, generator=g) + 0.5, args.resnet_repeats, 1))]
+            continue
         steps, aggs = fashion(args) if key == "a" else resnet(args)
         sections += [f"### {titles[key]}: one training step", step_table(steps),
                      f"### {titles[key]}: aggregation alone on one fixed J ({'3' if key == 'a' else args.resnet_tasks} tasks)",

@@ -16,12 +16,12 @@ def imtl_g_weights(G: np.ndarray) -> np.ndarray:
     G, scale = normalize_gramian(G)
     if scale <= 0:
         return uniform_weights(len(G))
-    # G⁺ s from one symmetric eigendecomposition (what pinv(hermitian=True) does, without its overhead)
-    eigenvalues, eigenvectors = np.linalg.eigh((G + G.T) / 2)
-    inverse = np.zeros_like(eigenvalues)
-    kept = eigenvalues > RANK_RTOL * eigenvalues.max()
-    inverse[kept] = 1.0 / eigenvalues[kept]
-    v = eigenvectors @ (inverse * (eigenvectors.T @ np.sqrt(np.clip(np.diag(G), 0.0, None))))
+    # G⁺ s from one symmetric eigendecomposition (pinv(hermitian=True) without its overhead); eigh reads one
+    # triangle and sorts the eigenvalues ascending, so the largest is the last.
+    eigenvalues, eigenvectors = np.linalg.eigh(G)
+    kept = eigenvalues > RANK_RTOL * eigenvalues[-1]
+    inverse = np.divide(1.0, eigenvalues, out=np.zeros_like(eigenvalues), where=kept)
+    v = eigenvectors @ (inverse * (np.sqrt(np.maximum(np.diag(G), 0.0)) @ eigenvectors))
     total = v.sum()
     return v / total if total > 0 and np.isfinite(total) else uniform_weights(len(G))
 
