@@ -1,0 +1,47 @@
+"""Try one §3 configuration: Fashion1 STL and MTL with each partner over seeds, without factor measurements,
+and print the transfer table (REFERENCE §1.4). Used to choose the quick profile (benchmarks/README.md).
+
+    python benchmarks/transfer_search.py NAME '{"optimizer": "adam", "lr": 0.001, ...}' [--partners fashion2,noisy_fashion]
+
+The JSON holds run-config keys over the quick profile's; runs are cached under benchmarks/out/transfer/NAME.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from mtlcore import transfer
+from mtlcore.batch import profile_parameters
+from mtlcore.runner import base_config, grid, load_runs
+
+OUT = Path(__file__).resolve().parent / "out" / "transfer"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name")
+    parser.add_argument("overrides", nargs="?", default="{}", help="run-config keys as JSON, over the quick profile's")
+    parser.add_argument("--partners", default="fashion2,noisy_fashion")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--data-root", default=None)
+    args = parser.parse_args()
+    quick = profile_parameters("quick")["sec3_transfer"]
+    base = {**base_config(quick), "metrics": {}, **json.loads(args.overrides)}
+    target = quick["target"]
+    task_sets = [[target]] + [[target, p] for p in args.partners.split(",")]
+    configs = grid(base, tasks=task_sets, seed=[int(s) for s in args.seeds.split(",")])
+    start = time.perf_counter()
+    runs = transfer.label_configurations(load_runs(configs, OUT / args.name, data_root=args.data_root), target)
+    runs = runs.sel(task=target)
+    summary = transfer.generalization(runs["val_score"], runs["test_score"], k=10)
+    print(f"{args.name}: {json.dumps(base, sort_keys=True)}")
+    print(transfer.transfer_table(summary, runs["configuration"]).round(4).to_string())
+    for label, value in zip(runs["configuration"].values, summary.values):
+        print(f"  {label}: {value:.4f}")
+    print(f"{len(configs)} runs, {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
