@@ -604,3 +604,30 @@ def test_gramian_blocks_equal_float64_product(monkeypatch, block):
     J = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     expected = (J.double() @ J.double().T).numpy()
     np.testing.assert_allclose(base.gramian(J), expected, rtol=1e-13, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gramian_blocks_for_every_float_dtype(monkeypatch, dtype):
+    from mtlcore.aggregators import base
+
+    monkeypatch.setattr(base, "GRAMIAN_BLOCK", 8)  # several blocks: the numpy path for float32/64, torch for bf16
+    J = torch.randn(3, 40, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected = (J.double() @ J.double().T).numpy()
+    np.testing.assert_allclose(base.gramian(J), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_finiteness_check_flags_nan_and_inf_but_not_large_finite_values(dtype):
+    from mtlcore.aggregators.base import check_finite
+
+    big = torch.full((1000,), 6e4, dtype=dtype)  # fp16's own sum of these overflows; they are finite
+    check_finite("t", big, "x")
+    for bad in (math.nan, math.inf, -math.inf):
+        x = big.clone()
+        x[17] = bad
+        with pytest.raises(NonFiniteGradientError):
+            check_finite("t", x, "x")
+    both = big.clone()
+    both[0], both[1] = math.inf, -math.inf  # inf + (-inf) is NaN: still caught
+    with pytest.raises(NonFiniteGradientError):
+        check_finite("t", both, "x")

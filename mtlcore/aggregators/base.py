@@ -45,11 +45,17 @@ def check_number(
         raise ValueError(f"{method}: option {key} must be {wanted}, got {value!r}")
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)  # summed in float32: their own sum overflows at 65504 (fp16)
+
+
 def check_finite(method: str, tensor: Tensor | None, what: str) -> None:
     # One sum instead of an elementwise isfinite (6 µs against 140 µs for a LeNet-sized vector): NaN and ±inf
     # propagate into it. Finite entries can only overflow it when they are ~1e38 / numel in float32, and an
     # update that large turns the parameters into inf at the next step anyway.
-    if tensor is not None and not math.isfinite(tensor.detach().sum()):
+    if tensor is None:
+        return
+    total = tensor.detach().sum(dtype=torch.float32) if tensor.dtype in LOW_PRECISION else tensor.detach().sum()
+    if not math.isfinite(total):
         raise NonFiniteGradientError(
             f"{method}: {what} contain NaN or inf; the run has diverged "
             "(lower the learning rate or clip gradients)"
@@ -73,7 +79,8 @@ def gramian(J: Tensor) -> np.ndarray:
     if J.shape[1] <= columns:
         block = J.to(torch.float64)
         return (block @ block.T).cpu().numpy()
-    if J.device.type == "cpu":  # numpy turns `a @ a.T` into BLAS syrk (half the flops): 1.5× torch's addmm here
+    if J.device.type == "cpu" and J.dtype in (torch.float32, torch.float64):
+        # numpy turns `a @ a.T` into BLAS syrk (half the flops): 1.5× torch's addmm here
         G = np.zeros((J.shape[0], J.shape[0]))
         for start in range(0, J.shape[1], columns):
             block = J[:, start : start + columns].numpy().astype(np.float64)
