@@ -1,6 +1,7 @@
 """Figure functions the notebooks call. Each returns its matplotlib Figure."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -19,7 +20,9 @@ def colors_for(labels: Sequence[str]) -> dict[str, str]:
 def seed_band(loss: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per epoch over seeds (rows): geometric-mean loss, mean score and the score's std (ddof=1 if >1 seed)."""
     ddof = 1 if score.shape[0] > 1 else 0
-    with np.errstate(invalid="ignore", divide="ignore"):
+    # Epochs where fewer seeds than ddof + 1 are finite (a diverged seed) get a NaN band, without a warning.
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         x = np.exp(np.nanmean(np.log(loss), axis=0))
         y = np.nanmean(score, axis=0)
         s = np.nanstd(score, axis=0, ddof=ddof)
@@ -55,13 +58,18 @@ def generalization_vs_loss(runs: xr.Dataset, *, group: str, order: Sequence[str]
         if zoom_last is not None:
             late = ok & (np.arange(len(x)) >= round(len(x) * (1 - zoom_last)))
             late_x.append(x[late])
-            late_y += [(y - 2 * s)[late], (y + 2 * s)[late]]
-    if late_x and np.concatenate(late_x).size:
+            late_y += [y[late], (y - 2 * s)[late], (y + 2 * s)[late]]  # the band is NaN for a lone seed
+    if late_x:
         xs, ys = np.concatenate(late_x), np.concatenate(late_y)
-        ys = ys[np.isfinite(ys)]
-        pad = 0.05 * (ys.max() - ys.min()) or 0.01 * abs(ys.max()) or 0.01
-        ax.set_ylim(ys.min() - pad, ys.max() + pad)
-        ax.set_xlim(xs.min() / 1.05, xs.max() * 1.05)
+        xs, ys = xs[np.isfinite(xs) & (xs > 0)], ys[np.isfinite(ys)]  # log x axis: positive losses only
+        if yscale == "log":
+            ys = ys[ys > 0]
+        if ys.size:
+            pad = 0.05 * (ys.max() - ys.min()) or 0.01 * abs(ys.max()) or 0.01
+            low = ys.min() / 1.1 if yscale == "log" else ys.min() - pad
+            ax.set_ylim(low, ys.max() * 1.1 if yscale == "log" else ys.max() + pad)
+        if xs.size:
+            ax.set_xlim(xs.min() / 1.05, xs.max() * 1.05)
     ax.set_xscale("log")
     ax.set_yscale(yscale)
     if not ax.xaxis_inverted():

@@ -23,8 +23,9 @@ class ConstantWeights(WeightedAggregator):
         key = (J.shape[0], J.device, J.dtype)
         if getattr(self, "_cached", None) is None or self._cached[0] != key:
             weights = self._gramian_weights(J, losses)
-            self._cached = (key, torch.from_numpy(weights).to(J.device, J.dtype), torch.from_numpy(weights))
-        _, w, self.weights = self._cached  # the same tensor every step: agg.weights is read, never written
+            # Separate copies: an in-place edit of agg.weights (which callers only read) cannot reach the update.
+            self._cached = (key, torch.from_numpy(weights.copy()).to(J.device, J.dtype), torch.from_numpy(weights))
+        _, w, self.weights = self._cached
         d = J.T @ w
         check_finite(self.name, d, "the task gradients J")
         return d
