@@ -29,6 +29,20 @@ def seed_band(loss: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return x, y, s
 
 
+def _zoom(ax: plt.Axes, xs: np.ndarray, ys: np.ndarray, yscale: str) -> None:
+    """Limit `ax` to the finite points (xs, ys), with a margin; log axes keep only positive values."""
+    xs = xs[np.isfinite(xs) & (xs > 0)]  # the x axis (loss) is always logarithmic
+    ys = ys[np.isfinite(ys) & ((ys > 0) if yscale == "log" else True)]
+    if ys.size:
+        if yscale == "log":
+            ax.set_ylim(ys.min() / 1.1, ys.max() * 1.1)
+        else:
+            pad = 0.05 * (ys.max() - ys.min()) or 0.01 * abs(ys.max()) or 0.01
+            ax.set_ylim(ys.min() - pad, ys.max() + pad)
+    if xs.size:
+        ax.set_xlim(xs.min() / 1.05, xs.max() * 1.05)
+
+
 def generalization_vs_loss(runs: xr.Dataset, *, group: str, order: Sequence[str] | None = None,
                            loss: str = "train_loss", score: str = "test_score", title: str = "",
                            ax: plt.Axes | None = None, yscale: str = "linear", legend: bool = True,
@@ -60,16 +74,7 @@ def generalization_vs_loss(runs: xr.Dataset, *, group: str, order: Sequence[str]
             late_x.append(x[late])
             late_y += [y[late], (y - 2 * s)[late], (y + 2 * s)[late]]  # the band is NaN for a lone seed
     if late_x:
-        xs, ys = np.concatenate(late_x), np.concatenate(late_y)
-        xs, ys = xs[np.isfinite(xs) & (xs > 0)], ys[np.isfinite(ys)]  # log x axis: positive losses only
-        if yscale == "log":
-            ys = ys[ys > 0]
-        if ys.size:
-            pad = 0.05 * (ys.max() - ys.min()) or 0.01 * abs(ys.max()) or 0.01
-            low = ys.min() / 1.1 if yscale == "log" else ys.min() - pad
-            ax.set_ylim(low, ys.max() * 1.1 if yscale == "log" else ys.max() + pad)
-        if xs.size:
-            ax.set_xlim(xs.min() / 1.05, xs.max() * 1.05)
+        _zoom(ax, np.concatenate(late_x), np.concatenate(late_y), yscale)
     ax.set_xscale("log")
     ax.set_yscale(yscale)
     if not ax.xaxis_inverted():

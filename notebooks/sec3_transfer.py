@@ -42,6 +42,7 @@ executor = "local"
 import logging
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
@@ -68,15 +69,12 @@ print("diverged runs:", diverged_runs(runs) or "none")
 # second half of training, where the configurations separate.
 
 # %%
-import matplotlib.pyplot as plt
-
 target_runs = runs.sel(task=target)
 order = ["STL"] + [transfer.configuration_label([target, p], target) for p in partners]
 fig, (ax_all, ax_late) = plt.subplots(1, 2, figsize=(12, 4.2))
-plots.generalization_vs_loss(target_runs, group="configuration", order=order, ax=ax_all,
-                             title=f"FashionMTL ({profile} profile): {target}")
-plots.generalization_vs_loss(target_runs, group="configuration", order=order, ax=ax_late, legend=False,
-                             zoom_last=0.5, title="second half of training (zoom)")
+for ax, options in ((ax_all, {"title": f"FashionMTL ({profile} profile): {target}"}),
+                    (ax_late, {"legend": False, "zoom_last": 0.5, "title": "second half of training (zoom)"})):
+    plots.generalization_vs_loss(target_runs, group="configuration", order=order, ax=ax, **options)
 plt.show()
 
 # %% [markdown]

@@ -631,3 +631,16 @@ def test_finiteness_check_flags_nan_and_inf_but_not_large_finite_values(dtype):
     both[0], both[1] = math.inf, -math.inf  # inf + (-inf) is NaN: still caught
     with pytest.raises(NonFiniteGradientError):
         check_finite("t", both, "x")
+
+
+@pytest.mark.parametrize("name, options", [("uniform", {}), ("fixed", {"weights": [0.5, 2.0]})])
+def test_constant_weights_are_reused_but_not_shared(name, options):
+    """Uniform/fixed compute their weights once: editing agg.weights cannot change later updates, and a new
+    dtype gets its own weight vector."""
+    J = random_jacobian(2, 6, None, seed=21)
+    agg = get(name, **options)
+    first = agg(J)
+    agg.weights.mul_(10.0)
+    torch.testing.assert_close(agg(J), first)
+    expected = torch.as_tensor(options.get("weights", [1.0, 1.0]), dtype=torch.float64) @ J.double()
+    torch.testing.assert_close(agg(J.double()), expected)
