@@ -553,6 +553,18 @@ def test_unflatten_into_grads_sets_and_accumulates():
         unflatten_into_grads(torch.ones(6), params)
 
 
+def test_unflatten_into_grads_keeps_the_parameters_memory_layout():
+    """Fused optimizers on CUDA refuse a grad whose strides differ from its channels-last parameter's."""
+    p = torch.nn.Parameter(torch.zeros(4, 3, 5, 5).contiguous(memory_format=torch.channels_last))
+    d = torch.arange(float(p.numel()))
+    unflatten_into_grads(d, [p])
+    assert p.grad.stride() == p.stride()
+    torch.testing.assert_close(p.grad, d.view(4, 3, 5, 5))
+    optimizer = torch.optim.SGD([p], lr=1.0, momentum=0.9, fused=True)
+    optimizer.step()
+    torch.testing.assert_close(p.detach(), -d.view(4, 3, 5, 5))
+
+
 # --- every method trains the LeNet model for 3 steps --------------------------------------------
 @pytest.mark.parametrize("name", available())
 def test_trains_lenet_three_steps(name):

@@ -101,6 +101,8 @@ def unflatten_into_grads(d: Tensor, params: Iterable[Tensor], accumulate: bool =
     offset = 0
     for p in params:
         block = d[offset : offset + p.numel()].view_as(p).to(p.dtype)
+        if block.stride() != p.stride():  # e.g. channels-last conv weights: fused optimizers need matching layouts
+            block = torch.empty_like(p).copy_(block)
         offset += p.numel()
         if accumulate and p.grad is not None:
             p.grad.add_(block)
