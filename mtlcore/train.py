@@ -137,6 +137,8 @@ class Trainer:
 
     def __init__(self, config: RunConfig, setting: Setting, device: torch.device):
         self.config, self.device = config, device
+        if device.type == "cuda":  # cuDNN's autotuned and atomic-add kernels would make runs differ bit-wise
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
         self.setting = setting.to(device)
         self.tasks = list(config.tasks)
         self.kinds = {t: self.setting.tasks[t].loss for t in self.tasks}  # loss name per task
@@ -148,11 +150,7 @@ class Trainer:
         self.optimizer = make_optimizer(config, list(self.model.parameters()) + extra)
         sizes = [len(self.setting.tasks[t].train) for t in self.tasks]
         self.steps_per_epoch = math.ceil(max(sizes) / config.batch_size)
-        # Methods that need J of the shared parameters get one graph per task (see per_task_losses);
-        # the two forwards agree for encoders without batch statistics, such as LeNet.
-        needs_jacobian = self.aggregator is not None and self.aggregator.kind == "gradient" \
-            and self.aggregator.jacobian_of == "shared"
-        self._forward = per_task_losses if needs_jacobian else multitask_losses
+        self._choose_step_path()
         self.samplers = {t: BatchSampler(len(self.setting.tasks[t].train), config.batch_size,
                                          torch_generator(config.seed, "batches", t)) for t in self.tasks}
         torch.manual_seed(derive_seed(config.seed, "dropout"))
@@ -165,6 +163,15 @@ class Trainer:
         self.ds = new_run_dataset(self.tasks, config.epochs, self._attrs())
 
     # -- aggregation ----------------------------------------------------------------------------------
+    def _choose_step_path(self) -> None:
+        # Methods that need J of the shared parameters get one graph per task (see per_task_losses) and K
+        # backward passes. A joint forward with one batched backward was 1.2x faster on a GPU for LeNet but
+        # 1.2x slower for ResNet18 with 20 tasks (benchmarks/README.md), so both devices take this path.
+        # The two forwards agree for encoders without batch statistics, such as LeNet.
+        needs_jacobian = self.aggregator is not None and self.aggregator.kind == "gradient" \
+            and self.aggregator.jacobian_of == "shared"
+        self._forward = per_task_losses if needs_jacobian else multitask_losses
+
     def _make_aggregator(self):
         if self.config.aggregator == "uniform" and not self.config.aggregator_options:
             return None  # the fast path: one backward of Σ L_k / C

@@ -1,0 +1,109 @@
+"""The same code on CUDA: runs reproduce bit for bit from the seed, and aggregators, per-example gradients
+and trajectory factors agree with their CPU results. Skipped where no CUDA device is present (CI); run on
+a GPU machine with `pytest tests/test_cuda.py`."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from mtlcore import metrics, train
+from mtlcore.aggregators.base import gramian
+from mtlcore.config import RunConfig
+from mtlcore.models import build_model
+
+from conftest import SMALL
+from test_aggregators import GRADIENT_METHODS, make, random_jacobian
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+BASE = {"setting_options": SMALL, "epochs": 2, "batch_size": 32, "lr": 0.05, "optimizer": "momentum"}
+RECORDED = ("train_loss", "val_loss", "test_loss", "val_score", "test_score", "task_weight")
+
+
+def run(device: str, tasks=("fashion1", "fashion2"), **changes) -> xr.Dataset:
+    config = RunConfig.from_dict({**BASE, "tasks": list(tasks), "device": device, **changes})
+    return train.run(config, data_root=pytest.data_root, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _data_root(fake_data_root):
+    pytest.data_root = fake_data_root
+
+
+@pytest.fixture
+def no_tf32():
+    """Full float32 convolutions and products: TF32 (cuDNN's default) differs from the CPU by ~1e-3."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("aggregator", ["uniform", "mgda", "pcgrad", "gradnorm"])
+def test_a_cuda_run_reproduces_bit_for_bit(aggregator):
+    a, b = run("cuda", aggregator=aggregator), run("cuda", aggregator=aggregator)
+    assert a.attrs["device"].startswith("cuda")
+    for name in RECORDED:
+        xr.testing.assert_identical(a[name], b[name])
+
+
+def test_device_auto_picks_cuda():
+    assert train.resolve_device("auto").type == "cuda"
+
+
+@pytest.mark.parametrize("aggregator", ["uniform", "mgda"])
+def test_cuda_and_cpu_runs_follow_the_same_trajectory(no_tf32, aggregator):
+    """Not bit-equal (other kernels, summation orders), but the same training; without dropout, whose masks
+    come from each device's own generator."""
+    gpu, cpu = (run(device, epochs=1, dropout=0.0, aggregator=aggregator) for device in ("cuda", "cpu"))
+    for name in ("train_loss", "test_loss", "test_score"):
+        torch.testing.assert_close(torch.from_numpy(gpu[name].values), torch.from_numpy(cpu[name].values), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_gradient_aggregators_on_cuda_match_cpu(name):
+    J, losses = random_jacobian(3, 50, None, seed=7), torch.tensor([0.5, 1.0, 2.0])
+    cpu_agg, gpu_agg = make(name, 3), make(name, 3)
+    if gpu_agg.randomised:  # same draws on both devices: a CPU generator drives both
+        gpu_agg.set_generator(torch.Generator().manual_seed(0))
+    expected = cpu_agg(J, losses)
+    try:
+        got = gpu_agg(J.cuda(), losses.cuda())
+    except RuntimeError as error:  # a generator on the wrong device is the only acceptable failure
+        pytest.skip(f"{name} needs a generator on the tensors' device: {error}")
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("columns", [1000, 300_000])  # one block, several blocks
+def test_float64_gramian_on_cuda_is_exact(columns):
+    J = torch.randn(5, columns, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(torch.from_numpy(gramian(J.cuda())), J.double() @ J.double().T, rtol=1e-10, atol=1e-8)
+
+
+def test_per_example_gradients_and_factors_on_cuda_match_cpu(no_tf32):
+    torch.manual_seed(0)
+    model = build_model("lenet", {"a": 10, "b": 10}).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+    gpu_model = build_model("lenet", {"a": 10, "b": 10}).eval()
+    gpu_model.load_state_dict(model.state_dict())
+    gpu_model.cuda()
+    xg, yg = x.cuda(), y.cuda()
+    by_vmap = metrics.per_example_gradients(gpu_model, "a", xg[:16], yg[:16], method="vmap")
+    by_loop = metrics.per_example_gradients(gpu_model, "a", xg[:16], yg[:16], method="loop")
+    torch.testing.assert_close(by_vmap, by_loop, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(by_vmap.cpu(), metrics.per_example_gradients(model, "a", x[:16], y[:16]), rtol=1e-4, atol=1e-6)
+    cpu_fisher = metrics.fisher_trace(model, "a", x, y, empirical=True)
+    assert metrics.fisher_trace(gpu_model, "a", xg, yg, empirical=True) == pytest.approx(cpu_fisher, rel=1e-4)
+    cpu_sharp = metrics.sharpness(model, "a", x, y, rho=1e-3, batch_size=32, generator=torch.Generator().manual_seed(2))
+    gpu_sharp = metrics.sharpness(gpu_model, "a", xg, yg, rho=1e-3, batch_size=32, generator=torch.Generator().manual_seed(2))
+    assert gpu_sharp >= 0 and gpu_sharp == pytest.approx(cpu_sharp, rel=0.1, abs=1e-6)
+
+
+def test_factors_measured_along_a_cuda_run():
+    ds = run("cuda", metrics={"factors": ["sharpness", "fisher_trace", "coherence", "conflict"], "every": 1, "examples": 64,
+                        "coherence": {"large_batch": 32}, "conflict": {"num_batches": 10}})
+    for name in ("sharpness", "fisher_trace", "grad_cov_trace", "grad_norm_sq", "conflict"):
+        assert bool(np.isfinite(ds[name].values).all()), name
