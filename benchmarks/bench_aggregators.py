@@ -48,7 +48,7 @@ from mtlcore import aggregators
 from mtlcore.aggregators import task_jacobian
 from mtlcore.config import RunConfig
 from mtlcore.data import load_setting
-from mtlcore.train import Trainer, make_optimizer, multitask_losses, per_task_losses
+from mtlcore.train import Trainer, make_optimizer, multitask_losses
 
 try:
     import torchjd.aggregation as tjd
@@ -58,9 +58,10 @@ except ImportError:  # the script still runs; TorchJD columns read n/a
 OUT = Path(__file__).resolve().parent / "out"
 RESNET18_SHARED = 11_176_512  # parameters of torchvision's ResNet18 without its fc layer
 MB = 2**20
+DEVICE = torch.device("cpu")  # --device
 # mtlcore name → TorchJD aggregator for K tasks (rlw is loss-level in mtlcore: combine(losses) vs Random(J)).
 TORCHJD = {
-    "uniform": lambda K: tjd.Mean(), "fixed": lambda K: tjd.Constant(torch.full((K,), 1 / K)),
+    "uniform": lambda K: tjd.Mean(), "fixed": lambda K: tjd.Constant(torch.full((K,), 1 / K, device=DEVICE)),
     "mgda": lambda K: tjd.MGDA(), "pcgrad": lambda K: tjd.PCGrad(), "cagrad": lambda K: tjd.CAGrad(c=0.5),
     "nashmtl": lambda K: tjd.NashMTL(n_tasks=K), "imtl_g": lambda K: tjd.IMTLG(), "graddrop": lambda K: tjd.GradDrop(),
     "gradvac": lambda K: tjd.GradVac(), "aligned_mtl": lambda K: tjd.AlignedMTL(), "upgrad": lambda K: tjd.UPGrad(),
@@ -76,22 +77,37 @@ def methods(K: int) -> list[tuple[str, str, dict]]:
 
 def make_aggregator(name: str, options: dict, K: int):
     agg = aggregators.get(name, **options)
-    agg.reset(K, "cpu")
+    agg.reset(K, DEVICE)
     if agg.randomised:
-        agg.set_generator(torch.Generator().manual_seed(0))
+        agg.set_generator(torch.Generator(DEVICE).manual_seed(0))  # as the trainer: on the tensors' device
     return agg
 
 
 # -- measuring -----------------------------------------------------------------------------------------
+def sync() -> None:  # device work is asynchronous: finish it before reading the clock
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def seconds(fn, n: int = 1) -> float:
+    sync()
     start = time.perf_counter()
     for _ in range(n):
         fn()
+    sync()
     return (time.perf_counter() - start) / n
 
 
 def peak_bytes(fn) -> float:
-    """Peak bytes of tensors allocated by fn() and alive at once, from the profiler's memory events."""
+    """Peak bytes of tensors allocated by fn() and alive at once, from the profiler's memory events
+    (on CUDA, from the caching allocator's peak statistics)."""
+    if DEVICE.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated() - before
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,9 +152,15 @@ def aggregation_rows(J: torch.Tensor, losses: torch.Tensor, repeats: int, n: int
         ours = (lambda: agg.combine(losses)) if agg.kind == "loss" else (lambda: agg(J, losses))
         ours()  # warm-up
         row = {"method": label, "ms": None, "tjd_ms": None, "ratio": None, "mb": peak_bytes(ours) / MB, "tjd_mb": None}
+        theirs = None
         if tjd is not None and name in TORCHJD:
-            theirs = TORCHJD[name](K)
-            theirs(J)
+            try:
+                theirs = TORCHJD[name](K)
+                theirs(J)
+            except (ImportError, ModuleNotFoundError) as error:  # a TorchJD extra (cvxpy, quadprog) is missing
+                print(f"TorchJD {name}: n/a ({error})", flush=True)
+                theirs = None
+        if theirs is not None:
             ms, tjd_ms, ratio = paired(ours, lambda: theirs(J), repeats, n)
             row.update(ms=1e3 * ms, tjd_ms=1e3 * tjd_ms, ratio=ratio)
             row["tjd_mb"] = peak_bytes(lambda: theirs(J)) / MB
@@ -155,9 +177,9 @@ def fashion(args) -> tuple[list[dict], list[dict]]:
     setting = load_setting("fashion_mtl", tasks, sizes, root=args.data_root)
 
     def trainer(name, options):
-        config = RunConfig.from_dict({"tasks": tasks, "batch_size": 128, "device": "cpu", "aggregator": name,
+        config = RunConfig.from_dict({"tasks": tasks, "batch_size": 128, "device": str(DEVICE), "aggregator": name,
                                       "aggregator_options": options, "setting_options": sizes})
-        t = Trainer(config, setting, torch.device("cpu"))
+        t = Trainer(config, setting, DEVICE)
         for _ in range(args.warmup):
             step(t)
         return t
@@ -202,9 +224,10 @@ def resnet(args) -> tuple[list[dict], list[dict]]:
     torch.manual_seed(0)
     encoder = torchvision.models.resnet18(num_classes=10)
     encoder.fc = nn.Identity()
-    model = MultiTaskModel(encoder, {f"t{k}": nn.Linear(512, 5) for k in range(K)}).to(memory_format=torch.channels_last)
+    model = MultiTaskModel(encoder, {f"t{k}": nn.Linear(512, 5) for k in range(K)})
+    model = model.to(DEVICE, memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(0)
-    batches = [(f"t{k}", torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 5, (32,), generator=g))
+    batches = [(f"t{k}", torch.randn(32, 3, 32, 32, generator=g).to(DEVICE), torch.randint(0, 5, (32,), generator=g).to(DEVICE))
                for k in range(K)]
 
     def trainer(name, options):  # the Trainer's state that _update and the step read, around our model
@@ -212,11 +235,10 @@ def resnet(args) -> tuple[list[dict], list[dict]]:
         t.config = types.SimpleNamespace(aggregator=name, aggregator_options=options, loss_scale="sum", head_update="own",
                                          seed=0, optimizer="momentum", lr=1e-2, momentum=0.9,
                                          weight_decay=0.0)
-        t.device, t.tasks, t.model, t.scale = torch.device("cpu"), [b[0] for b in batches], model, 1.0
+        t.device, t.tasks, t.model, t.scale = DEVICE, [b[0] for b in batches], model, 1.0
         t.kinds = {task: "cross_entropy" for task in t.tasks}
         t.aggregator = t._make_aggregator()
-        jacobian = t.aggregator is not None and t.aggregator.kind == "gradient" and t.aggregator.jacobian_of == "shared"
-        t._forward = per_task_losses if jacobian else multitask_losses  # as Trainer.__init__ chooses
+        t._choose_step_path()
         extra = t.aggregator.parameters() if t.aggregator is not None else []
         t.optimizer = make_optimizer(t.config, list(model.parameters()) + list(extra))
         return t
@@ -240,7 +262,8 @@ def resnet(args) -> tuple[list[dict], list[dict]]:
     agg_ms = {r["method"]: r["ms"] for r in agg_rows}
     for label, name, options in methods(K):
         t = base if label == "uniform" else trainer(name, options)
-        if t.aggregator is not None and t.aggregator.kind == "gradient" and t.aggregator.jacobian_of == "shared":
+        if (DEVICE.type == "cpu" and t.aggregator is not None and t.aggregator.kind == "gradient"
+                and t.aggregator.jacobian_of == "shared"):
             ms = 1e3 * (j_seconds - j_agg) + agg_ms[label]  # estimated from the measured Jacobian step
             rows.append({"method": label, "kind": "gradient", "ms": ms, "ratio": ms / (1e3 * u_seconds),
                          "mb": j_peak / MB, "mem_ratio": j_peak / base_peak, "estimated": True})
@@ -289,10 +312,14 @@ def main() -> None:
     parser.add_argument("--resnet-tasks", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-root", default="/work/shared/data")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda; on cuda every (b) step is timed, none estimated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
 
-    header = (f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else platform.processor() or platform.machine()
+    header = (f"{time.strftime('%Y-%m-%d')}, {where}, {os.cpu_count()} cores, "
               f"torch.set_num_threads({args.threads}), torch {torch.__version__}, "
               f"TorchJD {'n/a' if tjd is None else version('torchjd')}")
     sections = [f"Measured {header}."]
@@ -301,10 +328,10 @@ def main() -> None:
     for key in args.settings:
         if key == "J":
             g = torch.Generator().manual_seed(0)
-            J = torch.randn(args.resnet_tasks, RESNET18_SHARED, generator=g)
+            J = torch.randn(args.resnet_tasks, RESNET18_SHARED, generator=g).to(DEVICE)
             sections += [f"### (b)'s aggregation alone on a random J ({args.resnet_tasks} × {RESNET18_SHARED:,}, "
                          "ResNet18's shared-parameter count)",
-                         agg_table(aggregation_rows(J, torch.rand(args.resnet_tasks, generator=g) + 0.5, args.resnet_repeats, 1))]
+                         agg_table(aggregation_rows(J, (torch.rand(args.resnet_tasks, generator=g) + 0.5).to(DEVICE), args.resnet_repeats, 1))]
             continue
         steps, aggs = fashion(args) if key == "a" else resnet(args)
         sections += [f"### {titles[key]}: one training step", step_table(steps),
@@ -314,7 +341,7 @@ def main() -> None:
                     "`Random()(J)`.")
     text = "\n\n".join(sections) + "\n"
     OUT.mkdir(exist_ok=True)
-    (OUT / "aggregators.md").write_text(text)
+    (OUT / ("aggregators.md" if DEVICE.type == "cpu" else f"aggregators-{DEVICE.type}.md")).write_text(text)
     print(text)
 
 

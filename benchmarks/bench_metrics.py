@@ -46,9 +46,16 @@ OUT = Path(__file__).resolve().parent / "out"
 TASKS = ["fashion1", "fashion2"]
 
 
+def sync() -> None:  # device work is asynchronous: finish it before reading the clock
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def seconds(fn) -> float:
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -61,14 +68,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-root", default="/work/shared/data")
     parser.add_argument("--profile", default="quick", help="also time one checkpoint exactly as this profile's runs measure it")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     sizes = {"train_size": args.train_size, "val_size": 16, "test_size": 16}
     setting = load_setting("fashion_mtl", TASKS, sizes, root=args.data_root)
-    config = RunConfig.from_dict({"tasks": TASKS, "batch_size": 128, "device": "cpu", "setting_options": sizes})
-    trainer = Trainer(config, setting, torch.device("cpu"))
-    model, batch = trainer.model, config.batch_size
+    config = RunConfig.from_dict({"tasks": TASKS, "batch_size": 128, "device": args.device, "setting_options": sizes})
+    trainer = Trainer(config, setting, torch.device(args.device))
+    model, batch, setting = trainer.model, config.batch_size, trainer.setting
 
     def step():  # one iteration of Trainer._train_epoch (without its bookkeeping)
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -114,7 +122,8 @@ def main() -> None:
     totals = {"all factors, 200 conflict batches": checkpoint,
               "all factors, 20 conflict batches": [n for n in checkpoint if not n.startswith("gradient_conflict")] + [conflict_20]}
     steps = math.ceil(args.train_size / batch)
-    lines = [f"Measured {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine()
+    lines = [f"Measured {time.strftime('%Y-%m-%d')}, {where}, {os.cpu_count()} cores, "
              f"torch.set_num_threads({args.threads}), torch {torch.__version__}; median of {args.repeats} repeats (the epoch "
              f"and the per-example gradients after one warm-up). Factors are summed over the 2 tasks (fashion1, fashion2), on their first {args.examples} "
              f"training examples; one epoch = {steps} steps of 2 × 128 examples.", "",
@@ -130,14 +139,14 @@ def main() -> None:
               "|---|---:|", f"| method='vmap' | {median['vmap']:.3f} |", f"| method='loop' | {median['loop']:.3f} |",
               f"| **speed-up of vmap over the loop** | **{statistics.median(speedups):.1f}×** |"]
     if args.profile:
-        lines += ["", *profile_checkpoint(args.profile, args.repeats, args.data_root)]
+        lines += ["", *profile_checkpoint(args.profile, args.repeats, args.data_root, args.device)]
     text = "\n".join(lines) + "\n"
     OUT.mkdir(exist_ok=True)
-    (OUT / "metrics.md").write_text(text)
+    (OUT / ("metrics.md" if args.device == "cpu" else f"metrics-{args.device}.md")).write_text(text)
     print(text)
 
 
-def profile_checkpoint(profile: str, repeats: int, data_root: str) -> list[str]:
+def profile_checkpoint(profile: str, repeats: int, data_root: str, device: str = "cpu") -> list[str]:
     """One checkpoint of a profile's MTL run (FactorSchedule.measure with the profile's metrics settings)
     against one epoch of that run, both exactly as the trainer does them."""
     from tqdm import tqdm
@@ -148,8 +157,8 @@ def profile_checkpoint(profile: str, repeats: int, data_root: str) -> list[str]:
 
     p = profile_parameters(profile)["sec4_1_factors"]
     tasks = [p["target"], p["partners"][0]]
-    config = RunConfig.from_dict(base_config(p) | {"tasks": tasks, "device": "cpu"})
-    trainer = Trainer(config, load_setting(config.setting, tasks, config.setting_options, root=data_root), torch.device("cpu"))
+    config = RunConfig.from_dict(base_config(p) | {"tasks": tasks, "device": device})
+    trainer = Trainer(config, load_setting(config.setting, tasks, config.setting_options, root=data_root), torch.device(device))
     update = applied_update(None, config.loss_scale, len(tasks))
     bar = tqdm(disable=True)
     epoch = lambda: trainer._train_epoch(bar)  # noqa: E731

@@ -25,12 +25,13 @@ from mtlcore.train import Trainer
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def throughput(tasks: list[str], batch_size: int, steps: int, aggregator: str = "uniform") -> float:
+def throughput(tasks: list[str], batch_size: int, steps: int, aggregator: str = "uniform", device: str = "cpu") -> float:
     """Training samples per second (all tasks' samples counted) of full optimisation steps."""
-    config = RunConfig.from_dict({"tasks": tasks, "batch_size": batch_size, "device": "cpu", "aggregator": aggregator,
+    config = RunConfig.from_dict({"tasks": tasks, "batch_size": batch_size, "device": device, "aggregator": aggregator,
                                   "setting_options": {"train_size": 4096, "val_size": 16, "test_size": 16}})
     setting = load_setting("fashion_mtl", tasks, config.setting_options)
-    trainer = Trainer(config, setting, torch.device("cpu"))
+    trainer = Trainer(config, setting, torch.device(device))
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
 
     def step():
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -39,9 +40,11 @@ def throughput(tasks: list[str], batch_size: int, steps: int, aggregator: str = 
 
     for _ in range(5):
         step()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    sync()
     return steps * batch_size * len(tasks) / (time.perf_counter() - start)
 
 
@@ -73,11 +76,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--profile", default=None, help="also time the stages of this profile's book")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the throughput only)")
     args = parser.parse_args()
-    report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "throughput": {}}
+    report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "device": args.device,
+              "throughput": {}}
     for label, tasks in [("STL fashion1", ["fashion1"]), ("MTL fashion1+fashion2", ["fashion1", "fashion2"]),
                          ("MTL 3 tasks", ["fashion1", "fashion2", "noisy_fashion"])]:
-        report["throughput"][f"{label}, batch 128"] = throughput(tasks, 128, args.steps)
+        report["throughput"][f"{label}, batch 128"] = throughput(tasks, 128, args.steps, device=args.device)
     for label, value in report["throughput"].items():
         print(f"{label:40s} {value:10.0f} samples/s")
     if args.profile:
@@ -86,7 +91,7 @@ def main() -> None:
             print(f"{args.profile} book: {label:35s} {value:8.1f} s")
     out = ROOT / "benchmarks" / "out"
     out.mkdir(exist_ok=True)
-    (out / "training.json").write_text(json.dumps(report, indent=1))
+    (out / ("training.json" if args.device == "cpu" else f"training-{args.device}.json")).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,11 @@ def main() -> None:
     print(transfer.transfer_table(summary, runs["configuration"]).round(4).to_string())
     for label, value in zip(runs["configuration"].values, summary.values):
         print(f"  {label}: {value:.4f}")
+    gaps = transfer.gaps_at_loss(runs["train_loss"], runs["test_score"], runs["configuration"], n_levels=6)
+    gaps["delta"] = [f"{d:+.4f}" + (" *" if s else "") for d, s in zip(gaps["delta"], gaps["significant"])]
+    print("Δ test accuracy against STL at common training losses (* significant):")
+    print(gaps.pivot_table(index=["loss_level", "x_final"], columns="configuration", values="delta", aggfunc="first")
+          .sort_index(ascending=False).to_string())
     print(f"{len(configs)} runs, {time.perf_counter() - start:.0f} s")
 
 

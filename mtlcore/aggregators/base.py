@@ -65,6 +65,7 @@ def check_finite(method: str, tensor: Tensor | None, what: str) -> None:
 # Entries of J converted to float64 at a time (K × columns): ~2 MB blocks stay in the CPU's cache, which made
 # the Gramian of a 20 × 11M J 2× faster than 1M-column blocks; a LeNet-sized J is done in one block.
 GRAMIAN_BLOCK = 1 << 18
+GRAMIAN_BLOCK_GPU = 1 << 24  # on a GPU, launches cost more than cache misses: 128 MB float64 blocks
 
 
 def gramian(J: Tensor) -> np.ndarray:
@@ -75,7 +76,7 @@ def gramian(J: Tensor) -> np.ndarray:
     as non-finite entries of G, which callers check instead of scanning all of J.
     """
     J = J.detach()
-    columns = max(1, GRAMIAN_BLOCK // J.shape[0])
+    columns = max(1, (GRAMIAN_BLOCK if J.device.type == "cpu" else GRAMIAN_BLOCK_GPU) // J.shape[0])
     if J.shape[1] <= columns:  # one block: torch beats numpy's conversion here (94 against 245 µs on LeNet's J)
         block = J.to(torch.float64)
         return (block @ block.T).cpu().numpy()

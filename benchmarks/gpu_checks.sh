@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On a CUDA machine: the CUDA tests, then the training, factor and aggregator benchmarks on the GPU.
+# Logs and tables go to ${OUT:-benchmarks/out}. Usage: bash benchmarks/gpu_checks.sh [tests|training|metrics|aggregators]...
+set -uo pipefail
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+: "${MTLCORE_DATA_DIR:=/work/shared/data}"; export MTLCORE_DATA_DIR
+PY=${PYTHON:-python3}
+steps=${*:-tests training metrics aggregators}
+for step in $steps; do
+  echo "== $step"
+  case $step in
+    tests) $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log" ;;
+    training) $PY benchmarks/bench_training.py --device cuda --steps 300 2>&1 | tee "$OUT/training_cuda.log" ;;
+    metrics) $PY benchmarks/bench_metrics.py --device cuda --threads 4 --train-size 25000 --profile paper --repeats 3 --data-root "$MTLCORE_DATA_DIR" 2>&1 | tee "$OUT/metrics_cuda.log" ;;
+    aggregators) $PY benchmarks/bench_aggregators.py --device cuda --threads 4 --settings ab --resnet-repeats 5 --data-root "$MTLCORE_DATA_DIR" 2>&1 | tee "$OUT/aggregators_cuda.log" ;;
+    *) echo "unknown step $step; use tests, training, metrics or aggregators"; exit 2 ;;
+  esac
+done
