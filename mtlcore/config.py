@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 # Bump when a change to training or the result schema makes old run files stale.
-RESULTS_VERSION = "3"  # 2: evaluation through mtlcore.metrics.scores; 3: fused optimizer updates
+RESULTS_VERSION = "4"  # 2: evaluation through mtlcore.metrics.scores; 3: fused optimizer updates; 4: J-path grads in the parameters' layout
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LOSS_SCALES = ("sum", "mean")
