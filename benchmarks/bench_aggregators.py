@@ -48,7 +48,7 @@ from mtlcore import aggregators
 from mtlcore.aggregators import task_jacobian
 from mtlcore.config import RunConfig
 from mtlcore.data import load_setting
-from mtlcore.train import Trainer, make_optimizer, multitask_losses
+from mtlcore.train import Trainer, make_optimizer, multitask_losses, use_deterministic_kernels
 
 try:
     import torchjd.aggregation as tjd
@@ -157,7 +157,7 @@ def aggregation_rows(J: torch.Tensor, losses: torch.Tensor, repeats: int, n: int
             try:
                 theirs = TORCHJD[name](K)
                 theirs(J)
-            except (ImportError, ModuleNotFoundError) as error:  # a TorchJD extra (cvxpy, quadprog) is missing
+            except ImportError as error:  # a TorchJD extra (cvxpy, quadprog) is missing
                 print(f"TorchJD {name}: n/a ({error})", flush=True)
                 theirs = None
         if theirs is not None:
@@ -209,8 +209,10 @@ class Capture:
         return getattr(self.agg, name)
 
     def __call__(self, J, losses=None):
+        sync()
         start = time.perf_counter()
         d = self.agg(J, losses)
+        sync()
         self.seconds, self.J, self.losses = time.perf_counter() - start, J.detach(), losses
         return d
 
@@ -236,6 +238,7 @@ def resnet(args) -> tuple[list[dict], list[dict]]:
                                          seed=0, optimizer="momentum", lr=1e-2, momentum=0.9,
                                          weight_decay=0.0)
         t.device, t.tasks, t.model, t.scale = DEVICE, [b[0] for b in batches], model, 1.0
+        use_deterministic_kernels(DEVICE)  # as Trainer.__init__ does
         t.kinds = {task: "cross_entropy" for task in t.tasks}
         t.aggregator = t._make_aggregator()
         t._choose_step_path()

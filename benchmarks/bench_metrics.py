@@ -46,9 +46,12 @@ OUT = Path(__file__).resolve().parent / "out"
 TASKS = ["fashion1", "fashion2"]
 
 
+DEVICE = torch.device("cpu")  # --device
+
+
 def sync() -> None:  # device work is asynchronous: finish it before reading the clock
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def seconds(fn) -> float:
@@ -71,6 +74,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
 
     sizes = {"train_size": args.train_size, "val_size": 16, "test_size": 16}
     setting = load_setting("fashion_mtl", TASKS, sizes, root=args.data_root)
@@ -122,7 +127,7 @@ def main() -> None:
     totals = {"all factors, 200 conflict batches": checkpoint,
               "all factors, 20 conflict batches": [n for n in checkpoint if not n.startswith("gradient_conflict")] + [conflict_20]}
     steps = math.ceil(args.train_size / batch)
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine()
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else platform.machine()
     lines = [f"Measured {time.strftime('%Y-%m-%d')}, {where}, {os.cpu_count()} cores, "
              f"torch.set_num_threads({args.threads}), torch {torch.__version__}; median of {args.repeats} repeats (the epoch "
              f"and the per-example gradients after one warm-up). Factors are summed over the 2 tasks (fashion1, fashion2), on their first {args.examples} "
@@ -142,7 +147,7 @@ def main() -> None:
         lines += ["", *profile_checkpoint(args.profile, args.repeats, args.data_root, args.device)]
     text = "\n".join(lines) + "\n"
     OUT.mkdir(exist_ok=True)
-    (OUT / ("metrics.md" if args.device == "cpu" else f"metrics-{args.device}.md")).write_text(text)
+    (OUT / ("metrics.md" if DEVICE.type == "cpu" else f"metrics-{DEVICE.type}.md")).write_text(text)
     print(text)
 
 

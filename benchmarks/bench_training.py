@@ -91,7 +91,7 @@ def main() -> None:
             print(f"{args.profile} book: {label:35s} {value:8.1f} s")
     out = ROOT / "benchmarks" / "out"
     out.mkdir(exist_ok=True)
-    (out / ("training.json" if args.device == "cpu" else f"training-{args.device}.json")).write_text(json.dumps(report, indent=1))
+    (out / ("training.json" if args.device == "cpu" else f"training-{torch.device(args.device).type}.json")).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ export PYTHONUNBUFFERED=1
 : "${MTLCORE_DATA_DIR:=/work/shared/data}"; export MTLCORE_DATA_DIR
 PY=${PYTHON:-python3}
 steps=${*:-tests training metrics aggregators}
+status=0
 for step in $steps; do
   echo "== $step"
   case $step in
@@ -16,5 +17,6 @@ for step in $steps; do
     metrics) $PY benchmarks/bench_metrics.py --device cuda --threads 4 --train-size 25000 --profile paper --repeats 3 --data-root "$MTLCORE_DATA_DIR" 2>&1 | tee "$OUT/metrics_cuda.log" ;;
     aggregators) $PY benchmarks/bench_aggregators.py --device cuda --threads 4 --settings ab --resnet-repeats 5 --data-root "$MTLCORE_DATA_DIR" 2>&1 | tee "$OUT/aggregators_cuda.log" ;;
     *) echo "unknown step $step; use tests, training, metrics or aggregators"; exit 2 ;;
-  esac
+  esac || status=1  # pipefail: a failing test or benchmark fails the script, after the other steps ran
 done
+exit $status

@@ -86,6 +86,13 @@ def make_model(config: RunConfig, setting: Setting) -> MultiTaskModel:
     return model
 
 
+def use_deterministic_kernels(device: torch.device) -> None:
+    """On CUDA, cuDNN's autotuned and atomic-add kernels would make runs of one seed differ bit-wise. A global
+    switch (torch has no per-model one); the trainer sets it for every CUDA run."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+
+
 def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
     params = list(params)
     tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
@@ -137,8 +144,7 @@ class Trainer:
 
     def __init__(self, config: RunConfig, setting: Setting, device: torch.device):
         self.config, self.device = config, device
-        if device.type == "cuda":  # cuDNN's autotuned and atomic-add kernels would make runs differ bit-wise
-            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+        use_deterministic_kernels(device)
         self.setting = setting.to(device)
         self.tasks = list(config.tasks)
         self.kinds = {t: self.setting.tasks[t].loss for t in self.tasks}  # loss name per task
@@ -196,7 +202,7 @@ class Trainer:
         return self._aggregated_update(step)
 
     def _aggregated_update(self, step: StepLosses) -> torch.Tensor:
-        from mtlcore.aggregators import task_jacobian, unflatten_into_grads
+        from mtlcore.aggregators import set_grad, task_jacobian, unflatten_into_grads
 
         agg, model, losses = self.aggregator, self.model, step.losses
         shared = model.shared_parameters()
@@ -209,7 +215,7 @@ class Trainer:
             w = agg.weights_from(task_jacobian(losses, [step.features]), losses.detach())
             grads = torch.autograd.grad((w.to(losses) * losses).sum(), shared, retain_graph=True)
             for p, g in zip(shared, grads):
-                p.grad = g
+                set_grad(p, g)
         else:
             jacobian = task_jacobian(step.parts, shared, method="loop")
             unflatten_into_grads(agg(jacobian, losses.detach()), shared)
@@ -218,7 +224,7 @@ class Trainer:
             # Heads see only their own task's loss; methods without weights (graddrop, dbmtl) use "own".
             head_weights = torch.ones_like(losses) if own_heads or not torch.isfinite(weights).all() else weights.to(losses)
             for p, g in zip(heads, torch.autograd.grad((head_weights * losses).sum(), heads)):
-                p.grad = g
+                set_grad(p, g)
         return weights
 
     # -- one epoch ------------------------------------------------------------------------------------

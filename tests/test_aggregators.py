@@ -554,7 +554,8 @@ def test_unflatten_into_grads_sets_and_accumulates():
 
 
 def test_unflatten_into_grads_keeps_the_parameters_memory_layout():
-    """Fused optimizers on CUDA refuse a grad whose strides differ from its channels-last parameter's."""
+    """A grad in another layout than its channels-last parameter: fused optimizers raise on CUDA and, on the CPU,
+    apply it to the wrong entries (the last lines fail there without the layout copy)."""
     p = torch.nn.Parameter(torch.zeros(4, 3, 5, 5).contiguous(memory_format=torch.channels_last))
     d = torch.arange(float(p.numel()))
     unflatten_into_grads(d, [p])

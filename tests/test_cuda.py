@@ -57,28 +57,27 @@ def test_cuda_and_cpu_runs_follow_the_same_trajectory(no_tf32, aggregator):
     """Not bit-equal (other kernels, summation orders), but the same training; without dropout, whose masks
     come from each device's own generator."""
     gpu, cpu = (run(device, epochs=1, dropout=0.0, aggregator=aggregator) for device in ("cuda", "cpu"))
-    for name in ("train_loss", "test_loss", "test_score"):
+    for name in ("train_loss", "test_loss"):
         torch.testing.assert_close(torch.from_numpy(gpu[name].values), torch.from_numpy(cpu[name].values), rtol=1e-3, atol=1e-4)
+    one_image = 1 / SMALL["test_size"]  # a prediction that flips on a near-tie moves the accuracy by this much
+    torch.testing.assert_close(torch.from_numpy(gpu["test_score"].values), torch.from_numpy(cpu["test_score"].values),
+                               rtol=0, atol=1.01 * one_image)
 
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_gradient_aggregators_on_cuda_match_cpu(name):
     J, losses = random_jacobian(3, 50, None, seed=7), torch.tensor([0.5, 1.0, 2.0])
-    cpu_agg, gpu_agg = make(name, 3), make(name, 3)
-    if gpu_agg.randomised:  # same draws on both devices: a CPU generator drives both
-        gpu_agg.set_generator(torch.Generator().manual_seed(0))
+    cpu_agg, gpu_agg = make(name, 3), make(name, 3)  # randomised ones: the same CPU generator seed drives both
     expected = cpu_agg(J, losses)
-    try:
-        got = gpu_agg(J.cuda(), losses.cuda())
-    except RuntimeError as error:  # a generator on the wrong device is the only acceptable failure
-        pytest.skip(f"{name} needs a generator on the tensors' device: {error}")
+    got = gpu_agg(J.cuda(), losses.cuda())
     assert got.device.type == "cuda"
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("columns", [1000, 300_000])  # one block, several blocks
-def test_float64_gramian_on_cuda_is_exact(columns):
-    J = torch.randn(5, columns, generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("block", [1 << 24, 1 << 12])  # one block, many blocks
+def test_float64_gramian_on_cuda_is_exact(monkeypatch, block):
+    monkeypatch.setattr("mtlcore.aggregators.base.GRAMIAN_BLOCK_GPU", block)
+    J = torch.randn(5, 300_000, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(torch.from_numpy(gramian(J.cuda())), J.double() @ J.double().T, rtol=1e-10, atol=1e-8)
 
 
@@ -100,6 +99,18 @@ def test_per_example_gradients_and_factors_on_cuda_match_cpu(no_tf32):
     cpu_sharp = metrics.sharpness(model, "a", x, y, rho=1e-3, batch_size=32, generator=torch.Generator().manual_seed(2))
     gpu_sharp = metrics.sharpness(gpu_model, "a", xg, yg, rho=1e-3, batch_size=32, generator=torch.Generator().manual_seed(2))
     assert gpu_sharp >= 0 and gpu_sharp == pytest.approx(cpu_sharp, rel=0.1, abs=1e-6)
+
+
+@pytest.mark.parametrize("aggregator", ["mgda", "mgda_ub", "pcgrad"])
+def test_every_cuda_gradient_has_its_parameters_memory_layout(aggregator):
+    config = RunConfig.from_dict({**BASE, "tasks": ["fashion1", "fashion2"], "device": "cuda", "aggregator": aggregator})
+    from mtlcore.data import load_setting
+
+    setting = load_setting(config.setting, list(config.tasks), config.setting_options, root=pytest.data_root)
+    trainer = train.Trainer(config, setting, torch.device("cuda"))
+    trainer._update(trainer._forward(trainer.model, trainer._batches(), trainer.kinds))
+    for name, p in trainer.model.named_parameters():
+        assert p.grad is not None and p.grad.stride() == p.stride(), name
 
 
 def test_factors_measured_along_a_cuda_run():

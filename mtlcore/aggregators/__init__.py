@@ -77,7 +77,7 @@ from mtlcore.aggregators.gradnorm import GradNorm
 from mtlcore.aggregators.gradvac import GradVac
 from mtlcore.aggregators.imtl_g import IMTLG
 from mtlcore.aggregators.imtl_l import IMTLL
-from mtlcore.aggregators.jacobian import task_jacobian, unflatten_into_grads
+from mtlcore.aggregators.jacobian import set_grad, task_jacobian, unflatten_into_grads
 from mtlcore.aggregators.mgda import MGDA, MGDAUB
 from mtlcore.aggregators.nashmtl import NashMTL
 from mtlcore.aggregators.pcgrad import PCGrad
@@ -110,5 +110,5 @@ def get(name: str, **options: Any) -> Aggregator:
 
 __all__ = [
     "Aggregator", "GradientAggregator", "LossAggregator", "NonFiniteGradientError", "WeightedAggregator",
-    "available", "get", "task_jacobian", "unflatten_into_grads",
+    "available", "get", "set_grad", "task_jacobian", "unflatten_into_grads",
 ]

@@ -65,13 +65,13 @@ def check_finite(method: str, tensor: Tensor | None, what: str) -> None:
 # Entries of J converted to float64 at a time (K × columns): ~2 MB blocks stay in the CPU's cache, which made
 # the Gramian of a 20 × 11M J 2× faster than 1M-column blocks; a LeNet-sized J is done in one block.
 GRAMIAN_BLOCK = 1 << 18
-GRAMIAN_BLOCK_GPU = 1 << 24  # on a GPU, launches cost more than cache misses: 128 MB float64 blocks
+GRAMIAN_BLOCK_GPU = 1 << 22  # on a GPU launches cost more than cache misses: 32 MB float64 blocks
 
 
 def gramian(J: Tensor) -> np.ndarray:
     """G = J Jᵀ in float64 on the CPU: exact for float32 J and safe from overflow up to |J| ~ 1e150.
 
-    Accumulated over column blocks, so the float64 copy never exceeds GRAMIAN_BLOCK entries
+    Accumulated over column blocks, so the float64 copy never exceeds GRAMIAN_BLOCK (GPU: GRAMIAN_BLOCK_GPU) entries
     (a full float64 copy of a large J would double its memory). Non-finite entries of J show up
     as non-finite entries of G, which callers check instead of scanning all of J.
     """
@@ -91,6 +91,7 @@ def gramian(J: Tensor) -> np.ndarray:
     for start in range(0, J.shape[1], columns):
         block = J[:, start : start + columns].to(torch.float64)
         G.addmm_(block, block.T)
+        del block  # else the next block is built while this one is still held: twice the memory
     return G.cpu().numpy()
 
 

@@ -100,11 +100,16 @@ def unflatten_into_grads(d: Tensor, params: Iterable[Tensor], accumulate: bool =
         raise ValueError(f"d must be a vector of {total} entries (the parameters' size), got {tuple(d.shape)}")
     offset = 0
     for p in params:
-        block = d[offset : offset + p.numel()].view_as(p).to(p.dtype)
-        if block.stride() != p.stride():  # e.g. channels-last conv weights: fused optimizers need matching layouts
-            block = torch.empty_like(p).copy_(block)
+        block = d[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
         if accumulate and p.grad is not None:
             p.grad.add_(block)
         else:
-            p.grad = block.clone()
+            set_grad(p, block)
+
+
+def set_grad(p: Tensor, g: Tensor) -> None:
+    """p.grad = g, as a tensor in p's memory layout and dtype. Fused optimizers assume the two layouts agree:
+    given a contiguous grad for a channels-last conv weight they raise on CUDA and, on the CPU, silently
+    update the wrong entries."""
+    p.grad = g if g.stride() == p.stride() and g.dtype == p.dtype and g._base is None else torch.empty_like(p).copy_(g)
