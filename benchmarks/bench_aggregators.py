@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import _timing
 from mtlcore import aggregators
 from mtlcore.aggregators import task_jacobian
 from mtlcore.config import RunConfig
@@ -84,29 +84,19 @@ def make_aggregator(name: str, options: dict, K: int):
 
 
 # -- measuring -----------------------------------------------------------------------------------------
-def sync() -> None:  # device work is asynchronous: finish it before reading the clock
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def seconds(fn, n: int = 1) -> float:
-    sync()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / n
+    return _timing.seconds(fn, DEVICE, n)
 
 
 def peak_bytes(fn) -> float:
     """Peak bytes of tensors allocated by fn() and alive at once, from the profiler's memory events
     (on CUDA, from the caching allocator's peak statistics)."""
     if DEVICE.type == "cuda":
-        sync()
+        _timing.sync(DEVICE)
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         fn()
-        sync()
+        _timing.sync(DEVICE)
         return torch.cuda.max_memory_allocated() - before
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -209,12 +199,9 @@ class Capture:
         return getattr(self.agg, name)
 
     def __call__(self, J, losses=None):
-        sync()
-        start = time.perf_counter()
-        d = self.agg(J, losses)
-        sync()
-        self.seconds, self.J, self.losses = time.perf_counter() - start, J.detach(), losses
-        return d
+        self.seconds = seconds(lambda: setattr(self, "d", self.agg(J, losses)))
+        self.J, self.losses = J.detach(), losses
+        return self.d
 
 
 def resnet(args) -> tuple[list[dict], list[dict]]:
@@ -321,8 +308,7 @@ def main() -> None:
     global DEVICE
     DEVICE = torch.device(args.device)
 
-    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else platform.processor() or platform.machine()
-    header = (f"{time.strftime('%Y-%m-%d')}, {where}, {os.cpu_count()} cores, "
+    header = (f"{time.strftime('%Y-%m-%d')}, {_timing.machine(DEVICE)}, {os.cpu_count()} cores, "
               f"torch.set_num_threads({args.threads}), torch {torch.__version__}, "
               f"TorchJD {'n/a' if tjd is None else version('torchjd')}")
     sections = [f"Measured {header}."]

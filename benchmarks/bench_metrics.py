@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+import _timing
 from mtlcore.config import RunConfig
 from mtlcore.data import load_setting
 from mtlcore.metrics import (
@@ -49,17 +49,8 @@ TASKS = ["fashion1", "fashion2"]
 DEVICE = torch.device("cpu")  # --device
 
 
-def sync() -> None:  # device work is asynchronous: finish it before reading the clock
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-
-
 def seconds(fn) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
+    return _timing.seconds(fn, DEVICE)
 
 
 def main() -> None:
@@ -127,8 +118,7 @@ def main() -> None:
     totals = {"all factors, 200 conflict batches": checkpoint,
               "all factors, 20 conflict batches": [n for n in checkpoint if not n.startswith("gradient_conflict")] + [conflict_20]}
     steps = math.ceil(args.train_size / batch)
-    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else platform.machine()
-    lines = [f"Measured {time.strftime('%Y-%m-%d')}, {where}, {os.cpu_count()} cores, "
+    lines = [f"Measured {time.strftime('%Y-%m-%d')}, {_timing.machine(DEVICE)}, {os.cpu_count()} cores, "
              f"torch.set_num_threads({args.threads}), torch {torch.__version__}; median of {args.repeats} repeats (the epoch "
              f"and the per-example gradients after one warm-up). Factors are summed over the 2 tasks (fashion1, fashion2), on their first {args.examples} "
              f"training examples; one epoch = {steps} steps of 2 × 128 examples.", "",

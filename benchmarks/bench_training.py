@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import _timing
 from mtlcore.config import RunConfig
 from mtlcore.data import load_setting
 from mtlcore.train import Trainer
@@ -31,7 +32,6 @@ def throughput(tasks: list[str], batch_size: int, steps: int, aggregator: str = 
                                   "setting_options": {"train_size": 4096, "val_size": 16, "test_size": 16}})
     setting = load_setting("fashion_mtl", tasks, config.setting_options)
     trainer = Trainer(config, setting, torch.device(device))
-    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
 
     def step():
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -40,12 +40,7 @@ def throughput(tasks: list[str], batch_size: int, steps: int, aggregator: str = 
 
     for _ in range(5):
         step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    return steps * batch_size * len(tasks) / (time.perf_counter() - start)
+    return batch_size * len(tasks) / _timing.seconds(step, trainer.device, steps)
 
 
 def profile_stages(profile: str) -> dict[str, float]:

@@ -15,20 +15,20 @@ from mtlcore.models import build_model
 
 from conftest import SMALL
 from test_aggregators import GRADIENT_METHODS, make, random_jacobian
+from test_train import assert_grads_in_parameter_layout, trainer_after_updates
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 BASE = {"setting_options": SMALL, "epochs": 2, "batch_size": 32, "lr": 0.05, "optimizer": "momentum"}
 RECORDED = ("train_loss", "val_loss", "test_loss", "val_score", "test_score", "task_weight")
 
 
-def run(device: str, tasks=("fashion1", "fashion2"), **changes) -> xr.Dataset:
-    config = RunConfig.from_dict({**BASE, "tasks": list(tasks), "device": device, **changes})
-    return train.run(config, data_root=pytest.data_root, progress=False)
+def config(device: str, tasks=("fashion1", "fashion2"), **changes) -> RunConfig:
+    return RunConfig.from_dict({**BASE, "tasks": list(tasks), "device": device, **changes})
 
 
-@pytest.fixture(autouse=True)
-def _data_root(fake_data_root):
-    pytest.data_root = fake_data_root
+@pytest.fixture
+def run(fake_data_root):
+    return lambda device, **changes: train.run(config(device, **changes), data_root=fake_data_root, progress=False)
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def no_tf32():
 
 
 @pytest.mark.parametrize("aggregator", ["uniform", "mgda", "pcgrad", "gradnorm"])
-def test_a_cuda_run_reproduces_bit_for_bit(aggregator):
+def test_a_cuda_run_reproduces_bit_for_bit(run, aggregator):
     a, b = run("cuda", aggregator=aggregator), run("cuda", aggregator=aggregator)
     assert a.attrs["device"].startswith("cuda")
     for name in RECORDED:
@@ -53,7 +53,7 @@ def test_device_auto_picks_cuda():
 
 
 @pytest.mark.parametrize("aggregator", ["uniform", "mgda"])
-def test_cuda_and_cpu_runs_follow_the_same_trajectory(no_tf32, aggregator):
+def test_cuda_and_cpu_runs_follow_the_same_trajectory(run, no_tf32, aggregator):
     """Not bit-equal (other kernels, summation orders), but the same training; without dropout, whose masks
     come from each device's own generator."""
     gpu, cpu = (run(device, epochs=1, dropout=0.0, aggregator=aggregator) for device in ("cuda", "cpu"))
@@ -102,18 +102,11 @@ def test_per_example_gradients_and_factors_on_cuda_match_cpu(no_tf32):
 
 
 @pytest.mark.parametrize("aggregator", ["mgda", "mgda_ub", "pcgrad"])
-def test_every_cuda_gradient_has_its_parameters_memory_layout(aggregator):
-    config = RunConfig.from_dict({**BASE, "tasks": ["fashion1", "fashion2"], "device": "cuda", "aggregator": aggregator})
-    from mtlcore.data import load_setting
-
-    setting = load_setting(config.setting, list(config.tasks), config.setting_options, root=pytest.data_root)
-    trainer = train.Trainer(config, setting, torch.device("cuda"))
-    trainer._update(trainer._forward(trainer.model, trainer._batches(), trainer.kinds))
-    for name, p in trainer.model.named_parameters():
-        assert p.grad is not None and p.grad.stride() == p.stride(), name
+def test_every_cuda_gradient_has_its_parameters_memory_layout(fake_data_root, aggregator):
+    assert_grads_in_parameter_layout(trainer_after_updates(config("cuda", aggregator=aggregator), fake_data_root, steps=0))
 
 
-def test_factors_measured_along_a_cuda_run():
+def test_factors_measured_along_a_cuda_run(run):
     ds = run("cuda", metrics={"factors": ["sharpness", "fisher_trace", "coherence", "conflict"], "every": 1, "examples": 64,
                         "coherence": {"large_batch": 32}, "conflict": {"num_batches": 10}})
     for name in ("sharpness", "fisher_trace", "grad_cov_trace", "grad_norm_sq", "conflict"):

@@ -161,24 +161,35 @@ def test_dask_executor_trains_the_missing_runs(fake_data_root, tmp_path):
     assert_identical(local, load_run(paths[1]))  # same numbers wherever it ran
 
 
+def trainer_after_updates(cfg: RunConfig, data_root, steps: int = 1) -> train.Trainer:
+    """A Trainer for `cfg` after `steps` optimisation steps (the inner loop of Trainer._train_epoch)."""
+    from mtlcore.data import load_setting
+
+    setting = load_setting(cfg.setting, list(cfg.tasks), cfg.setting_options, root=data_root)
+    trainer = train.Trainer(cfg, setting, train.resolve_device(cfg.device))
+    for _ in range(steps):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer._update(trainer._forward(trainer.model, trainer._batches(), trainer.kinds))
+        trainer.optimizer.step()
+    return trainer
+
+
+def assert_grads_in_parameter_layout(trainer: train.Trainer) -> None:
+    trainer._update(trainer._forward(trainer.model, trainer._batches(), trainer.kinds))
+    for name, p in trainer.model.named_parameters():
+        assert p.grad is not None and p.grad.stride() == p.stride(), name
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
 def test_the_jacobian_path_applies_the_same_update_as_the_fast_path(fake_data_root, optimizer):
     """Uniform weights through J (K backward passes, d = Jᵀw written into .grad) and the fast path (one backward
     of Σ L_k) must move every parameter alike: a gradient written in another memory layout than its
     (channels-last) parameter once made the fused optimizers apply it to the wrong entries."""
-    from mtlcore.data import load_setting
-
-    cfg = config(("fashion1", "fashion2"), optimizer=optimizer, dropout=0.0)
-    setting = load_setting(cfg.setting, list(cfg.tasks), cfg.setting_options, root=fake_data_root)
     moved = {}
     for label, options in (("fast", {}), ("jacobian", {"reduction": "sum"})):
-        trainer = train.Trainer(RunConfig.from_dict({**cfg.to_dict(), "aggregator_options": options}), setting,
-                                train.resolve_device("cpu"))
+        cfg = config(("fashion1", "fashion2"), optimizer=optimizer, dropout=0.0, aggregator_options=options)
+        trainer = trainer_after_updates(cfg, fake_data_root, steps=3)
         assert (trainer.aggregator is None) == (label == "fast")
-        for _ in range(3):
-            trainer.optimizer.zero_grad(set_to_none=True)
-            trainer._update(trainer._forward(trainer.model, trainer._batches(), trainer.kinds))
-            trainer.optimizer.step()
         moved[label] = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     for name, value in moved["fast"].items():
         np.testing.assert_allclose(moved["jacobian"][name].numpy(), value.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
@@ -186,12 +197,5 @@ def test_the_jacobian_path_applies_the_same_update_as_the_fast_path(fake_data_ro
 
 @pytest.mark.parametrize("aggregator", ["mgda", "mgda_ub", "pcgrad", "gradnorm", "famo"])
 def test_every_gradient_has_its_parameters_memory_layout(fake_data_root, aggregator):
-    from mtlcore.data import load_setting
-
-    cfg = config(("fashion1", "fashion2"), aggregator=aggregator)
-    setting = load_setting(cfg.setting, list(cfg.tasks), cfg.setting_options, root=fake_data_root)
-    trainer = train.Trainer(cfg, setting, train.resolve_device("cpu"))
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer._update(trainer._forward(trainer.model, trainer._batches(), trainer.kinds))
-    for name, p in trainer.model.named_parameters():
-        assert p.grad is not None and p.grad.stride() == p.stride(), name
+    assert_grads_in_parameter_layout(trainer_after_updates(config(("fashion1", "fashion2"), aggregator=aggregator),
+                                                           fake_data_root, steps=0))

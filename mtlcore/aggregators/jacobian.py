@@ -105,11 +105,12 @@ def unflatten_into_grads(d: Tensor, params: Iterable[Tensor], accumulate: bool =
         if accumulate and p.grad is not None:
             p.grad.add_(block)
         else:
-            set_grad(p, block)
+            set_grad(p, block, copy=True)  # a view of d: the grads must not alias the caller's tensor
 
 
-def set_grad(p: Tensor, g: Tensor) -> None:
-    """p.grad = g, as a tensor in p's memory layout and dtype. Fused optimizers assume the two layouts agree:
-    given a contiguous grad for a channels-last conv weight they raise on CUDA and, on the CPU, silently
-    update the wrong entries."""
-    p.grad = g if g.stride() == p.stride() and g.dtype == p.dtype and g._base is None else torch.empty_like(p).copy_(g)
+def set_grad(p: Tensor, g: Tensor, copy: bool = False) -> None:
+    """p.grad = g, as a tensor in p's memory layout and dtype (copied when they differ, or when `copy`).
+    Fused optimizers assume the two layouts agree: given a contiguous grad for a channels-last conv weight
+    they raise on CUDA and, on the CPU, silently update the wrong entries."""
+    same = g.stride() == p.stride() and g.dtype == p.dtype
+    p.grad = g if same and not copy else torch.empty_like(p).copy_(g)
