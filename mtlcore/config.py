@@ -12,7 +12,8 @@ from typing import Any
 import yaml
 
 # Bump when a change to training or the result schema makes old run files stale.
-RESULTS_VERSION = "4"  # 2: evaluation through mtlcore.metrics.scores; 3: fused optimizer updates; 4: J-path grads in the parameters' layout
+RESULTS_VERSION = "5"  # 2: evaluation through mtlcore.metrics.scores; 3: fused optimizer updates; 4: J-path grads in the parameters' layout;
+# 5: thread-independent input standardisation
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LOSS_SCALES = ("sum", "mean")

@@ -48,6 +48,16 @@ def test_a_cuda_run_reproduces_bit_for_bit(run, aggregator):
         xr.testing.assert_identical(a[name], b[name])
 
 
+def test_measuring_factors_does_not_change_a_cuda_run(run):
+    """The factors draw on their own generators and restore the model: the trained trajectory is the same."""
+    from test_schedule import FAST
+
+    plain, measured = run("cuda"), run("cuda", metrics=FAST)
+    for name in RECORDED:
+        xr.testing.assert_identical(plain[name], measured[name])
+    assert np.isfinite(measured["sharpness"].values[[0, 2]]).all()
+
+
 def test_device_auto_picks_cuda():
     assert train.resolve_device("auto").type == "cuda"
 

@@ -106,3 +106,25 @@ def test_real_fashion_mnist_files(real_data_root):
     s = load_setting("fashion_mtl", ["fashion1", "notmnist"], {"train_size": 1000, "val_size": 100, "test_size": 100},
                      root=real_data_root, download=False)
     assert len(s.tasks["notmnist"].train) == 1000
+
+
+def test_standardisation_does_not_depend_on_the_thread_count():
+    """A float32 sum split over threads rounds differently per thread count (seen with 16 threads at the paper's
+    sizes), which made a run's inputs depend on the machine. The statistics must be the float64 ones, rounded once."""
+    from mtlcore.data.fashion import _standardise
+
+    images = np.random.default_rng(0).integers(0, 256, size=(60000, 28, 28), dtype=np.uint8)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 3, 8):
+            torch.set_num_threads(n)
+            results.append(_standardise([images[:50000], images[50000:]]))
+    finally:
+        torch.set_num_threads(threads)
+    scaled = images[:50000].astype(np.float32) / np.float32(255.0)
+    assert results[0][1] == (float(np.float32(scaled.mean(dtype=np.float64))), float(np.float32(scaled.std(dtype=np.float64))))
+    for xs, stats in results[1:]:
+        assert stats == results[0][1]
+        for a, b in zip(xs, results[0][0]):
+            assert torch.equal(a, b)

@@ -110,8 +110,16 @@ def _take(pool: int, sizes: list[int], rng: np.random.Generator, what: str) -> l
 
 def _standardise(images: list[np.ndarray]) -> tuple[list[torch.Tensor], tuple[float, float]]:
     """Scale to [0, 1], then standardise by the training images' mean and std (the first array)."""
+    if any(im.dtype != np.uint8 for im in images):
+        raise ValueError(f"expected 8-bit images (IDX ubyte), got {[str(im.dtype) for im in images]}")
     scaled = [torch.from_numpy(im.astype(np.float32) / 255.0).unsqueeze(1) for im in images]
-    mean, std = scaled[0].mean(), scaled[0].std().clamp_min(1e-6)
+    # From the pixel histogram in float64, rounded once: a float32 torch sum is split over threads and rounds
+    # differently per thread count, which made the inputs (and every run) depend on the machine.
+    counts = np.bincount(images[0].ravel(), minlength=256).astype(np.float64)
+    values = (np.arange(256, dtype=np.float32) / np.float32(255.0)).astype(np.float64)  # the scaled pixel values
+    mean64 = counts @ values / counts.sum()
+    std64 = np.sqrt(counts @ (values - mean64) ** 2 / counts.sum())
+    mean, std = torch.tensor(mean64, dtype=torch.float32), torch.tensor(max(std64, 1e-6), dtype=torch.float32)
     return [(im - mean) / std for im in scaled], (float(mean), float(std))
 
 
