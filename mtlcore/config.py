@@ -13,7 +13,7 @@ import yaml
 
 # Bump when a change to training or the result schema makes old run files stale.
 RESULTS_VERSION = "5"  # 2: evaluation through mtlcore.metrics.scores; 3: fused optimizer updates; 4: J-path grads in the parameters' layout;
-# 5: thread-independent input standardisation
+# 5: thread-independent input standardisation (and IMTL-G's rewrite, equal up to ~1e-12 rounding)
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LOSS_SCALES = ("sum", "mean")

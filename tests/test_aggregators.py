@@ -653,7 +653,23 @@ def test_constant_weights_are_reused_but_not_shared(name, options):
     J = random_jacobian(2, 6, None, seed=21)
     agg = get(name, **options)
     first = agg(J)
+    recorded = agg.weights.clone()
     agg.weights.mul_(10.0)
     torch.testing.assert_close(agg(J), first)
+    torch.testing.assert_close(agg.weights, recorded)  # the record is not the cache either
     expected = torch.as_tensor(options.get("weights", [1.0, 1.0]), dtype=torch.float64) @ J.double()
     torch.testing.assert_close(agg(J.double()), expected)
+
+
+@pytest.mark.parametrize("name, options, reads", [("dbmtl", {}, True), ("mgda", {"normalization": "loss"}, True),
+                                                  ("mgda", {"normalization": "l2"}, False), ("upgrad", {}, False)])
+def test_nan_losses_stop_the_methods_that_read_them(name, options, reads):
+    """Methods that use the losses refuse NaN ones; the others ignore them (the trainer checks every loss)."""
+    J, losses = random_jacobian(2, 6, None, seed=3), torch.tensor([1.0, math.nan])
+    agg = get(name, **options)
+    assert agg.needs_losses == reads
+    if reads:
+        with pytest.raises(NonFiniteGradientError):
+            agg(J, losses)
+    else:
+        torch.testing.assert_close(agg(J, losses), get(name, **options)(J))

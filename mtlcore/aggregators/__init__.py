@@ -49,8 +49,9 @@ How the trainer uses them
   epoch call ``agg.end_epoch(epoch_mean_train_losses)`` (dwa uses it; others ignore it).
 * ``agg.weights``: the K effective task weights of the last step (d = Jᵀw, or the weights on the
   loss gradients); NaN where the method has none (graddrop, dbmtl).
-* NaN/inf in J or the losses raise ``NonFiniteGradientError`` (a FloatingPointError): stop the run as
-  diverged. A K×K solver that fails logs a warning on ``mtlcore.aggregators`` and uses the uniform
+* NaN/inf in J raise ``NonFiniteGradientError`` (a FloatingPointError): stop the run as diverged. So do
+  NaN/inf losses for the methods that read them (``agg.needs_losses``: dbmtl, mgda with loss
+  normalisation, every loss-level method); the others ignore the losses (the trainer checks them). A K×K solver that fails logs a warning on ``mtlcore.aggregators`` and uses the uniform
   mean weights 1/K for that step (nashmtl keeps its previous α instead, as its authors' code does).
 * ``agg.state_dict()`` / ``agg.load_state_dict(state)`` checkpoint the method's state; ``agg.options``
   holds the resolved options.

@@ -109,16 +109,19 @@ def _take(pool: int, sizes: list[int], rng: np.random.Generator, what: str) -> l
 
 
 def _standardise(images: list[np.ndarray]) -> tuple[list[torch.Tensor], tuple[float, float]]:
-    """Scale to [0, 1], then standardise by the training images' mean and std (the first array)."""
+    """Scale to [0, 1], then standardise by the training images' mean and population std (the first array)."""
     if any(im.dtype != np.uint8 for im in images):
         raise ValueError(f"expected 8-bit images (IDX ubyte), got {[str(im.dtype) for im in images]}")
     scaled = [torch.from_numpy(im.astype(np.float32) / 255.0).unsqueeze(1) for im in images]
     # From the pixel histogram in float64, rounded once: a float32 torch sum is split over threads and rounds
     # differently per thread count, which made the inputs (and every run) depend on the machine.
-    counts = np.bincount(images[0].ravel(), minlength=256).astype(np.float64)
+    pixels = images[0].reshape(-1)
+    counts = sum((np.bincount(pixels[i : i + (1 << 22)], minlength=256) for i in range(0, len(pixels), 1 << 22)),
+                 np.zeros(256, dtype=np.int64))
+    counts = np.asarray(counts, dtype=np.float64)  # in slices: bincount copies its input as 8-byte integers
     values = (np.arange(256, dtype=np.float32) / np.float32(255.0)).astype(np.float64)  # the scaled pixel values
     mean64 = counts @ values / counts.sum()
-    std64 = np.sqrt(counts @ (values - mean64) ** 2 / counts.sum())
+    std64 = np.sqrt(counts @ (values - mean64) ** 2 / counts.sum())  # population std: divides by N (torch.std by N − 1)
     mean, std = torch.tensor(mean64, dtype=torch.float32), torch.tensor(max(std64, 1e-6), dtype=torch.float32)
     return [(im - mean) / std for im in scaled], (float(mean), float(std))
 
