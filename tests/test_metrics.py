@@ -57,6 +57,20 @@ def test_vmap_and_loop_per_example_gradients_agree_in_any_chunking(lenet, images
     torch.testing.assert_close(by_vmap, by_loop, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["vmap", "loop"])
+def test_squared_norms_are_the_norms_of_autograd_gradients_one_example_at_a_time(lenet, images, method):
+    x, y = images
+    lenet.eval()
+    expected = []
+    for xi, yi in zip(x[:9], y[:9]):  # brute force: one backward per example through the plain model
+        lenet.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(lenet(xi[None], "a"), yi[None]).backward()
+        expected.append(sum(float(p.grad.double().pow(2).sum()) for p in task_named_parameters(lenet, "a").values()))
+    lenet.zero_grad(set_to_none=True)
+    got = metrics.per_example_squared_norms(lenet, "a", x[:9], y[:9], method=method, chunk_size=4)
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-9)
+
+
 def test_per_example_gradient_mean_is_the_batch_gradient():
     model = small_two_task_model()
     x, y = torch.randn(10, 4, generator=seeded()), torch.randint(0, 2, (10,), generator=seeded())
