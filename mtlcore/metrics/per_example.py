@@ -87,24 +87,16 @@ def _gradient_blocks(
 
 
 def per_example_gradient_chunks(
-    model: nn.Module,
-    task: str,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    loss: str = "cross_entropy",
-    scope: str = "task",
-    chunk_size: int = 256,
-    method: str = "auto",
-    device: torch.device | str | None = None,
+    model: nn.Module, task: str, x: torch.Tensor, y: torch.Tensor, **options
 ) -> Iterator[torch.Tensor]:
     """Yield per-example gradients chunk by chunk: tensors of shape (≤ chunk_size) × P, in example order.
 
-    The model is in eval mode while the chunks are produced and back in its previous mode once the
-    iterator is exhausted or closed. `method="auto"` uses vmap and falls back to the loop (logging a
-    warning) if vmap raises, e.g. for modules that torch.func cannot transform.
+    Options (keyword, defaults in `_gradient_blocks`): `loss` ("cross_entropy"), `scope` ("task" or
+    "shared"), `chunk_size` (256), `method` ("auto", "vmap" or "loop") and `device`. The model is in eval
+    mode while the chunks are produced and back in its previous mode once the iterator is exhausted or
+    closed. `method="auto"` uses vmap and falls back to the loop (logging a warning) if vmap raises, e.g.
+    for modules that torch.func cannot transform.
     """
-    options = {"loss": loss, "scope": scope, "chunk_size": chunk_size, "method": method, "device": device}
     with closing(_gradient_blocks(model, task, x, y, **options)) as chunks:
         for blocks in chunks:
             yield blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
