@@ -11,10 +11,11 @@ from typing import Any
 
 import yaml
 
-# Bump when a change to training or the result schema makes old run files stale.
-RESULTS_VERSION = "6"  # 2: evaluation through mtlcore.metrics.scores; 3: fused optimizer updates; 4: J-path grads in the parameters' layout;
+# Bump when a change to training or the result schema makes old run files stale. 2: evaluation through
+# mtlcore.metrics.scores; 3: fused optimizer updates; 4: J-path grads in the parameters' layout;
 # 5: thread-independent input standardisation (and IMTL-G's rewrite, equal up to ~1e-12 rounding);
-# 6: Fisher trace from per-parameter blocks of the vmap gradients (equal up to ~2e-7 rounding)
+# 6: Fisher trace from per-parameter blocks of the vmap gradients (equal up to ~2e-7 rounding).
+RESULTS_VERSION = "6"
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LOSS_SCALES = ("sum", "mean")

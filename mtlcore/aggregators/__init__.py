@@ -51,8 +51,9 @@ How the trainer uses them
   loss gradients); NaN where the method has none (graddrop, dbmtl).
 * NaN/inf in J raise ``NonFiniteGradientError`` (a FloatingPointError): stop the run as diverged. So do
   NaN/inf losses for the methods that read them (``agg.needs_losses``: dbmtl, mgda with loss
-  normalisation, every loss-level method); the others ignore the losses (the trainer checks them). A K×K solver that fails logs a warning on ``mtlcore.aggregators`` and uses the uniform
-  mean weights 1/K for that step (nashmtl keeps its previous α instead, as its authors' code does).
+  normalisation, every loss-level method); the others ignore the losses (the trainer checks them).
+  A K×K solver that fails logs a warning on ``mtlcore.aggregators`` and uses the uniform mean weights
+  1/K for that step (nashmtl keeps its previous α instead, as its authors' code does).
 * ``agg.state_dict()`` / ``agg.load_state_dict(state)`` checkpoint the method's state; ``agg.options``
   holds the resolved options.
 """

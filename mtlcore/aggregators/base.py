@@ -246,7 +246,9 @@ class GradientAggregator(Aggregator):
     # Methods that form the Gramian check its K×K entries for NaN/inf instead of all K×P entries of J.
     scans_jacobian: ClassVar[bool] = True
 
-    def _check_inputs(self, J: Tensor, losses: Tensor | None) -> None:
+    def _check_inputs(self, J: Tensor, losses: Tensor | None) -> Tensor | None:
+        """Validate J (and the losses where the method reads them); return the losses the method gets:
+        detached, or None for the methods that ignore them (the trainer checks every loss itself)."""
         # Called every step: messages are formatted only on failure.
         if J.dim() != 2 or not J.is_floating_point():
             raise ValueError(f"{self.name}: J must be a float matrix (tasks × parameters), got shape {tuple(J.shape)}")
@@ -254,14 +256,15 @@ class GradientAggregator(Aggregator):
             self._ensure_tasks(J.shape[0])
         if self.scans_jacobian:
             check_finite(self.name, J, "the task gradients J")
-        if self.needs_losses:  # the others ignore the losses, so they need no checking (the trainer checks them)
-            if losses is None:
-                raise ValueError(f"{self.name}: with options {self.options} the losses are needed: call agg(J, losses)")
-            self._check_losses(losses)
+        if not self.needs_losses:
+            return None
+        if losses is None:
+            raise ValueError(f"{self.name}: with options {self.options} the losses are needed: call agg(J, losses)")
+        self._check_losses(losses)
+        return losses.detach()
 
     def __call__(self, J: Tensor, losses: Tensor | None = None) -> Tensor:
-        self._check_inputs(J, losses)
-        d, weights = self._aggregate(J, None if losses is None else losses.detach())
+        d, weights = self._aggregate(J, self._check_inputs(J, losses))
         self._set_weights(weights)
         return d
 
@@ -278,8 +281,7 @@ class WeightedAggregator(GradientAggregator):
 
     def weights_from(self, J: Tensor, losses: Tensor | None = None) -> Tensor:
         """The weights w for J (also stored in `self.weights`); the trainer applies Σ w_k g_k."""
-        self._check_inputs(J, losses)
-        weights = self._gramian_weights(J, losses)
+        weights = self._gramian_weights(J, self._check_inputs(J, losses))
         self._set_weights(weights)
         return self.weights.clone()
 
@@ -291,8 +293,7 @@ class WeightedAggregator(GradientAggregator):
                                              "(lower the learning rate or clip gradients)")
         else:
             G = None  # NaN/inf in J reaches d = Jᵀw (0·inf is NaN too): _aggregate checks d, P entries not K×P
-        read = losses is not None and self.needs_losses  # only a method that reads them pays the copy
-        loss_values = losses.detach().to("cpu", torch.float64).numpy() if read else None
+        loss_values = None if losses is None else losses.to("cpu", torch.float64).numpy()
         weights = np.asarray(self._weights(G, loss_values), dtype=np.float64)
         if not np.isfinite(weights).all():  # safety net; the solvers are not expected to get here
             logger.warning("%s: non-finite weights %s; using uniform weights 1/K for this step", self.name, weights)
@@ -313,8 +314,8 @@ class WeightedAggregator(GradientAggregator):
         # A NaN/inf in J reaches d = Jᵀw (0·inf is NaN too), so d is checked instead of all of J.
         constant = self._constant
         if constant is None or constant[1].dtype is not J.dtype or constant[1].device != J.device:
-            weights = torch.from_numpy(self._gramian_weights(J, losses).copy())
-            constant = self._constant = (weights, weights.to(J.device, J.dtype))
+            weights = self._gramian_weights(J, losses)
+            constant = self._constant = (torch.from_numpy(weights.copy()), weights_like(weights, J))
         weights, w = constant
         d = torch.mv(J.T, w)
         check_finite(self.name, d, "the task gradients J")

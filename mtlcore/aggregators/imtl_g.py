@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from mtlcore.aggregators._qp import RANK_RTOL
-from mtlcore.aggregators.base import WeightedAggregator, uniform_weights
+from mtlcore.aggregators.base import WeightedAggregator, normalize_gramian, uniform_weights
 
 
 def imtl_g_weights(G: np.ndarray) -> np.ndarray:
@@ -15,16 +15,15 @@ def imtl_g_weights(G: np.ndarray) -> np.ndarray:
     The pseudo-inverse drops eigenvalues below RANK_RTOL·max: for rank-deficient G the equal
     projections are met in the least-squares sense. w = 1/K when Σw = 0 (e.g. J = 0).
     """
-    diagonal = np.diagonal(G)
-    scale = float(diagonal.sum())  # trace(G): solving on G / trace keeps the numbers near 1 (normalize_gramian)
+    G, scale = normalize_gramian(G)
     if not scale > 0:
         return uniform_weights(len(G))
     # G⁺ s from one symmetric eigendecomposition (pinv(hermitian=True) without its overhead); eigh reads one
     # triangle and sorts the eigenvalues ascending, so the largest is the last. Dropped eigenvalues become inf,
     # so their inverse is 0 without a division warning.
-    eigenvalues, eigenvectors = np.linalg.eigh(G / scale)
+    eigenvalues, eigenvectors = np.linalg.eigh(G)
     kept = np.where(eigenvalues > RANK_RTOL * eigenvalues[-1], eigenvalues, np.inf)
-    v = eigenvectors @ ((eigenvectors.T @ np.sqrt(np.maximum(diagonal / scale, 0.0))) / kept)
+    v = eigenvectors @ ((eigenvectors.T @ np.sqrt(np.maximum(np.diagonal(G), 0.0))) / kept)
     total = float(v.sum())
     return v / total if total > 0 and math.isfinite(total) else uniform_weights(len(G))
 

@@ -115,10 +115,8 @@ def _standardise(images: list[np.ndarray]) -> tuple[list[torch.Tensor], tuple[fl
     scaled = [torch.from_numpy(im.astype(np.float32) / 255.0).unsqueeze(1) for im in images]
     # From the pixel histogram in float64, rounded once: a float32 torch sum is split over threads and rounds
     # differently per thread count, which made the inputs (and every run) depend on the machine.
-    pixels = images[0].reshape(-1)
-    counts = sum((np.bincount(pixels[i : i + (1 << 22)], minlength=256) for i in range(0, len(pixels), 1 << 22)),
-                 np.zeros(256, dtype=np.int64))
-    counts = np.asarray(counts, dtype=np.float64)  # in slices: bincount copies its input as 8-byte integers
+    # torch's bincount reads the uint8 pixels as they are (numpy's copies them as 8-byte integers first).
+    counts = torch.bincount(torch.from_numpy(images[0].reshape(-1)), minlength=256).double().numpy()
     values = (np.arange(256, dtype=np.float32) / np.float32(255.0)).astype(np.float64)  # the scaled pixel values
     mean64 = counts @ values / counts.sum()
     std64 = np.sqrt(counts @ (values - mean64) ** 2 / counts.sum())  # population std: divides by N (torch.std by N − 1)
