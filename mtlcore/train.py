@@ -293,11 +293,16 @@ class Trainer:
             "torch_rng": torch.random.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "aggregator": self.aggregator.state_dict() if self.aggregator is not None else None,
+            # A randomised method's draws (PCGrad's orders, RLW's weights, ...) must continue, not restart.
+            "aggregator_rng": self._aggregator_generator().get_state() if self._aggregator_generator() else None,
             "trajectory": {name: self.ds[name].values.copy() for name in self.ds.data_vars},
             "steps": self.ds["step"].values.copy(),
             "wall_seconds": self.ds.attrs.get("wall_seconds", 0.0),
             "metrics_seconds": self.factors.spent,
         }
+
+    def _aggregator_generator(self) -> torch.Generator | None:
+        return getattr(self.aggregator, "generator", None) if self.aggregator is not None else None
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
@@ -310,6 +315,8 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         if self.aggregator is not None and state["aggregator"] is not None:
             self.aggregator.load_state_dict(state["aggregator"])
+        if state.get("aggregator_rng") is not None and self._aggregator_generator() is not None:
+            self._aggregator_generator().set_state(state["aggregator_rng"])
         for name, values in state["trajectory"].items():
             self.ds[name].values[:] = values
         self.ds["step"].values[:] = state["steps"]

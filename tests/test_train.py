@@ -77,8 +77,10 @@ def test_finished_runs_are_skipped(fake_data_root, tmp_path, monkeypatch):
     assert_identical(first, train.run(cfg, data_root=fake_data_root, results_dir=tmp_path, progress=False))
 
 
-def test_a_killed_run_resumes_bit_for_bit(fake_data_root, tmp_path, monkeypatch):
-    cfg = config(("fashion1", "fashion2"), epochs=3)
+# uniform (the fast path) and every randomised method: their generator must continue where it stopped.
+@pytest.mark.parametrize("aggregator", ["uniform", "rlw", "graddrop", "pcgrad", "gradvac"])
+def test_a_killed_run_resumes_bit_for_bit(fake_data_root, tmp_path, monkeypatch, aggregator):
+    cfg = config(("fashion1", "fashion2", "noisy_fashion"), epochs=3, aggregator=aggregator)
     reference = train.run(cfg, data_root=fake_data_root, progress=False)
     original_record = train.Trainer._record
 
