@@ -7,7 +7,7 @@ import logging
 import subprocess
 from pathlib import Path
 
-import yaml
+from mtlcore.config import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def profile_parameters(profile: str, params_dir: Path = PROJECT_ROOT / "params")
         path = folder / f"{name}.yaml"
         if not path.exists():
             raise FileNotFoundError(f"profile {profile!r} has no parameters for notebook {name!r}: create {path}")
-        out[name] = yaml.safe_load(path.read_text()) or {}
+        out[name] = load_yaml(path) or {}
     return out
 
 

@@ -6,7 +6,6 @@ import logging
 import sys
 from pathlib import Path
 
-import yaml
 
 
 def _run(args) -> int:
@@ -31,9 +30,12 @@ def _batch(args) -> int:
 
 def _sweep(args) -> int:
     """A grid file: `base:` a run config, `grid:` key -> list of values (every combination is run)."""
+    from mtlcore.config import load_yaml
     from mtlcore.runner import ensure_runs, grid
 
-    spec = yaml.safe_load(Path(args.grid).read_text())
+    spec = load_yaml(args.grid)
+    if not isinstance(spec, dict):
+        raise SystemExit(f"sweep file {args.grid}: expected `base:` (a run config) and `grid:` (key -> list of values)")
     unknown = sorted(set(spec) - {"base", "grid"})
     if unknown:
         raise SystemExit(f"sweep file {args.grid}: unknown top-level key(s) {unknown}; valid: ['base', 'grid']")
@@ -42,6 +44,8 @@ def _sweep(args) -> int:
     if args.dask:
         from distributed import Client
 
+        if not args.verbose:  # distributed logs every worker start at INFO
+            logging.getLogger("distributed").setLevel(logging.WARNING)
         client = Client(args.dask) if args.dask != "local" else Client(processes=True, threads_per_worker=1)
     paths = ensure_runs(configs, args.results_dir, data_root=args.data_root,
                         executor="dask" if client else "local", dask_client=client)
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:  # bad input: the message says what and how to fix
         print(f"mtlcore {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"mtlcore {args.command}: interrupted; finished runs are saved, and the same command resumes an "
+              "unfinished one from its last epoch checkpoint", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,9 @@ import yaml
 # Bump when a change to training or the result schema makes old run files stale. 2: evaluation through
 # mtlcore.metrics.scores; 3: fused optimizer updates; 4: J-path grads in the parameters' layout;
 # 5: thread-independent input standardisation (and IMTL-G's rewrite, equal up to ~1e-12 rounding);
-# 6: Fisher trace from per-parameter blocks of the vmap gradients (equal up to ~2e-7 rounding).
-RESULTS_VERSION = "6"
+# 6: Fisher trace from per-parameter blocks of the vmap gradients (equal up to ~2e-7 rounding);
+# 7: aggregator and metrics defaults in the hash; notMNIST's pool set by the sizes, not by the files present.
+RESULTS_VERSION = "7"
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LOSS_SCALES = ("sum", "mean")
@@ -26,6 +29,22 @@ NOT_HASHED = ("device",)
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names it and the valid options."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` (no dot) as a string; researchers write learning rates that way."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Parse a YAML file (exponent floats such as 1e-3 as numbers); a syntax error names the file."""
+    try:
+        return yaml.load(Path(path).read_text(), Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,9 @@ class RunConfig:
     # -- construction and validation -------------------------------------------------------------
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        if not isinstance(values, dict):
+            raise ConfigError(f"a run config is a mapping of keys to values (tasks: [...], lr: ...), "
+                              f"got a {type(values).__name__}: {values!r:.80}")
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in values if k not in names]
         if unknown:
@@ -68,6 +90,8 @@ class RunConfig:
             raise ConfigError("config needs `tasks`: a list of task names (one for single-task training)")
         values = dict(values)
         tasks = values["tasks"]
+        if not isinstance(tasks, (str, list, tuple)) or not all(isinstance(t, str) for t in ([tasks] if isinstance(tasks, str) else tasks)):
+            raise ConfigError(f"tasks={tasks!r} must be a task name or a list of task names")
         values["tasks"] = (tasks,) if isinstance(tasks, str) else tuple(tasks)
         config = cls(**values)
         config.validate()
@@ -75,8 +99,7 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RunConfig":
-        with open(path) as handle:
-            return cls.from_dict(yaml.safe_load(handle) or {})
+        return cls.from_dict(load_yaml(path) or {})
 
     def replace(self, **changes) -> "RunConfig":
         return RunConfig.from_dict({**self.to_dict(), **changes})
@@ -95,12 +118,16 @@ class RunConfig:
             raise ConfigError(f"unknown task(s) {bad} for setting {self.setting!r}; valid tasks: {list(module.TASKS)}")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"`tasks` repeats a task: {list(self.tasks)}")
+        if not isinstance(self.setting_options, dict):
+            raise ConfigError(f"setting_options={self.setting_options!r} must be a mapping, e.g. {{train_size: 1000}}")
         unknown = sorted(set(self.setting_options) - set(module.DEFAULTS))
         if unknown:
             raise ConfigError(f"unknown setting option(s) {unknown} for {self.setting!r}; valid: {sorted(module.DEFAULTS)}")
         for key, value in self.setting_options.items():
-            if key.endswith("_size") and (not isinstance(value, int) or value <= 0):
-                raise ConfigError(f"setting option {key}={value!r} must be a positive integer")
+            if isinstance(module.DEFAULTS[key], int) and (isinstance(value, bool) or not isinstance(value, int)
+                                                          or value < (1 if key.endswith("_size") else 0)):
+                kind = "positive" if key.endswith("_size") else "non-negative"
+                raise ConfigError(f"setting option {key}={value!r} must be a {kind} integer")
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("loss_scale", self.loss_scale, LOSS_SCALES)
         _choice("head_update", self.head_update, HEAD_UPDATES)
@@ -108,13 +135,11 @@ class RunConfig:
         _positive("batch_size", self.batch_size, integer=True)
         _positive("eval_batch_size", self.eval_batch_size, integer=True)
         _positive("epochs", self.epochs, integer=True)
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout={self.dropout!r} must lie in [0, 1)")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum={self.momentum!r} must lie in [0, 1)")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay={self.weight_decay!r} must be >= 0")
-        if not isinstance(self.seed, int) or self.seed < 0:
+        for name, low, high in (("dropout", 0, 1), ("momentum", 0, 1), ("weight_decay", 0, math.inf)):
+            value = getattr(self, name)
+            if not _is_number(value) or not low <= value < high:
+                raise ConfigError(f"{name}={value!r} must be a number in [{low}, {high}){_string_hint(value)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed={self.seed!r} must be a non-negative integer")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device={self.device!r}; use 'auto', 'cpu' or 'cuda[:N]'")
@@ -124,8 +149,14 @@ class RunConfig:
     def _validate_aggregator(self) -> None:
         from mtlcore import aggregators
 
+        if not isinstance(self.aggregator_options, dict):
+            raise ConfigError(f"aggregator_options={self.aggregator_options!r} must be a mapping of option names to values")
+        if "generator" in self.aggregator_options:
+            raise ConfigError("aggregator_options.generator: the trainer seeds a randomised method's generator from "
+                              "`seed`; leave it out")
         try:
-            aggregators.get(self.aggregator, **self.aggregator_options)
+            aggregator = aggregators.get(self.aggregator, **self.aggregator_options)
+            aggregator.reset(len(self.tasks))  # e.g. fixed weights, one per task: refused before any run trains
         except (ValueError, TypeError) as error:
             raise ConfigError(str(error)) from None
 
@@ -134,6 +165,8 @@ class RunConfig:
 
         from mtlcore.data import setting_module
 
+        if not isinstance(self.metrics, dict):
+            raise ConfigError(f"metrics={self.metrics!r} must be a mapping, e.g. {{factors: [sharpness], every: 1}}")
         sizes = {**setting_module(self.setting).DEFAULTS, **self.setting_options}
         validate_metrics_config(self.metrics, sizes.get("train_size"))
 
@@ -144,6 +177,15 @@ class RunConfig:
 
         values = self.to_dict()
         values["setting_options"] = {**setting_module(self.setting).DEFAULTS, **self.setting_options}
+        # Defaults filled in, so that spelling one out does not train the same run twice. Uniform without
+        # options takes the trainer's fast path (one backward), with options the aggregator's: kept apart.
+        if self.aggregator != "uniform" or self.aggregator_options:
+            from mtlcore import aggregators
+
+            values["aggregator_options"] = aggregators.get(self.aggregator, **self.aggregator_options).options
+        from mtlcore.metrics.schedule import resolve
+
+        values["metrics"] = resolve(self.metrics) if self.metrics.get("factors") else {}  # no factors: nothing measured
         return values
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,7 +205,16 @@ def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(valid)}")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _string_hint(value: Any) -> str:
+    return f" (got the string {value!r}: quoted in YAML, or passed as text)" if isinstance(value, str) else ""
+
+
 def _positive(name: str, value: Any, integer: bool = False) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
-        raise ConfigError(f"{name}={value!r} must be a positive {'integer' if integer else 'number'}")
+    good = (isinstance(value, int) and not isinstance(value, bool)) if integer else _is_number(value)
+    if not good or not value > 0:
+        raise ConfigError(f"{name}={value!r} must be a positive {'integer' if integer else 'finite number'}"
+                          f"{_string_hint(value)}")

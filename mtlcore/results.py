@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -69,8 +69,9 @@ def save_atomic(ds: xr.Dataset, path: str | Path) -> Path:
     """Write `ds` to `path` so that a killed writer never leaves a file that reads as complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    # Not tempfile.mkstemp: its files are owner-only (0600), which shared results folders cannot read.
+    tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the usual mode, after the umask
     ds = ds.copy(deep=False)
     ds.attrs = _netcdf_attrs(ds.attrs)
     try:

@@ -60,6 +60,45 @@ def test_cli_reports_bad_input_without_a_traceback(capsys):
     assert "unknown profile 'fast'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text, message", [
+    ("tasks: [fashion1\n", "is not valid YAML"),
+    ("- tasks\n- lr\n", "a run config is a mapping"),
+    ("tasks: [fashion1]\ndevice: cuda:7\n", "device="),  # no such GPU here (or no GPU at all)
+])
+def test_cli_run_reports_bad_files_without_a_traceback(tmp_path, capsys, text, message):
+    from mtlcore.cli import main
+
+    (tmp_path / "c.yaml").write_text(text)
+    code = main(["run", str(tmp_path / "c.yaml"), "--results-dir", str(tmp_path / "out")])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_interrupt_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from mtlcore import train
+    from mtlcore.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run", interrupted)
+    (tmp_path / "c.yaml").write_text("tasks: [fashion1]\n")
+    assert main(["run", str(tmp_path / "c.yaml"), "--results-dir", str(tmp_path / "out")]) == 130
+    assert "the same command resumes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grid, message", [
+    ("{lr: 0.1}", "grid: lr=0.1 must be a non-empty list of values, e.g. lr: [0.1]"),
+    ("{aggregator: pcgrad}", "grid: aggregator='pcgrad' must be a non-empty list"),
+    ("{seed: []}", "grid: seed has no values"),
+])
+def test_cli_sweep_refuses_grid_values_that_are_not_lists(tmp_path, capsys, grid, message):
+    from mtlcore.cli import main
+
+    (tmp_path / "g.yaml").write_text(f"base: {{tasks: [fashion1]}}\ngrid: {grid}\n")
+    assert main(["sweep", str(tmp_path / "g.yaml"), "--results-dir", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_environment_yml_pins_match_pyproject():
     """environment.yml's pip section carries the same pinned versions as pyproject.toml."""
     import tomllib

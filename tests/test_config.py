@@ -11,7 +11,20 @@ BASE = {"tasks": ["fashion1", "fashion2"]}
     ({"setting": "fashion"}, r"unknown setting 'fashion'; valid settings: \['fashion_mtl'\]"),
     ({"tasks": ["fashion1", "cifar"]}, r"unknown task\(s\) \['cifar'\].*valid tasks: \['fashion1'"),
     ({"optimizer": "rmsprop"}, r"optimizer='rmsprop' is not valid; choose one of \['sgd', 'momentum', 'adam'\]"),
-    ({"lr": -0.1}, r"lr=-0.1 must be a positive number"),
+    ({"lr": -0.1}, r"lr=-0.1 must be a positive finite number"),
+    ({"lr": float("inf")}, r"lr=inf must be a positive finite number"),
+    ({"lr": "1e-3"}, r"lr='1e-3' must be a positive finite number \(got the string '1e-3'"),
+    ({"weight_decay": float("nan")}, r"weight_decay=nan must be a number in \[0, inf\)"),
+    ({"momentum": "0.9"}, r"momentum='0.9' must be a number in \[0, 1\) \(got the string"),
+    ({"seed": True}, r"seed=True must be a non-negative integer"),
+    ({"setting_options": {"train_size": True}}, r"train_size=True must be a positive integer"),
+    ({"setting_options": {"data_seed": 0.5}}, r"data_seed=0.5 must be a non-negative integer"),
+    ({"setting_options": {"data_seed": -1}}, r"data_seed=-1 must be a non-negative integer"),
+    ({"setting_options": [1]}, r"setting_options=\[1\] must be a mapping"),
+    ({"tasks": 5}, r"tasks=5 must be a task name or a list of task names"),
+    ({"metrics": ["sharpness"]}, r"metrics=\['sharpness'\] must be a mapping"),
+    ({"aggregator": "pcgrad", "aggregator_options": {"generator": 5}}, r"generator: the trainer seeds"),
+    ({"aggregator": "fixed", "aggregator_options": {"weights": [1, 2, 3]}}, r"3 weights were given for 2 tasks"),
     ({"batch_size": 0}, r"batch_size=0 must be a positive integer"),
     ({"epochs": 2.5}, r"epochs=2.5 must be a positive integer"),
     ({"loss_scale": "max"}, r"loss_scale='max' is not valid"),
@@ -19,12 +32,17 @@ BASE = {"tasks": ["fashion1", "fashion2"]}
     ({"setting_options": {"train_size": 0}}, r"train_size=0 must be a positive integer"),
     ({"aggregator": "mgdaa"}, r"unknown aggregator 'mgdaa'; valid names: .*mgda"),
     ({"aggregator": "cagrad", "aggregator_options": {"alpha": 1}}, r"cagrad: unknown option\(s\) \['alpha'\]"),
-    ({"dropout": 1.0}, r"dropout=1.0 must lie in \[0, 1\)"),
+    ({"dropout": 1.0}, r"dropout=1.0 must be a number in \[0, 1\)"),
     ({"device": "tpu"}, r"device='tpu'"),
 ])
 def test_bad_config_is_refused_with_the_fix(change, pattern):
     with pytest.raises(ConfigError, match=pattern):
         RunConfig.from_dict({**BASE, **change})
+
+
+def test_a_config_that_is_not_a_mapping():
+    with pytest.raises(ConfigError, match="a run config is a mapping of keys to values"):
+        RunConfig.from_dict(["tasks", "fashion1"])
 
 
 def test_missing_tasks():
@@ -41,6 +59,15 @@ def test_hash_is_stable_and_covers_what_changes_results():
     assert a.content_hash() == a.replace(device="cpu").content_hash()  # where it runs is not what it is
     # defaults spelled out give the same run as defaults left out
     assert a.content_hash() == a.replace(setting_options={"train_size": 25_000}).content_hash()
+    cagrad = a.replace(aggregator="cagrad")
+    assert cagrad.content_hash() == cagrad.replace(aggregator_options={"c": 0.5}).content_hash()
+    assert cagrad.content_hash() != cagrad.replace(aggregator_options={"c": 0.4}).content_hash()
+    assert a.content_hash() == a.replace(metrics={"every": 1}).content_hash()  # no factors: nothing is measured
+    measured = a.replace(metrics={"factors": ["fisher_trace"]})
+    assert measured.content_hash() == measured.replace(metrics={"factors": ["fisher_trace"], "examples": 2048}).content_hash()
+    assert measured.content_hash() != measured.replace(metrics={"factors": ["fisher_trace"], "examples": 1024}).content_hash()
+    # uniform with options goes through the aggregator, without them through the fast path: different runs
+    assert a.content_hash() != a.replace(aggregator_options={"reduction": "sum"}).content_hash()
 
 
 def test_mode_and_yaml(tmp_path):
@@ -49,3 +76,13 @@ def test_mode_and_yaml(tmp_path):
     config = RunConfig.from_yaml(path)
     assert config.tasks == ("fashion1",) and config.mode == "stl" and config.lr == 0.05
     assert RunConfig.from_dict(BASE).mode == "mtl"
+
+
+def test_yaml_reads_exponent_floats_and_names_a_broken_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("tasks: [fashion1]\nlr: 1e-3\nweight_decay: 5E-4\nseed: 3\n")  # YAML 1.1 would give strings
+    config = RunConfig.from_yaml(path)
+    assert config.lr == 0.001 and config.weight_decay == 0.0005 and config.seed == 3
+    path.write_text("tasks: [fashion1\n")
+    with pytest.raises(ConfigError, match=f"{path} is not valid YAML"):
+        RunConfig.from_yaml(path)

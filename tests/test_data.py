@@ -8,7 +8,7 @@ import torch
 from mtlcore.data import DataNotFoundError, data_root, load_setting
 from mtlcore.data.locate import read_idx, write_idx
 
-from conftest import SMALL
+from conftest import SMALL, write_fake_mnist_folder
 
 
 def load(root, tasks=("fashion1", "fashion2", "noisy_fashion", "notmnist"), **options):
@@ -63,8 +63,30 @@ def test_sizes_and_classes(fake_data_root):
 
 
 def test_too_large_sizes_name_what_exists(fake_data_root):
-    with pytest.raises(ValueError, match=r"only 600 exist"):
+    with pytest.raises(ValueError, match=r"only 1200 exist"):
+        load(fake_data_root, tasks=("fashion1",), train_size=600)
+    # notMNIST's t10k holds 600 here and its optional train files are absent: the error names them
+    with pytest.raises(DataNotFoundError, match=r"700 examples need the training files.*train-images-idx3-ubyte"):
         load(fake_data_root, tasks=("notmnist",), train_size=500)
+
+
+def test_notmnist_splits_do_not_depend_on_optional_files(fake_data_root, tmp_path):
+    """Splits are a function of the seed and sizes only: adding notMNIST's train files (a later download) must not
+    change a run that t10k alone could serve, or cached results would silently stand for other data."""
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(fake_data_root, root)
+    without = load(root, tasks=("notmnist",)).tasks["notmnist"]
+    write_fake_mnist_folder(tmp_path / "extra", 900, 0, seed=3)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        shutil.copy(tmp_path / "extra" / name, root / "notmnist" / name)
+    with_train = load(root, tasks=("notmnist",))
+    for split in ("train", "val", "test"):
+        assert torch.equal(getattr(without, split).x, getattr(with_train.tasks["notmnist"], split).x)
+    assert with_train.info["notmnist_pool"] == "t10k"
+    larger = load(root, tasks=("notmnist",), train_size=1000)  # 1,200 > 600: now the train files are used
+    assert larger.info["notmnist_pool"] == "t10k+train" and len(larger.tasks["notmnist"].train) == 1000
 
 
 def test_unknown_task_lists_valid_ones(fake_data_root):

@@ -2,6 +2,8 @@
 records divergence; run files are written atomically and skipped when done."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -98,6 +100,10 @@ def test_a_killed_run_resumes_bit_for_bit(fake_data_root, tmp_path, monkeypatch,
     resumed = train.run(cfg, data_root=fake_data_root, results_dir=tmp_path, progress=False)
     assert_identical(reference, resumed)
     assert not train.run_path(cfg, tmp_path).with_suffix(".partial.pt").exists()
+    mode = train.run_path(cfg, tmp_path).stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # readable by others as usual, not mkstemp's owner-only 0600
 
 
 def test_a_killed_write_leaves_no_file(fake_data_root, tmp_path, monkeypatch):

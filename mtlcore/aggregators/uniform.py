@@ -42,10 +42,12 @@ class Fixed(WeightedAggregator):
         require(len(weights) > 0 and all(math.isfinite(w) for w in weights), message)
         options["weights"] = weights
 
-    def _weights(self, G, losses):
-        weights = np.asarray(self.options["weights"], dtype=np.float64)
+    def _reset_state(self, num_tasks, device):
+        # Checked here, so that a run config with the wrong count is refused before anything trains.
         require(
-            len(weights) == self.num_tasks,
-            f"fixed: {len(weights)} weights were given for {self.num_tasks} tasks",
+            len(self.options["weights"]) == num_tasks,
+            f"fixed: {len(self.options['weights'])} weights were given for {num_tasks} tasks; give one per task",
         )
-        return weights
+
+    def _weights(self, G, losses):
+        return np.asarray(self.options["weights"], dtype=np.float64)

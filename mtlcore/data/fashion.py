@@ -91,11 +91,22 @@ def _read_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.int64)
 
 
-def _notmnist_pool(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    parts = [_read_pair(folder / NOTMNIST_TEST_FILES[0], folder / NOTMNIST_TEST_FILES[1])]
-    if find_files(folder, ["."], NOTMNIST_TRAIN_FILES) is not None:
-        parts.append(_read_pair(folder / NOTMNIST_TRAIN_FILES[0], folder / NOTMNIST_TRAIN_FILES[1]))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+def _notmnist_pool(folder: Path, needed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """The t10k images, and the train files after them only when t10k holds fewer than `needed`.
+
+    The pool depends on the sizes alone, never on whether the optional train files happen to be present:
+    otherwise a download would silently change the splits of runs already cached under the same hash.
+    """
+    x, y = _read_pair(folder / NOTMNIST_TEST_FILES[0], folder / NOTMNIST_TEST_FILES[1])
+    if needed <= len(x):
+        return x, y, "t10k"
+    if find_files(folder, ["."], NOTMNIST_TRAIN_FILES) is None:
+        raise DataNotFoundError(
+            f"notMNIST: train_size + val_size + test_size = {needed} examples need the training files "
+            f"{NOTMNIST_TRAIN_FILES} next to the t10k files in {folder} (these hold only {len(x)}); download them "
+            f"from {NOTMNIST_URL}, or lower the sizes to at most {len(x)} in all.")
+    x_train, y_train = _read_pair(folder / NOTMNIST_TRAIN_FILES[0], folder / NOTMNIST_TRAIN_FILES[1])
+    return np.concatenate([x, x_train]), np.concatenate([y, y_train]), "t10k+train"
 
 
 def _take(pool: int, sizes: list[int], rng: np.random.Generator, what: str) -> list[np.ndarray]:
@@ -159,11 +170,13 @@ def load(tasks: list[str], train_size: int = 25_000, val_size: int = 5_000, test
                           for lab, split in zip(labels, ("train", "val", "test"))]
             out[task] = _task(task, images, labels, 10)
     if "notmnist" in tasks:
-        x_pool, y_pool = _notmnist_pool(notmnist_folder(root, download))
+        x_pool, y_pool, pool = _notmnist_pool(notmnist_folder(root, download), train_size + val_size + test_size)
         train, val, test = _take(len(x_pool), [train_size, val_size, test_size],
                                  numpy_rng(data_seed, "notmnist-split"), f"notMNIST (found under {root})")
         out["notmnist"] = _task("notmnist", [x_pool[train], x_pool[val], x_pool[test]],
                                 [y_pool[train], y_pool[val], y_pool[test]], 10)
     info = {"train_size": train_size, "val_size": val_size, "test_size": test_size, "data_seed": data_seed,
             "data_root": str(root)}
+    if "notmnist" in tasks:
+        info["notmnist_pool"] = pool
     return Setting("fashion_mtl", {t: out[t] for t in tasks}, encoder="lenet", info=info)
