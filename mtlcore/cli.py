@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 
-
 def _run(args) -> int:
     from mtlcore.config import RunConfig
     from mtlcore.train import run, run_path
@@ -34,7 +33,7 @@ def _sweep(args) -> int:
     from mtlcore.runner import ensure_runs, grid
 
     spec = load_yaml(args.grid)
-    if not isinstance(spec, dict):
+    if not isinstance(spec, dict) or not all(isinstance(spec.get(k, {}), dict) for k in ("base", "grid")):
         raise SystemExit(f"sweep file {args.grid}: expected `base:` (a run config) and `grid:` (key -> list of values)")
     unknown = sorted(set(spec) - {"base", "grid"})
     if unknown:
@@ -95,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mtlcore {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mtlcore {args.command}: interrupted; finished runs are saved, and the same command resumes an "
-              "unfinished one from its last epoch checkpoint", file=sys.stderr)
+        resumes = "; finished runs are saved, and the same command resumes an unfinished one from its last epoch " \
+                  "checkpoint" if args.command in ("run", "sweep", "batch") else ""
+        print(f"mtlcore {args.command}: interrupted{resumes}", file=sys.stderr)
         return 130
 
 

@@ -124,7 +124,7 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown setting option(s) {unknown} for {self.setting!r}; valid: {sorted(module.DEFAULTS)}")
         for key, value in self.setting_options.items():
-            if isinstance(module.DEFAULTS[key], int) and (isinstance(value, bool) or not isinstance(value, int)
+            if type(module.DEFAULTS[key]) is int and (isinstance(value, bool) or not isinstance(value, int)
                                                           or value < (1 if key.endswith("_size") else 0)):
                 kind = "positive" if key.endswith("_size") else "non-negative"
                 raise ConfigError(f"setting option {key}={value!r} must be a {kind} integer")
@@ -141,7 +141,7 @@ class RunConfig:
                 raise ConfigError(f"{name}={value!r} must be a number in [{low}, {high}){_string_hint(value)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed={self.seed!r} must be a non-negative integer")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)):
             raise ConfigError(f"device={self.device!r}; use 'auto', 'cpu' or 'cuda[:N]'")
         self._validate_aggregator()
         self._validate_metrics()
@@ -183,9 +183,12 @@ class RunConfig:
             from mtlcore import aggregators
 
             values["aggregator_options"] = aggregators.get(self.aggregator, **self.aggregator_options).options
-        from mtlcore.metrics.schedule import resolve
+        from mtlcore.metrics.schedule import FACTORS, resolve
 
-        values["metrics"] = resolve(self.metrics) if self.metrics.get("factors") else {}  # no factors: nothing measured
+        factors = self.metrics.get("factors", [])
+        # No factors: nothing is measured. Otherwise the options of unmeasured factors do not matter either.
+        values["metrics"] = {k: v for k, v in resolve(self.metrics).items() if k not in FACTORS or k in factors} \
+            if factors else {}
         return values
 
     def to_dict(self) -> dict[str, Any]:

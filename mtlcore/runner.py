@@ -29,9 +29,11 @@ def grid(base: dict, **axes: Sequence) -> list[RunConfig]:
     """Every combination of the `axes` values over the `base` config (validated before anything runs)."""
     keys = list(axes)
     for key, values in axes.items():
-        if not isinstance(values, (list, tuple)) or not values:
-            raise ValueError(f"grid: {key}={values!r} must be a non-empty list of values, e.g. {key}: [{values!r}]"
-                             if not isinstance(values, (list, tuple)) else f"grid: {key} has no values; give at least one")
+        if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+            raise ValueError(f"grid: {key}={values!r} must be a non-empty list of values, e.g. {key}: [{values}]")
+        axes[key] = list(values)  # ranges and arrays too
+        if not axes[key]:
+            raise ValueError(f"grid: {key} has no values; give at least one")
     configs = [RunConfig.from_dict({**base, **dict(zip(keys, values))}) for values in itertools.product(*axes.values())]
     return configs
 

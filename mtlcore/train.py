@@ -297,7 +297,7 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "aggregator": self.aggregator.state_dict() if self.aggregator is not None else None,
             # A randomised method's draws (PCGrad's orders, RLW's weights, ...) must continue, not restart.
-            "aggregator_rng": self._aggregator_generator().get_state() if self._aggregator_generator() else None,
+            "aggregator_rng": self._aggregator_rng_state(),
             "trajectory": {name: self.ds[name].values.copy() for name in self.ds.data_vars},
             "steps": self.ds["step"].values.copy(),
             "wall_seconds": self.ds.attrs.get("wall_seconds", 0.0),
@@ -306,6 +306,10 @@ class Trainer:
 
     def _aggregator_generator(self) -> torch.Generator | None:
         return getattr(self.aggregator, "generator", None) if self.aggregator is not None else None
+
+    def _aggregator_rng_state(self) -> dict | None:
+        generator = self._aggregator_generator()
+        return None if generator is None else {"device": generator.device.type, "state": generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
@@ -318,8 +322,13 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         if self.aggregator is not None and state["aggregator"] is not None:
             self.aggregator.load_state_dict(state["aggregator"])
-        if state.get("aggregator_rng") is not None and self._aggregator_generator() is not None:
-            self._aggregator_generator().set_state(state["aggregator_rng"])
+        saved, generator = state.get("aggregator_rng"), self._aggregator_generator()
+        if saved is not None and generator is not None:
+            if saved["device"] == generator.device.type:
+                generator.set_state(saved["state"])
+            else:  # CPU and CUDA generators differ; such a run is not bit-identical to either anyway
+                log.warning("checkpoint from a %s run resumed on %s: the aggregator's random draws restart from the "
+                            "seed", saved["device"], generator.device.type)
         for name, values in state["trajectory"].items():
             self.ds[name].values[:] = values
         self.ds["step"].values[:] = state["steps"]

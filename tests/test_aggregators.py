@@ -341,6 +341,8 @@ def test_unknown_option_lists_valid_options():
         ("uniform", {"reduction": "max"}, "reduction must be 'sum' or 'mean'"),
         ("fixed", {}, "fixed: weights must be a non-empty list"),
         ("fixed", {"weights": ["a"]}, "fixed: weights must be a non-empty list"),
+        ("fixed", {"weights": ["1", "2"]}, "fixed: weights must be a non-empty list"),
+        ("fixed", {"weights": [True]}, "fixed: weights must be a non-empty list"),
         ("famo", {"gamma": "big"}, "famo: option gamma must be a number"),
         ("nashmtl", {"update_weights_every": 0}, "update_weights_every must be an int >= 1"),
         ("gradvac", {"beta": 2.0}, "beta must be a number >= 0.0 <= 1.0"),
@@ -360,6 +362,11 @@ def test_mismatched_task_count_and_missing_losses():
         make("dbmtl")(J_REFERENCE)
     with pytest.raises(ValueError, match="fixed: 1 weights were given for 2 tasks"):
         get("fixed", weights=[1.0])(J_REFERENCE)
+    fixed = get("fixed", weights=[1.0, 2.0])
+    fixed.reset(2)
+    with pytest.raises(ValueError, match="fixed: 2 weights were given for 3 tasks"):
+        fixed.reset(3)
+    assert fixed.num_tasks == 2 and torch.equal(fixed(J_REFERENCE), 1.0 * J_REFERENCE[0] + 2.0 * J_REFERENCE[1])
     with pytest.raises(ValueError, match="last_shared"):
         make("gradnorm").combine(torch.ones(2))
     with pytest.raises(RuntimeError, match="reset"):

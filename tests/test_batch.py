@@ -99,6 +99,13 @@ def test_cli_sweep_refuses_grid_values_that_are_not_lists(tmp_path, capsys, grid
     assert message in capsys.readouterr().err
 
 
+def test_grid_takes_any_iterable_of_values():
+    from mtlcore.runner import grid
+
+    configs = grid({"tasks": ["fashion1"]}, seed=range(2), lr=(0.1,))
+    assert [(c.seed, c.lr) for c in configs] == [(0, 0.1), (1, 0.1)]
+
+
 def test_environment_yml_pins_match_pyproject():
     """environment.yml's pip section carries the same pinned versions as pyproject.toml."""
     import tomllib

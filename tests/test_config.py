@@ -34,6 +34,8 @@ BASE = {"tasks": ["fashion1", "fashion2"]}
     ({"aggregator": "cagrad", "aggregator_options": {"alpha": 1}}, r"cagrad: unknown option\(s\) \['alpha'\]"),
     ({"dropout": 1.0}, r"dropout=1.0 must be a number in \[0, 1\)"),
     ({"device": "tpu"}, r"device='tpu'"),
+    ({"device": "cudax"}, r"device='cudax'; use 'auto', 'cpu' or 'cuda\[:N\]'"),
+    ({"metrics": {"every": True}}, r"metrics.every=True must be a positive integer"),
 ])
 def test_bad_config_is_refused_with_the_fix(change, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -66,6 +68,8 @@ def test_hash_is_stable_and_covers_what_changes_results():
     measured = a.replace(metrics={"factors": ["fisher_trace"]})
     assert measured.content_hash() == measured.replace(metrics={"factors": ["fisher_trace"], "examples": 2048}).content_hash()
     assert measured.content_hash() != measured.replace(metrics={"factors": ["fisher_trace"], "examples": 1024}).content_hash()
+    # options of a factor that is not measured change nothing
+    assert measured.content_hash() == measured.replace(metrics={"factors": ["fisher_trace"], "conflict": {"num_batches": 5}}).content_hash()
     # uniform with options goes through the aggregator, without them through the fast path: different runs
     assert a.content_hash() != a.replace(aggregator_options={"reduction": "sum"}).content_hash()
 

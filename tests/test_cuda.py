@@ -60,6 +60,18 @@ def test_measuring_factors_does_not_change_a_cuda_run(run):
 
 def test_device_auto_picks_cuda():
     assert train.resolve_device("auto").type == "cuda"
+    with pytest.raises(ValueError, match=f"this machine has {torch.cuda.device_count()} CUDA device"):
+        train.resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_a_killed_cuda_run_of_a_randomised_method_resumes_bit_for_bit(fake_data_root, tmp_path, monkeypatch):
+    from test_train import _kill_and_resume
+
+    cfg = config("cuda", ("fashion1", "fashion2", "noisy_fashion"), epochs=3, aggregator="pcgrad")
+    reference = train.run(cfg, data_root=fake_data_root, progress=False)
+    resumed = _kill_and_resume(cfg, fake_data_root, tmp_path, monkeypatch)
+    for name in RECORDED:
+        xr.testing.assert_identical(reference[name], resumed[name])
 
 
 @pytest.mark.parametrize("aggregator", ["uniform", "mgda"])

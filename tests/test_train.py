@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 
 from mtlcore import train
@@ -84,6 +85,29 @@ def test_finished_runs_are_skipped(fake_data_root, tmp_path, monkeypatch):
 def test_a_killed_run_resumes_bit_for_bit(fake_data_root, tmp_path, monkeypatch, aggregator):
     cfg = config(("fashion1", "fashion2", "noisy_fashion"), epochs=3, aggregator=aggregator)
     reference = train.run(cfg, data_root=fake_data_root, progress=False)
+    umask = os.umask(0o022)  # so that the usual mode (0644) differs from mkstemp's owner-only 0600
+    try:
+        resumed = _kill_and_resume(cfg, fake_data_root, tmp_path, monkeypatch)
+    finally:
+        os.umask(umask)
+    assert_identical(reference, resumed)
+    assert not train.run_path(cfg, tmp_path).with_suffix(".partial.pt").exists()
+    assert train.run_path(cfg, tmp_path).stat().st_mode & 0o777 == 0o644
+
+
+def test_a_checkpoint_from_another_device_type_resumes(fake_data_root, tmp_path, monkeypatch, caplog):
+    """A CUDA generator's state cannot be loaded into a CPU one: the draws restart from the seed, with a warning."""
+    cfg = config(("fashion1", "fashion2", "noisy_fashion"), epochs=3, aggregator="pcgrad")
+
+    def as_if_from_cuda(state):
+        state["aggregator_rng"] = {"device": "cuda", "state": torch.zeros(16, dtype=torch.uint8)}
+        return state
+
+    resumed = _kill_and_resume(cfg, fake_data_root, tmp_path, monkeypatch, edit_checkpoint=as_if_from_cuda)
+    assert resumed.attrs["status"] == "complete" and "draws restart from the seed" in caplog.text
+
+
+def _kill_and_resume(cfg, fake_data_root, tmp_path, monkeypatch, edit_checkpoint=None):
     original_record = train.Trainer._record
 
     def killed_in_epoch_2(self):
@@ -97,13 +121,10 @@ def test_a_killed_run_resumes_bit_for_bit(fake_data_root, tmp_path, monkeypatch,
     assert not train.run_path(cfg, tmp_path).exists()  # nothing that reads as complete
     assert train.run_path(cfg, tmp_path).with_suffix(".partial.pt").exists()
     monkeypatch.setattr(train.Trainer, "_record", original_record)
-    resumed = train.run(cfg, data_root=fake_data_root, results_dir=tmp_path, progress=False)
-    assert_identical(reference, resumed)
-    assert not train.run_path(cfg, tmp_path).with_suffix(".partial.pt").exists()
-    mode = train.run_path(cfg, tmp_path).stat().st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    assert mode == 0o666 & ~umask  # readable by others as usual, not mkstemp's owner-only 0600
+    if edit_checkpoint is not None:
+        checkpoint = train.run_path(cfg, tmp_path).with_suffix(".partial.pt")
+        torch.save(edit_checkpoint(torch.load(checkpoint, weights_only=False)), checkpoint)
+    return train.run(cfg, data_root=fake_data_root, results_dir=tmp_path, progress=False)
 
 
 def test_a_killed_write_leaves_no_file(fake_data_root, tmp_path, monkeypatch):

@@ -36,18 +36,22 @@ class Fixed(WeightedAggregator):
     def _check_options(self, options):
         message = f"fixed: weights must be a non-empty list of finite numbers, got {options['weights']!r}"
         try:
+            if any(isinstance(w, (str, bool)) for w in options["weights"]):
+                raise TypeError
             weights = [float(w) for w in options["weights"]]
         except (TypeError, ValueError):
             raise ValueError(message) from None
         require(len(weights) > 0 and all(math.isfinite(w) for w in weights), message)
         options["weights"] = weights
 
-    def _reset_state(self, num_tasks, device):
-        # Checked here, so that a run config with the wrong count is refused before anything trains.
+    def reset(self, num_tasks, device=None):
+        # Checked here, so that a run config with the wrong count is refused before anything trains,
+        # and before reset changes any state.
         require(
             len(self.options["weights"]) == num_tasks,
             f"fixed: {len(self.options['weights'])} weights were given for {num_tasks} tasks; give one per task",
         )
+        super().reset(num_tasks, device)
 
     def _weights(self, G, losses):
         return np.asarray(self.options["weights"], dtype=np.float64)

@@ -91,7 +91,7 @@ def _read_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.int64)
 
 
-def _notmnist_pool(folder: Path, needed: int) -> tuple[np.ndarray, np.ndarray, str]:
+def _notmnist_pool(folder: Path, needed: int, download: bool) -> tuple[np.ndarray, np.ndarray, str]:
     """The t10k images, and the train files after them only when t10k holds fewer than `needed`.
 
     The pool depends on the sizes alone, never on whether the optional train files happen to be present:
@@ -100,6 +100,11 @@ def _notmnist_pool(folder: Path, needed: int) -> tuple[np.ndarray, np.ndarray, s
     x, y = _read_pair(folder / NOTMNIST_TEST_FILES[0], folder / NOTMNIST_TEST_FILES[1])
     if needed <= len(x):
         return x, y, "t10k"
+    if find_files(folder, ["."], NOTMNIST_TRAIN_FILES) is None and download:
+        try:
+            _download_notmnist(folder)
+        except Exception as error:
+            log.warning("notMNIST download failed: %s", error)
     if find_files(folder, ["."], NOTMNIST_TRAIN_FILES) is None:
         raise DataNotFoundError(
             f"notMNIST: train_size + val_size + test_size = {needed} examples need the training files "
@@ -170,7 +175,8 @@ def load(tasks: list[str], train_size: int = 25_000, val_size: int = 5_000, test
                           for lab, split in zip(labels, ("train", "val", "test"))]
             out[task] = _task(task, images, labels, 10)
     if "notmnist" in tasks:
-        x_pool, y_pool, pool = _notmnist_pool(notmnist_folder(root, download), train_size + val_size + test_size)
+        x_pool, y_pool, pool = _notmnist_pool(notmnist_folder(root, download), train_size + val_size + test_size,
+                                        download)
         train, val, test = _take(len(x_pool), [train_size, val_size, test_size],
                                  numpy_rng(data_seed, "notmnist-split"), f"notMNIST (found under {root})")
         out["notmnist"] = _task("notmnist", [x_pool[train], x_pool[val], x_pool[test]],

@@ -52,9 +52,9 @@ def validate_metrics_config(metrics: dict, train_size: int | None = None) -> Non
     if bad:
         raise ConfigError(f"unknown factor(s) {bad} in metrics.factors; valid factors: {list(FACTORS)}")
     every, examples = metrics.get("every", 1), metrics.get("examples", 2048)
-    if not isinstance(every, int) or every < 1:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ConfigError(f"metrics.every={every!r} must be a positive integer (epochs between measurements)")
-    if not isinstance(examples, int) or examples < 2:
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 2:
         raise ConfigError(f"metrics.examples={examples!r} must be an integer >= 2")
     budget = metrics.get("budget_seconds")
     if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
