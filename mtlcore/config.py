@@ -89,10 +89,10 @@ class RunConfig:
         if "tasks" not in values:
             raise ConfigError("config needs `tasks`: a list of task names (one for single-task training)")
         values = dict(values)
-        tasks = values["tasks"]
-        if not isinstance(tasks, (str, list, tuple)) or not all(isinstance(t, str) for t in ([tasks] if isinstance(tasks, str) else tasks)):
-            raise ConfigError(f"tasks={tasks!r} must be a task name or a list of task names")
-        values["tasks"] = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+        tasks = [values["tasks"]] if isinstance(values["tasks"], str) else values["tasks"]
+        if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) for t in tasks):
+            raise ConfigError(f"tasks={values['tasks']!r} must be a task name or a list of task names")
+        values["tasks"] = tuple(tasks)
         config = cls(**values)
         config.validate()
         return config
@@ -124,8 +124,7 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown setting option(s) {unknown} for {self.setting!r}; valid: {sorted(module.DEFAULTS)}")
         for key, value in self.setting_options.items():
-            if type(module.DEFAULTS[key]) is int and (isinstance(value, bool) or not isinstance(value, int)
-                                                          or value < (1 if key.endswith("_size") else 0)):
+            if type(module.DEFAULTS[key]) is int and not is_int(value, 1 if key.endswith("_size") else 0):
                 kind = "positive" if key.endswith("_size") else "non-negative"
                 raise ConfigError(f"setting option {key}={value!r} must be a {kind} integer")
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -139,7 +138,7 @@ class RunConfig:
             value = getattr(self, name)
             if not _is_number(value) or not low <= value < high:
                 raise ConfigError(f"{name}={value!r} must be a number in [{low}, {high}){_string_hint(value)}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if not is_int(self.seed, 0):
             raise ConfigError(f"seed={self.seed!r} must be a non-negative integer")
         if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)):
             raise ConfigError(f"device={self.device!r}; use 'auto', 'cpu' or 'cuda[:N]'")
@@ -208,6 +207,11 @@ def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(valid)}")
 
 
+def is_int(value: Any, minimum: int) -> bool:
+    """An int (not a bool, which Python counts as one) of at least `minimum`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -217,7 +221,6 @@ def _string_hint(value: Any) -> str:
 
 
 def _positive(name: str, value: Any, integer: bool = False) -> None:
-    good = (isinstance(value, int) and not isinstance(value, bool)) if integer else _is_number(value)
-    if not good or not value > 0:
+    if not (is_int(value, 1) if integer else _is_number(value) and value > 0):
         raise ConfigError(f"{name}={value!r} must be a positive {'integer' if integer else 'finite number'}"
                           f"{_string_hint(value)}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import xarray as xr
@@ -25,17 +25,17 @@ def base_config(parameters: dict) -> dict:
     return {key: parameters[key] for key in RUN_PARAMETERS if key in parameters}
 
 
-def grid(base: dict, **axes: Sequence) -> list[RunConfig]:
+def grid(base: dict, **axes: Iterable) -> list[RunConfig]:
     """Every combination of the `axes` values over the `base` config (validated before anything runs)."""
-    keys = list(axes)
-    for key, values in axes.items():
+    for key, values in axes.items():  # any iterable but a string or mapping: lists, ranges, arrays
         if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
             raise ValueError(f"grid: {key}={values!r} must be a non-empty list of values, e.g. {key}: [{values}]")
-        axes[key] = list(values)  # ranges and arrays too
-        if not axes[key]:
-            raise ValueError(f"grid: {key} has no values; give at least one")
-    configs = [RunConfig.from_dict({**base, **dict(zip(keys, values))}) for values in itertools.product(*axes.values())]
-    return configs
+    values = {key: list(v) for key, v in axes.items()}
+    empty = [key for key, v in values.items() if not v]
+    if empty:
+        raise ValueError(f"grid: {empty[0]} has no values; give at least one")
+    return [RunConfig.from_dict({**base, **dict(zip(values, combination))})
+            for combination in itertools.product(*values.values())]
 
 
 def _run_one(config: RunConfig, results_dir: str, data_root: str | None, progress: bool) -> str:

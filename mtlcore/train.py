@@ -296,20 +296,11 @@ class Trainer:
             "torch_rng": torch.random.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "aggregator": self.aggregator.state_dict() if self.aggregator is not None else None,
-            # A randomised method's draws (PCGrad's orders, RLW's weights, ...) must continue, not restart.
-            "aggregator_rng": self._aggregator_rng_state(),
             "trajectory": {name: self.ds[name].values.copy() for name in self.ds.data_vars},
             "steps": self.ds["step"].values.copy(),
             "wall_seconds": self.ds.attrs.get("wall_seconds", 0.0),
             "metrics_seconds": self.factors.spent,
         }
-
-    def _aggregator_generator(self) -> torch.Generator | None:
-        return getattr(self.aggregator, "generator", None) if self.aggregator is not None else None
-
-    def _aggregator_rng_state(self) -> dict | None:
-        generator = self._aggregator_generator()
-        return None if generator is None else {"device": generator.device.type, "state": generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
@@ -322,13 +313,6 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         if self.aggregator is not None and state["aggregator"] is not None:
             self.aggregator.load_state_dict(state["aggregator"])
-        saved, generator = state.get("aggregator_rng"), self._aggregator_generator()
-        if saved is not None and generator is not None:
-            if saved["device"] == generator.device.type:
-                generator.set_state(saved["state"])
-            else:  # CPU and CUDA generators differ; such a run is not bit-identical to either anyway
-                log.warning("checkpoint from a %s run resumed on %s: the aggregator's random draws restart from the "
-                            "seed", saved["device"], generator.device.type)
         for name, values in state["trajectory"].items():
             self.ds[name].values[:] = values
         self.ds["step"].values[:] = state["steps"]
@@ -368,7 +352,9 @@ class Trainer:
         self.ds.attrs.update(status=self.status, message=self.message, wall_seconds=time.perf_counter() - started,
                              finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), epochs_done=self.epoch)
         if self.aggregator is not None:
-            self.ds.attrs["aggregator_state"] = json.dumps(_jsonable(self.aggregator.state_dict()))
+            state = self.aggregator.state_dict()
+            state.pop("generator", None)  # RNG bytes for resuming (in the checkpoint), not a result
+            self.ds.attrs["aggregator_state"] = json.dumps(_jsonable(state))
         return self.ds
 
 

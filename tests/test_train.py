@@ -100,7 +100,7 @@ def test_a_checkpoint_from_another_device_type_resumes(fake_data_root, tmp_path,
     cfg = config(("fashion1", "fashion2", "noisy_fashion"), epochs=3, aggregator="pcgrad")
 
     def as_if_from_cuda(state):
-        state["aggregator_rng"] = {"device": "cuda", "state": torch.zeros(16, dtype=torch.uint8)}
+        state["aggregator"]["generator"] = {"device": "cuda", "state": torch.zeros(16, dtype=torch.uint8)}
         return state
 
     resumed = _kill_and_resume(cfg, fake_data_root, tmp_path, monkeypatch, edit_checkpoint=as_if_from_cuda)

@@ -54,7 +54,8 @@ How the trainer uses them
   normalisation, every loss-level method); the others ignore the losses (the trainer checks them).
   A K×K solver that fails logs a warning on ``mtlcore.aggregators`` and uses the uniform mean weights
   1/K for that step (nashmtl keeps its previous α instead, as its authors' code does).
-* ``agg.state_dict()`` / ``agg.load_state_dict(state)`` checkpoint the method's state; ``agg.options``
+* ``agg.state_dict()`` / ``agg.load_state_dict(state)`` checkpoint the method's state (with a randomised
+  method's generator state, so a resumed run continues its draws); ``agg.options``
   holds the resolved options.
 """
 from __future__ import annotations

@@ -195,9 +195,18 @@ class Aggregator:
             elif isinstance(value, Tensor):
                 value = value.detach().clone()
             state[attribute] = value
+        if self.generator is not None:  # a resumed randomised method continues its draws instead of restarting
+            state["generator"] = {"device": self.generator.device.type, "state": self.generator.get_state()}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("generator")
+        if saved is not None and self.generator is not None:
+            if saved["device"] == self.generator.device.type:
+                self.generator.set_state(saved["state"])
+            else:  # CPU and CUDA generators differ; such a run is not bit-identical to either anyway
+                logger.warning("%s: state from a %s generator loaded on %s: the random draws restart from the seed",
+                               self.name, saved["device"], self.generator.device.type)
         if state.get("num_tasks") is None:
             self.num_tasks = None
             return

@@ -174,15 +174,13 @@ def load(tasks: list[str], train_size: int = 25_000, val_size: int = 5_000, test
                 labels = [lab[numpy_rng(data_seed, "noisy-labels", split).permutation(len(lab))]
                           for lab, split in zip(labels, ("train", "val", "test"))]
             out[task] = _task(task, images, labels, 10)
+    info = {"train_size": train_size, "val_size": val_size, "test_size": test_size, "data_seed": data_seed,
+            "data_root": str(root)}
     if "notmnist" in tasks:
-        x_pool, y_pool, pool = _notmnist_pool(notmnist_folder(root, download), train_size + val_size + test_size,
-                                        download)
+        needed = train_size + val_size + test_size
+        x_pool, y_pool, info["notmnist_pool"] = _notmnist_pool(notmnist_folder(root, download), needed, download)
         train, val, test = _take(len(x_pool), [train_size, val_size, test_size],
                                  numpy_rng(data_seed, "notmnist-split"), f"notMNIST (found under {root})")
         out["notmnist"] = _task("notmnist", [x_pool[train], x_pool[val], x_pool[test]],
                                 [y_pool[train], y_pool[val], y_pool[test]], 10)
-    info = {"train_size": train_size, "val_size": val_size, "test_size": test_size, "data_seed": data_seed,
-            "data_root": str(root)}
-    if "notmnist" in tasks:
-        info["notmnist_pool"] = pool
     return Setting("fashion_mtl", {t: out[t] for t in tasks}, encoder="lenet", info=info)

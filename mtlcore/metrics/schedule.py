@@ -41,7 +41,7 @@ VARIABLES = {"sharpness": ["sharpness"], "fisher_trace": ["fisher_trace"],
 
 def validate_metrics_config(metrics: dict, train_size: int | None = None) -> None:
     """Refuse unknown keys, factors and options, and sizes the measurements cannot have."""
-    from mtlcore.config import ConfigError
+    from mtlcore.config import ConfigError, is_int
 
     unknown = [k for k in metrics if k not in DEFAULTS]
     if unknown:
@@ -52,9 +52,9 @@ def validate_metrics_config(metrics: dict, train_size: int | None = None) -> Non
     if bad:
         raise ConfigError(f"unknown factor(s) {bad} in metrics.factors; valid factors: {list(FACTORS)}")
     every, examples = metrics.get("every", 1), metrics.get("examples", 2048)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    if not is_int(every, 1):
         raise ConfigError(f"metrics.every={every!r} must be a positive integer (epochs between measurements)")
-    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 2:
+    if not is_int(examples, 2):
         raise ConfigError(f"metrics.examples={examples!r} must be an integer >= 2")
     budget = metrics.get("budget_seconds")
     if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
