@@ -98,14 +98,18 @@ def early_phase_band(losses, n_bins: int = 20, skip_highest: int = 2, width: int
     return float(edges[n_bins - skip_highest - width]), float(edges[n_bins - skip_highest])
 
 
-def end_of_training_band(trajectory_losses: Sequence, n_bins: int = 20, width: int = 3) -> tuple[float, float]:
+def end_of_training_band(trajectory_losses: Sequence | xr.DataArray, n_bins: int = 20, width: int = 3, *,
+                         dim: str = "epoch") -> tuple[float, float]:
     """Loss interval of the end of training, set by the trajectory with the highest minimum loss.
 
     That trajectory's loss range is split into `n_bins` geometric bins and its `width` lowest-loss bins
     form the band, so every trajectory compared is measured at losses the worst-converged one reaches.
+    `trajectory_losses`: a sequence of trajectories, or a DataArray whose trajectories run along `dim`.
     """
     if not 1 <= width <= n_bins:
         raise ValueError(f"width must lie in [1, n_bins={n_bins}], got {width}")
+    if isinstance(trajectory_losses, xr.DataArray):
+        trajectory_losses = list(trajectory_losses.transpose(..., dim).values.reshape(-1, trajectory_losses.sizes[dim]))
     positive = [np.asarray(t, dtype=float) for t in trajectory_losses]
     minima = [t[t > 0].min() if (t > 0).any() else np.nan for t in positive]  # NaN > 0 is False
     if not minima or np.all(np.isnan(minima)):
@@ -128,11 +132,18 @@ def _best_validation_mean(val: np.ndarray, test: np.ndarray, k: int, higher_is_b
 
 def best_validation_mean(val, test, k: int = 10, *, higher_is_better: bool = True, dim: str = "epoch"):
     """Mean test score at the k checkpoints with the best validation score (fewer if fewer are measured)."""
+    _check_count(k)
     return _along(_best_validation_mean, val, test, dim=dim, k=k, higher_is_better=higher_is_better)
 
 
 def _measured(values: np.ndarray) -> np.ndarray:
     return values[~np.isnan(values)]
+
+
+def _check_count(k) -> None:
+    # values[-0:] is all of them and values[-(-1):] drops the first: a bad k would pass silently
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive int (how many checkpoints), got {k!r}")
 
 
 def _mean_of_last(values: np.ndarray, k: int) -> float:
@@ -141,11 +152,13 @@ def _mean_of_last(values: np.ndarray, k: int) -> float:
 
 def last_mean(values, k: int = 20, *, dim: str = "epoch"):
     """Mean of the last k measured values (sharpness and coherence near convergence)."""
+    _check_count(k)
     return _along(lambda v: _mean_of_last(_measured(v), k), values, dim=dim)
 
 
 def top_mean(values, k: int = 20, *, dim: str = "epoch"):
     """Mean of the k largest measured values (the FIM explosion)."""
+    _check_count(k)
     return _along(lambda v: _mean_of_last(np.sort(_measured(v)), k), values, dim=dim)
 
 
@@ -188,10 +201,11 @@ def _percent_change(smto: np.ndarray, uniform: np.ndarray) -> np.ndarray:
 def percent_change(smto, uniform):
     """%Δ = 100 · (SMTO − UMTG)/|UMTG| (REFERENCE §1.4, Fig. 4), elementwise; NaN where UMTG is 0 or unmeasured.
 
-    Numbers give a float, arrays an array, DataArrays a DataArray (aligned on their coordinates).
+    Numbers give a float, arrays an array, DataArrays a DataArray (matched by coordinate labels in any
+    order; NaN where one side lacks a label).
     """
     if isinstance(smto, xr.DataArray) or isinstance(uniform, xr.DataArray):
-        return xr.apply_ufunc(_percent_change, smto, uniform)
+        return xr.apply_ufunc(_percent_change, smto, uniform, join="outer")
     change = _percent_change(np.asarray(smto, dtype=float), np.asarray(uniform, dtype=float))
     return float(change) if change.ndim == 0 else change
 
@@ -205,14 +219,15 @@ class Correlation(NamedTuple):
 
 
 def correlations(x, y) -> Correlation:
-    """Pearson and Spearman correlation (scipy) with two-sided p-values over the pairs where both are measured.
+    """Pearson and Spearman correlation (scipy) with two-sided p-values over the pairs where both are measured
+    (finite: an inf is an overflow, not a value to rank).
 
     NaN coefficients when fewer than 3 pairs remain or when either side is constant.
     """
     x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
     if x.shape != y.shape:
         raise ValueError(f"x and y must pair up, got {x.size} and {y.size} values")
-    measured = ~np.isnan(x) & ~np.isnan(y)
+    measured = np.isfinite(x) & np.isfinite(y)
     x, y, n = x[measured], y[measured], int(measured.sum())
     if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return Correlation(float("nan"), float("nan"), float("nan"), float("nan"), n)

@@ -46,8 +46,12 @@ def _sweep(args) -> int:
         if not args.verbose:  # distributed logs every worker start at INFO
             logging.getLogger("distributed").setLevel(logging.WARNING)
         client = Client(args.dask) if args.dask != "local" else Client(processes=True, threads_per_worker=1)
-    paths = ensure_runs(configs, args.results_dir, data_root=args.data_root,
-                        executor="dask" if client else "local", dask_client=client)
+    try:
+        paths = ensure_runs(configs, args.results_dir, data_root=args.data_root,
+                            executor="dask" if client else "local", dask_client=client)
+    finally:
+        if client is not None:  # else its workers are killed at exit, with warnings
+            client.close()
     print(f"{len(paths)} runs under {Path(args.results_dir) / 'runs'}")
     return 0
 
@@ -58,7 +62,11 @@ def _data(args) -> int:
     module = setting_module(args.setting)
     setting = load_setting(args.setting, list(module.TASKS), {"train_size": 1, "val_size": 1, "test_size": 1},
                            root=args.data_root)
-    print(f"{args.setting}: all files present under {setting.info['data_root']}")
+    root = Path(setting.info["data_root"])
+    missing = getattr(module, "missing_optional_files", lambda root: [])(root)
+    print(f"{args.setting}: the required files are present under {root}")
+    for line in missing:
+        print(f"  missing (optional): {line}")
     return 0
 
 

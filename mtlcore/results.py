@@ -98,7 +98,7 @@ RUN_COORDS = ("run_id", "setting", "mode", "aggregator", "seed", "tasks", "statu
 
 
 def combine_runs(runs: Iterable[xr.Dataset | str | Path]) -> xr.Dataset:
-    """Stack runs along a `run` dimension; their attrs become coordinates along it.
+    """Stack runs along a `run` dimension; their attrs become coordinates along it (`config` too, as JSON).
 
     Runs with different task sets are outer-joined on `task` (NaN where a run lacks the task), and
     runs of different lengths on `epoch`.
@@ -110,5 +110,14 @@ def combine_runs(runs: Iterable[xr.Dataset | str | Path]) -> xr.Dataset:
     stacked = [ds.reset_coords("step").expand_dims("run") for ds in datasets]
     combined = xr.concat(stacked, dim="run", join="outer", combine_attrs="drop", data_vars="all",
                          coords="minimal", compat="override")
-    coords = {name: ("run", [ds.attrs[name] for ds in datasets]) for name in RUN_COORDS}
+    names = list(dict.fromkeys([*RUN_COORDS, *(name for ds in datasets for name in ds.attrs)]))
+    coords = {name: ("run", _attr_column(datasets, name)) for name in names}
     return combined.assign_coords(coords).assign_coords(run=[ds.attrs["run_id"] for ds in datasets])
+
+
+def _attr_column(datasets: list[xr.Dataset], name: str) -> list:
+    """One run attribute across runs (config included, so runs of a sweep can be told apart); a run
+    without it gets NaN among numbers, else ""."""
+    values = [ds.attrs.get(name) for ds in datasets]
+    numeric = all(isinstance(v, (int, float, np.number)) for v in values if v is not None)
+    return [(np.nan if numeric else "") if v is None else v for v in values]

@@ -50,14 +50,22 @@ def ensure_runs(configs: Iterable[RunConfig], results_dir: str | Path, *, data_r
     """Make sure every config has a finished run file under `results_dir/runs/`; return the paths.
 
     `executor="dask"` maps the missing runs over `dask_client` (or a new local `distributed.Client`).
-    A diverged run is saved with status "diverged" and the others go on.
+    A diverged run is saved with status "diverged" and the others go on. Configs that resolve to the same
+    run (same content hash, e.g. `seed: [0, 0]` or `lr: [0.01, 1.0e-2]`) are trained and returned once,
+    so a repeated value never counts as two seeds.
     """
     from mtlcore.train import run_path
 
-    configs = list(configs)
     results_dir = str(results_dir)
     root = None if data_root is None else str(data_root)
-    paths = [run_path(c, results_dir) for c in configs]
+    configs = list(configs)
+    unique: dict[Path, RunConfig] = {}
+    for config in configs:
+        unique.setdefault(run_path(config, results_dir), config)
+    if len(unique) < len(configs):
+        log.warning("%d of the %d configs repeat another one (same run hash): each run is trained and counted once",
+                    len(configs) - len(unique), len(configs))
+    paths, configs = list(unique), list(unique.values())
     todo = [c for c, p in zip(configs, paths) if not p.exists()]
     log.info("%d runs requested, %d on disk, %d to train", len(configs), len(configs) - len(todo), len(todo))
     if todo and executor == "local":
@@ -67,9 +75,13 @@ def ensure_runs(configs: Iterable[RunConfig], results_dir: str | Path, *, data_r
         from distributed import Client, as_completed
 
         client = dask_client or Client(processes=True, threads_per_worker=1)
-        futures = client.map(_run_one, todo, results_dir=results_dir, data_root=root, progress=False, pure=False)
-        for future in tqdm(as_completed(futures), total=len(futures), desc="runs (dask)", disable=not progress):
-            future.result()
+        try:
+            futures = client.map(_run_one, todo, results_dir=results_dir, data_root=root, progress=False, pure=False)
+            for future in tqdm(as_completed(futures), total=len(futures), desc="runs (dask)", disable=not progress):
+                future.result()
+        finally:
+            if dask_client is None:  # ours: close it, or its workers outlive the call (and warn when killed)
+                client.close()
     elif todo:
         raise ValueError(f"executor={executor!r}; use 'local' or 'dask'")
     return paths

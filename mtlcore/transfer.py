@@ -6,6 +6,7 @@ datasets: their `run`/`task`/`epoch` dims and the attrs that label a configurati
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,23 +39,47 @@ def label_configurations(runs: xr.Dataset, target: str) -> xr.Dataset:
     return runs.assign_coords(configuration=("run", [configuration_label(t, target) for t in runs["tasks"].values]))
 
 
+def _trained(values):
+    """Leave out epoch 0, the untrained model: the same for every configuration of a seed."""
+    return values.sel(epoch=values["epoch"] > 0) if "epoch" in values.coords else values.isel(epoch=slice(1, None))
+
+
+def _completed(summary, runs):
+    """NaN for runs that did not complete (diverged), so that `delta` leaves them out."""
+    return summary.where(runs["status"] == "complete") if "status" in runs.coords else summary
+
+
 def generalization(val_score: xr.DataArray, test_score: xr.DataArray, k: int = 10) -> xr.DataArray:
-    """One number per trajectory: mean test score at its `k` best-validation checkpoints."""
-    return analysis.best_validation_mean(val_score, test_score, k=k).rename("generalization")
+    """One number per trajectory: mean test score at its `k` best-validation trained checkpoints (NaN for a
+    run that did not complete)."""
+    summary = analysis.best_validation_mean(_trained(val_score), _trained(test_score), k=k)
+    return _completed(summary, val_score).rename("generalization")
 
 
 def trajectory_summaries(runs: xr.Dataset, k_best: int = 10, k_last: int = 20, k_top: int = 20) -> xr.Dataset:
-    """Generalization and each measured factor reduced to one number per trajectory (run, task)."""
+    """Generalization and each measured factor reduced to one number per trajectory (run, task).
+
+    Only trained checkpoints count (epoch 0 is left out). `k_last` and `k_top` are in epochs, as REFERENCE
+    §1.4's "last 20 checkpoints" of a factor measured every epoch: a factor measured every n-th epoch
+    averages its ceil(k / n) last or largest values, so that the window covers the same part of training.
+    Runs that did not complete (diverged) get NaN, which `delta` leaves out.
+    """
     out = {"generalization": generalization(runs["val_score"], runs["test_score"], k_best)}
+    trained = _trained(runs)
+    epochs = trained.sizes["epoch"]
     for name, (variable, how) in FACTOR_SUMMARIES.items():
-        values = runs[variable]
+        values = trained[variable]
+        others = [d for d in values.dims if d != "epoch"]
+        measured = int((values.notnull().any(others) if others else values.notnull()).sum())
+        k = k_last if how == "last" else k_top
+        k = max(1, math.ceil(k * measured / epochs)) if epochs else k
         if how == "last":
-            out[name] = analysis.last_mean(values, k=k_last)
+            out[name] = analysis.last_mean(values, k=k)
         elif how == "top":
-            out[name] = analysis.top_mean(values, k=k_top)
+            out[name] = analysis.top_mean(values, k=k)
         else:
             out[name] = values.min("epoch", skipna=True)
-    return xr.Dataset(out)
+    return _completed(xr.Dataset(out), runs)
 
 
 def delta_table(values: xr.DataArray | xr.Dataset, labels: xr.DataArray, reference: str = "STL") -> pd.DataFrame:
@@ -66,9 +91,12 @@ def delta_table(values: xr.DataArray | xr.Dataset, labels: xr.DataArray, referen
     labels = np.asarray(labels.values)
     if reference not in set(labels):
         raise ValueError(f"no run labelled {reference!r}; labels: {sorted(set(labels))}")
+    counted = np.zeros(len(labels), dtype=bool)  # runs with a value in some quantity (not diverged)
+    for variable in data.data_vars.values():
+        counted |= np.isfinite(np.asarray(variable.values, dtype=float)).reshape(len(labels), -1).any(axis=1)
     rows = []
     for label in dict.fromkeys(labels):
-        row = {"configuration": label, "seeds": int((labels == label).sum())}
+        row = {"configuration": label, "seeds": int((counted & (labels == label)).sum())}
         for name, variable in data.data_vars.items():
             d = analysis.delta(variable.values[labels == label], variable.values[labels == reference])
             row.update({f"{name}": d.mtl_mean, f"{name}_std": d.mtl_std, f"delta_{name}": d.delta,
@@ -111,8 +139,14 @@ def common_loss_levels(loss: np.ndarray, n_levels: int) -> np.ndarray:
 
 
 def gaps_at_loss(loss: xr.DataArray, score: xr.DataArray, labels: xr.DataArray, reference: str = "STL",
-                 n_levels: int = 6) -> pd.DataFrame:
-    """Score gaps to `reference` at common training-loss levels, with the ±2 std significance test."""
+                 n_levels: int = 6, skip_first: int = 1) -> pd.DataFrame:
+    """Score gaps to `reference` at common training-loss levels, with the ±2 std significance test.
+
+    The first `skip_first` checkpoints are left out (REFERENCE §1.4: skip the very first, abnormally
+    high-loss points): between the untrained model and epoch 1 the score jumps from chance, and a level
+    read there by interpolation compares a straight line with a real checkpoint.
+    """
+    loss, score = (a.transpose("run", "epoch").isel(epoch=slice(skip_first, None)) for a in (loss, score))
     levels = common_loss_levels(loss.values, n_levels)
     labels = np.asarray(labels.values)
     ref = labels == reference

@@ -59,7 +59,7 @@ print(f"{len(configs)} runs: {len(task_sets)} configurations x {len(seeds)} seed
 
 # %% tags=["remove-stderr"]
 runs = transfer.label_configurations(load_runs(configs, results_dir, data_root=data_root or None, executor=executor), target)
-print("diverged runs:", diverged_runs(runs) or "none")
+print("diverged runs (left out of every summary):", diverged_runs(runs) or "none")
 
 # %% [markdown]
 # ## Figure 1: Fashion1 test accuracy against Fashion1 training loss
@@ -79,9 +79,9 @@ plt.show()
 
 # %% [markdown]
 # ## Final transfer
-# Generalization of a trajectory = mean test accuracy of its 10 best-validation checkpoints
-# (REFERENCE §1.4). Transfer Δ = mean over seeds of MTL − mean of STL; significant when the ±2 std
-# intervals do not overlap.
+# Generalization of a trajectory = mean test accuracy of its 10 best-validation trained checkpoints
+# (REFERENCE §1.4; runs that diverged are left out). Transfer Δ = mean over seeds of MTL − mean of
+# STL; significant when the ±2 std intervals do not overlap.
 
 # %%
 summary = transfer.generalization(target_runs["val_score"], target_runs["test_score"], k=10)
@@ -91,7 +91,9 @@ display(table.style.format(precision=4))
 # %% [markdown]
 # ## Is the gap there early, at comparable training loss?
 # Each trajectory's test accuracy is read off (log-linear interpolation) at common training-loss levels
-# that every trajectory passes through, from the highest loss they all share down to the lowest.
+# that every trajectory passes through after its first epoch, from the highest loss they all share down
+# to the lowest. The untrained model is left out: between it and epoch 1 the accuracy jumps from chance,
+# and a straight line across that jump is no trajectory.
 # "× final" is how far the level lies above the STL run's final training loss.
 
 # %%
@@ -105,14 +107,19 @@ display(shown.sort_index(ascending=False))
 # %% tags=["hide-input"]
 def verdict(partner_label, expected_sign):
     row = table.loc[partner_label]
-    sign = "positive" if row["delta"] > 0 else "negative"
-    ok = (row["delta"] > 0) == (expected_sign > 0) and row["significant"]
-    early = gaps[gaps["configuration"] == partner_label]
-    early = early[early["significant"] & (np.sign(early["delta"]) == expected_sign)]
-    when = (f"already significant at a training loss {early['x_final'].max():.0f}× above STL's final loss"
-            if len(early) else "not significant at any of the common loss levels")
-    return ok, (f"**{partner_label}**: Δ = {row['delta']:+.4f} ({sign}, "
-                f"{'significant' if row['significant'] else 'not significant'}); the gap in the same direction is {when}.")
+    sign = np.sign(row["delta"])
+    ok = sign == expected_sign and row["significant"]
+    at_levels = gaps[(gaps["configuration"] == partner_label) & gaps["significant"]]
+    same = at_levels[np.sign(at_levels["delta"]) == sign]
+    when = (f"already significant at a training loss {same['x_final'].max():.1f}× above STL's final loss"
+            if len(same) else "not significant at any of the common loss levels")
+    opposite = at_levels[np.sign(at_levels["delta"]) == -sign]
+    against = (f" At {len(opposite)} level(s) the gap is significant with the opposite sign "
+               f"({', '.join(f'{d:+.4f} at {x:.1f}×' for d, x in zip(opposite['delta'], opposite['x_final']))})."
+               if len(opposite) else "")
+    return ok, (f"**{partner_label}**: Δ = {row['delta']:+.4f} ({'positive' if sign > 0 else 'negative'}, "
+                f"{'significant' if row['significant'] else 'not significant'}); the gap in the same direction is {when}."
+                + against)
 
 lines = []
 checks = []

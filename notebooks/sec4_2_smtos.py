@@ -57,7 +57,7 @@ print(f"{len(configs)} runs: {len(partners)} task pairs x {1 + len(aggregators)}
 
 # %% tags=["remove-stderr"]
 runs = transfer.label_configurations(load_runs(configs, results_dir, data_root=data_root or None, executor=executor), target)
-print("diverged runs:", diverged_runs(runs) or "none")
+print("diverged runs (left out of every summary):", diverged_runs(runs) or "none")
 
 # %% [markdown]
 # ## Generalization of each task under each aggregator

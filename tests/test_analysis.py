@@ -106,3 +106,36 @@ def test_correlations_against_hand_computed_values():
     assert 0 < result.pearson_p < 0.1
     degenerate = analysis.correlations([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])
     assert math.isnan(degenerate.pearson) and degenerate.n == 3
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.0, True])
+def test_summaries_refuse_a_count_that_is_not_positive(k):
+    values = np.array([1.0, 2.0, 3.0, 4.0])
+    for summary in (lambda: analysis.last_mean(values, k=k), lambda: analysis.top_mean(values, k=k),
+                    lambda: analysis.best_validation_mean(values, values, k=k)):
+        with pytest.raises(ValueError, match="k must be a positive int"):
+            summary()
+
+
+def test_end_of_training_band_takes_a_dataarray_of_trajectories():
+    fast, slow = np.geomspace(2.3, 1e-3, 30), np.geomspace(2.3, 1e-2, 30)
+    expected = analysis.end_of_training_band([fast, slow])
+    for dims, data in ((("run", "epoch"), np.stack([fast, slow])), (("epoch", "run"), np.stack([fast, slow]).T)):
+        assert analysis.end_of_training_band(xr.DataArray(data, dims=dims)) == pytest.approx(expected)
+    assert expected[0] == pytest.approx(1e-2)  # set by the slower trajectory
+
+
+def test_percent_change_matches_labels_in_any_order():
+    smto = xr.DataArray([110.0, 90.0], dims=["task"], coords={"task": ["a", "b"]})
+    uniform = xr.DataArray([100.0, 100.0, 5.0], dims=["task"], coords={"task": ["b", "a", "c"]})
+    change = analysis.percent_change(smto, uniform)
+    assert float(change.sel(task="a")) == pytest.approx(10.0) and float(change.sel(task="b")) == pytest.approx(-10.0)
+    assert np.isnan(float(change.sel(task="c")))
+
+
+def test_correlations_leave_out_infinite_values():
+    x = np.array([1.0, 2.0, 3.0, np.inf, 5.0])
+    y = np.array([2.0, 4.0, 7.0, 8.0, 10.0])
+    c = analysis.correlations(x, y)
+    assert c.n == 4
+    assert c.pearson == pytest.approx(np.corrcoef(x[[0, 1, 2, 4]], y[[0, 1, 2, 4]])[0, 1])

@@ -118,3 +118,16 @@ def test_environment_yml_pins_match_pyproject():
     pinned = {d for d in project if "==" in d}
     assert pinned and pinned <= set(pip)
     assert "python=3.11" in env
+
+
+def test_cli_data_names_the_optional_files_it_lacks(fake_data_root, tmp_path, capsys):
+    from conftest import write_fake_mnist_folder
+    from mtlcore.cli import main
+
+    assert main(["data", "fashion_mtl", "--data-root", str(fake_data_root)]) == 0
+    out = capsys.readouterr().out
+    assert "required files are present" in out and "missing (optional)" in out and "train-images-idx3-ubyte.gz" in out
+    write_fake_mnist_folder(tmp_path / "fashion-mnist", 1200, 400, seed=1)
+    write_fake_mnist_folder(tmp_path / "notmnist", 100, 600, seed=2, with_train=True)
+    assert main(["data", "fashion_mtl", "--data-root", str(tmp_path)]) == 0
+    assert "missing" not in capsys.readouterr().out

@@ -2,6 +2,7 @@
 records divergence; run files are written atomically and skipped when done."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -159,6 +160,18 @@ def test_combine_outer_joins_tasks(fake_data_root):
     assert combined.sizes == {"run": 2, "epoch": 2, "task": 2}
     assert np.isnan(combined["train_loss"].sel(task="notmnist").values[0]).all()
     assert list(combined["mode"].values) == ["stl", "mtl"]
+    # every run attribute is a coordinate along run: runs of a sweep can be told apart by their config
+    assert [json.loads(c)["tasks"] for c in combined["config"].values] == [["fashion1"], ["fashion1", "notmnist"]]
+    assert set(stl.attrs) <= set(combined.coords)
+
+
+def test_a_repeated_config_is_trained_and_counted_once(fake_data_root, tmp_path, caplog):
+    configs = [config(epochs=1), config(epochs=1), config(epochs=1, seed=1), config(epochs=1, lr=5.0e-2)]
+    assert configs[3].lr == configs[0].lr  # BASE's lr 0.05 written another way: the same run
+    with caplog.at_level("WARNING", logger="mtlcore.runner"):
+        paths = ensure_runs(configs, tmp_path, data_root=fake_data_root, progress=False)
+    assert len(paths) == 2 == len(set(paths)) and "2 of the 4 configs repeat" in caplog.text
+    assert [ds.attrs["seed"] for ds in map(load_run, paths)] == [0, 1]
 
 
 @pytest.mark.parametrize("name, options", [("mgda", {}), ("pcgrad", {}), ("gradnorm", {}), ("famo", {}),

@@ -88,3 +88,54 @@ def test_analysis_dataset_round_trips(tmp_path):
     back = xr.open_dataset(tmp_path / "a.nc", engine="h5netcdf")
     assert float(back["transfer_delta"].sel(configuration="A")) == pytest.approx(0.1)
     assert list(back["run_configuration"].values) == ["STL", "STL", "A", "A"]
+
+
+def test_gaps_at_loss_skip_the_untrained_checkpoint():
+    # Every run follows the same score-against-loss curve once trained; STL reaches a lower loss at epoch 1.
+    # Read between epoch 0 (chance) and epoch 1, STL's score would be a straight line from chance, below the
+    # partner's real checkpoint: a spurious positive gap.
+    curve = lambda loss: 0.9 - 0.3 * np.log10(loss)  # noqa: E731
+    stl = np.array([2.3, 1.3, 0.5, 0.1, 0.02])
+    mtl = np.array([2.3, 1.7, 0.5, 0.1, 0.02])
+    loss = np.stack([stl * 1.001, stl, mtl * 1.001, mtl])
+    score = np.where(np.arange(5) == 0, 0.1, curve(loss))
+    dims = ["run", "epoch"]
+    labels = xr.DataArray(["STL", "STL", "A", "A"], dims=["run"])
+    gaps = transfer.gaps_at_loss(xr.DataArray(loss, dims=dims), xr.DataArray(score, dims=dims), labels, n_levels=8)
+    assert (gaps["loss_level"] < 1.3).all()
+    np.testing.assert_allclose(gaps["delta"], 0.0, atol=1e-3)
+    assert not gaps["significant"].any()
+    with_untrained = transfer.gaps_at_loss(xr.DataArray(loss, dims=dims), xr.DataArray(score, dims=dims), labels,
+                                           n_levels=8, skip_first=0)
+    assert with_untrained["significant"].any()  # the artefact the default avoids
+
+
+def _factor_runs(every, epochs=40):
+    """Two runs (STL, MTL) of one task; factors measured every `every` epochs and at epoch 0."""
+    e = np.arange(epochs + 1)
+    measured = e % every == 0
+    sharp = np.where(measured, e.astype(float), np.nan)  # sharpness = epoch number: easy means
+    sharp[0] = 1e6  # epoch 0 is the untrained model: never part of a summary
+    val = np.where(e == 0, 1.0, e / 100)  # the untrained model has the "best" validation score
+    data = {name: (("run", "epoch", "task"), np.stack([v, v])[:, :, None]) for name, v in
+            {"sharpness": sharp, "fisher_trace": sharp, "grad_cov_trace": sharp, "train_loss": 1.0 / (1 + e),
+             "val_score": val, "test_score": e / 100}.items()}
+    return xr.Dataset(data, coords={"run": ["a", "b"], "epoch": e, "task": ["t"],
+                                    "status": ("run", ["complete", "diverged"])})
+
+
+@pytest.mark.parametrize("every, last, top", [(1, np.arange(21, 41).mean(), np.arange(21, 41).mean()),
+                                              (10, 35.0, 35.0), (4, np.arange(24, 41, 4).mean(), np.arange(24, 41, 4).mean())])
+def test_trajectory_summaries_cover_the_last_20_epochs_without_the_untrained_model(every, last, top):
+    summaries = transfer.trajectory_summaries(_factor_runs(every)).sel(task="t")
+    assert float(summaries["sharpness"].sel(run="a")) == pytest.approx(last)
+    assert float(summaries["fisher_trace"].sel(run="a")) == pytest.approx(top)
+    assert float(summaries["generalization"].sel(run="a")) == pytest.approx(np.arange(31, 41).mean() / 100)
+    assert float(summaries["min_train_loss"].sel(run="a")) == pytest.approx(1 / 41)
+    assert summaries.sel(run="b").to_array().isnull().all()  # the diverged run counts nowhere
+
+
+def test_delta_table_counts_only_runs_with_values():
+    summary, labels = _runs([0.80, 0.82, np.nan, 0.90, 0.92, 0.91], ["STL", "STL", "STL", "A", "A", "A"])
+    table = transfer.delta_table(summary, labels)
+    assert table.loc["STL", "seeds"] == 2 and table.loc["A", "seeds"] == 3

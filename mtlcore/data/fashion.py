@@ -114,6 +114,15 @@ def _notmnist_pool(folder: Path, needed: int, download: bool) -> tuple[np.ndarra
     return np.concatenate([x, x_train]), np.concatenate([y, y_train]), "t10k+train"
 
 
+def missing_optional_files(root: Path) -> list[str]:
+    """What `mtlcore data` should mention: notMNIST's train files, needed only beyond the t10k file's size."""
+    folder = notmnist_folder(root, download=False)
+    if find_files(folder, ["."], NOTMNIST_TRAIN_FILES) is not None:
+        return []
+    return [f"notMNIST {NOTMNIST_TRAIN_FILES} in {folder}: needed when train_size + val_size + test_size exceeds "
+            f"the t10k file's 10,000 images (the paper profile needs 35,000); download them from {NOTMNIST_URL}"]
+
+
 def _take(pool: int, sizes: list[int], rng: np.random.Generator, what: str) -> list[np.ndarray]:
     """Disjoint random index sets of the given sizes from range(pool)."""
     if sum(sizes) > pool:
