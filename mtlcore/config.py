@@ -17,8 +17,10 @@ import yaml
 # mtlcore.metrics.scores; 3: fused optimizer updates; 4: J-path grads in the parameters' layout;
 # 5: thread-independent input standardisation (and IMTL-G's rewrite, equal up to ~1e-12 rounding);
 # 6: Fisher trace from per-parameter blocks of the vmap gradients (equal up to ~2e-7 rounding);
-# 7: aggregator and metrics defaults in the hash; notMNIST's pool set by the sizes, not by the files present.
-RESULTS_VERSION = "7"
+# 7: aggregator and metrics defaults in the hash; notMNIST's pool set by the sizes, not by the files present;
+# 8: solver fixes (Nash-MTL's Newton, CAGrad's SLSQP tolerance, IMTL-G's rank, GradVac's guard, the PSD factor of
+# MGDA/UPGrad/DualProj on unit gradients).
+RESULTS_VERSION = "8"
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LOSS_SCALES = ("sum", "mean")

@@ -20,9 +20,18 @@ class SolverError(RuntimeError):
 
 
 def psd_factor(G: np.ndarray) -> np.ndarray:
-    """R (K×K) with RᵀR = G; rounding's tiny negative eigenvalues are clipped to 0."""
-    eigenvalues, eigenvectors = np.linalg.eigh((G + G.T) / 2)
-    return np.sqrt(np.clip(eigenvalues, 0.0, None))[:, None] * eigenvectors.T
+    """R (K×K) with RᵀR = G; rounding's tiny negative eigenvalues are clipped to 0.
+
+    Factorised as R_C·D^½ with C = D^-½ G D^-½ (D = diag G, the unit gradients' Gramian): for gradients whose
+    norms differ by 1e6, eigh on G itself resolved the small ones' directions only to ~1e-4.
+    """
+    norms = np.sqrt(np.clip(np.diagonal(G), 0.0, None))
+    live = norms > 0
+    C = G[np.ix_(live, live)] / np.outer(norms[live], norms[live])
+    eigenvalues, eigenvectors = np.linalg.eigh((C + C.T) / 2)
+    R = np.zeros_like(G, dtype=float)
+    R[: int(live.sum()), live] = np.sqrt(np.clip(eigenvalues, 0.0, None))[:, None] * eigenvectors.T * norms[live]
+    return R
 
 
 def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -35,6 +35,9 @@ def cagrad_weights(G: np.ndarray, c: float) -> np.ndarray:
     result = minimize(
         objective, mean_weights, jac=gradient, method="SLSQP", bounds=[(0.0, 1.0)] * num_tasks,
         constraints={"type": "eq", "fun": lambda w: 1.0 - w.sum(), "jac": lambda w: -np.ones_like(w)},
+        # SLSQP's ftol is absolute and the objective on the normalised G is only ~1e-4..1e-3: its default
+        # 1e-6 stopped up to 2% away from the optimum (300 random cases: all converge at 1e-14, in ~40 iterations)
+        options={"ftol": 1e-14, "maxiter": 500},
     )
     if not result.success or not np.isfinite(result.x).all():
         raise SolverError(f"SLSQP: {result.message}")

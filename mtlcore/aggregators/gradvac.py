@@ -13,7 +13,9 @@ import torch
 from mtlcore.aggregators.base import WeightedAggregator, check_number, normalize_gramian
 from mtlcore.aggregators.pcgrad import others_in_random_order
 
-_EPS = 1e-8  # LibMTL's guard; G is trace-normalised first so it is relative
+# LibMTL's guard adds 1e-8 to the denominators; here it scales them by 1 + 1e-8, so that it stays relative for
+# a small gradient among large ones (an added 1e-8 distorted such cosines by ~10%), and zero ones are skipped.
+_EPS = 1e-8
 
 
 class GradVac(WeightedAggregator):
@@ -37,13 +39,15 @@ class GradVac(WeightedAggregator):
             for j in others_in_random_order(i, num_tasks, self.generator):
                 norm_i = math.sqrt(max(A[i] @ G @ A[i], 0.0))
                 norm_j = math.sqrt(max(G[j, j], 0.0))
-                cosine = (A[i] @ G[:, j]) / (norm_i * norm_j + _EPS)
+                norms = norm_i * norm_j
+                cosine = (A[i] @ G[:, j]) / (norms * (1 + _EPS)) if norms > 0 else 0.0
                 target = targets[i, j]
-                if cosine < target:
+                sin_target = math.sqrt(max(1 - target**2, 0.0))
+                if cosine < target and norm_j * sin_target > 0:
                     A[i, j] += (
                         norm_i
-                        * (target * math.sqrt(max(1 - cosine**2, 0.0)) - cosine * math.sqrt(max(1 - target**2, 0.0)))
-                        / (norm_j * math.sqrt(max(1 - target**2, 0.0)) + _EPS)
+                        * (target * math.sqrt(max(1 - cosine**2, 0.0)) - cosine * sin_target)
+                        / (norm_j * sin_target * (1 + _EPS))
                     )
                 targets[i, j] = (1 - beta) * target + beta * cosine
         self.targets = torch.from_numpy(targets)

@@ -12,18 +12,23 @@ from mtlcore.aggregators.base import WeightedAggregator, normalize_gramian, unif
 def imtl_g_weights(G: np.ndarray) -> np.ndarray:
     """w ∝ G⁺ √diag(G), normalised to Σw = 1 (closed form of the paper's condition).
 
-    The pseudo-inverse drops eigenvalues below RANK_RTOL·max: for rank-deficient G the equal
-    projections are met in the least-squares sense. w = 1/K when Σw = 0 (e.g. J = 0).
+    Computed as D^-½ C⁺ 1 with C = D^-½ G D^-½ the Gramian of the unit gradients (D = diag G), so the rank
+    is judged on directions, not on norms: a small but independent gradient is a task, not rank
+    deficiency. C⁺ drops eigenvalues below RANK_RTOL·max, so for dependent gradients the equal
+    projections are met in the least-squares sense. Zero gradients get weight 0; w = 1/K when Σw = 0.
     """
     G, scale = normalize_gramian(G)
     if not scale > 0:
         return uniform_weights(len(G))
-    # G⁺ s from one symmetric eigendecomposition (pinv(hermitian=True) without its overhead); eigh reads one
-    # triangle and sorts the eigenvalues ascending, so the largest is the last. Dropped eigenvalues become inf,
-    # so their inverse is 0 without a division warning.
-    eigenvalues, eigenvectors = np.linalg.eigh(G)
+    norms = np.sqrt(np.maximum(np.diagonal(G), 0.0))
+    live = norms > 0
+    C = G[np.ix_(live, live)] / np.outer(norms[live], norms[live])
+    # C⁺1 from one symmetric eigendecomposition (pinv(hermitian=True) without its overhead); eigh sorts the
+    # eigenvalues ascending, so the largest is the last. Dropped ones become inf: their inverse is 0.
+    eigenvalues, eigenvectors = np.linalg.eigh(C)
     kept = np.where(eigenvalues > RANK_RTOL * eigenvalues[-1], eigenvalues, np.inf)
-    v = eigenvectors @ ((eigenvectors.T @ np.sqrt(np.maximum(np.diagonal(G), 0.0))) / kept)
+    v = np.zeros(len(G))
+    v[live] = (eigenvectors @ (eigenvectors.sum(axis=0) / kept)) / norms[live]
     total = float(v.sum())
     return v / total if total > 0 and math.isfinite(total) else uniform_weights(len(G))
 

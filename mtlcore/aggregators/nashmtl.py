@@ -40,8 +40,12 @@ def nash_weights(G: np.ndarray, start: np.ndarray, max_iter: int = 100, tol: flo
         t = 1.0
         while np.any(alpha - t * step <= 0):  # stay in α > 0
             t *= 0.5
-        while f(alpha - t * step) > f(alpha) - 1e-4 * t * (gradient @ step) and t > 1e-12:  # Armijo
-            t *= 0.5
+        # Armijo only while the Newton decrement λ² = gradientᵀstep is large: f is self-concordant, so below
+        # λ² = 0.01 full steps converge quadratically, and there f's decrease (~λ²) soon falls under its rounding,
+        # which made the line search take tiny steps and stall at residuals ~1e-8 in 1-3% of random cases.
+        if gradient @ step > 0.01:
+            while f(alpha - t * step) > f(alpha) - 1e-4 * t * (gradient @ step) and t > 1e-12:
+                t *= 0.5
         alpha = alpha - t * step
         if not np.isfinite(alpha).all():
             break
