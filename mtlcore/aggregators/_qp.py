@@ -25,12 +25,19 @@ def psd_factor(G: np.ndarray) -> np.ndarray:
     Factorised as R_C·D^½ with C = D^-½ G D^-½ (D = diag G, the unit gradients' Gramian): for gradients whose
     norms differ by 1e6, eigh on G itself resolved the small ones' directions only to ~1e-4.
     """
-    norms = np.sqrt(np.clip(np.diagonal(G), 0.0, None))
+    # eigh reads one triangle, so rounding's asymmetry of G does not matter; np.maximum, not np.clip, and
+    # products, not np.outer: each saves ~10 µs on a 3×3 G, and this runs every step.
+    norms = np.sqrt(np.maximum(G.diagonal(), 0.0))
     live = norms > 0
-    C = G[np.ix_(live, live)] / np.outer(norms[live], norms[live])
-    eigenvalues, eigenvectors = np.linalg.eigh((C + C.T) / 2)
-    R = np.zeros_like(G, dtype=float)
-    R[: int(live.sum()), live] = np.sqrt(np.clip(eigenvalues, 0.0, None))[:, None] * eigenvectors.T * norms[live]
+    every = live.all()  # the usual case, without the indexing
+    inverse = 1.0 / np.where(live, norms, 1.0)
+    C = G * inverse[:, None] * inverse
+    eigenvalues, eigenvectors = np.linalg.eigh(C if every else C[np.ix_(live, live)])
+    factor = np.sqrt(np.maximum(eigenvalues, 0.0))[:, None] * eigenvectors.T
+    if every:
+        return factor * norms
+    R = np.zeros_like(G, dtype=float)  # zero gradients: zero columns
+    R[: len(factor), live] = factor * norms[live]
     return R
 
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from mtlcore.aggregators._qp import RANK_RTOL
-from mtlcore.aggregators.base import WeightedAggregator, normalize_gramian, uniform_weights
+from mtlcore.aggregators.base import WeightedAggregator, uniform_weights
 
 
 def imtl_g_weights(G: np.ndarray) -> np.ndarray:
@@ -17,18 +17,24 @@ def imtl_g_weights(G: np.ndarray) -> np.ndarray:
     deficiency. C⁺ drops eigenvalues below RANK_RTOL·max, so for dependent gradients the equal
     projections are met in the least-squares sense. Zero gradients get weight 0; w = 1/K when Σw = 0.
     """
-    G, scale = normalize_gramian(G)
-    if not scale > 0:
-        return uniform_weights(len(G))
-    norms = np.sqrt(np.maximum(np.diagonal(G), 0.0))
+    norms = np.sqrt(np.maximum(G.diagonal(), 0.0))  # C is scale-free: no trace normalisation needed
     live = norms > 0
-    C = G[np.ix_(live, live)] / np.outer(norms[live], norms[live])
+    if not live.any():
+        return uniform_weights(len(G))
+    every = live.all()  # the usual case, without the indexing (this runs every step)
+    inverse = 1.0 / np.where(live, norms, 1.0)
+    C = G * inverse[:, None] * inverse
+    C = C if every else C[np.ix_(live, live)]
     # C⁺1 from one symmetric eigendecomposition (pinv(hermitian=True) without its overhead); eigh sorts the
     # eigenvalues ascending, so the largest is the last. Dropped ones become inf: their inverse is 0.
     eigenvalues, eigenvectors = np.linalg.eigh(C)
     kept = np.where(eigenvalues > RANK_RTOL * eigenvalues[-1], eigenvalues, np.inf)
-    v = np.zeros(len(G))
-    v[live] = (eigenvectors @ (eigenvectors.sum(axis=0) / kept)) / norms[live]
+    unit_weights = eigenvectors @ (eigenvectors.sum(axis=0) / kept)
+    if every:
+        v = unit_weights / norms
+    else:
+        v = np.zeros(len(G))
+        v[live] = unit_weights / norms[live]
     total = float(v.sum())
     return v / total if total > 0 and math.isfinite(total) else uniform_weights(len(G))
 
