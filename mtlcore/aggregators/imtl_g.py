@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from mtlcore.aggregators._qp import RANK_RTOL
+from mtlcore.aggregators._qp import RANK_RTOL, unit_gramian
 from mtlcore.aggregators.base import WeightedAggregator, uniform_weights
 
 
@@ -17,20 +17,15 @@ def imtl_g_weights(G: np.ndarray) -> np.ndarray:
     deficiency. C⁺ drops eigenvalues below RANK_RTOL·max, so for dependent gradients the equal
     projections are met in the least-squares sense. Zero gradients get weight 0; w = 1/K when Σw = 0.
     """
-    norms = np.sqrt(np.maximum(G.diagonal(), 0.0))  # C is scale-free: no trace normalisation needed
-    live = norms > 0
+    C, norms, live = unit_gramian(G)  # scale-free: no trace normalisation needed
     if not live.any():
         return uniform_weights(len(G))
-    every = live.all()  # the usual case, without the indexing (this runs every step)
-    inverse = 1.0 / np.where(live, norms, 1.0)
-    C = G * inverse[:, None] * inverse
-    C = C if every else C[np.ix_(live, live)]
     # C⁺1 from one symmetric eigendecomposition (pinv(hermitian=True) without its overhead); eigh sorts the
     # eigenvalues ascending, so the largest is the last. Dropped ones become inf: their inverse is 0.
     eigenvalues, eigenvectors = np.linalg.eigh(C)
     kept = np.where(eigenvalues > RANK_RTOL * eigenvalues[-1], eigenvalues, np.inf)
     unit_weights = eigenvectors @ (eigenvectors.sum(axis=0) / kept)
-    if every:
+    if live.all():
         v = unit_weights / norms
     else:
         v = np.zeros(len(G))
