@@ -19,8 +19,9 @@ import yaml
 # 6: Fisher trace from per-parameter blocks of the vmap gradients (equal up to ~2e-7 rounding);
 # 7: aggregator and metrics defaults in the hash; notMNIST's pool set by the sizes, not by the files present;
 # 8: solver fixes (Nash-MTL's Newton, CAGrad's SLSQP tolerance, IMTL-G's rank, GradVac's guard, the PSD factor of
-# MGDA/UPGrad/DualProj on unit gradients).
-RESULTS_VERSION = "8"
+# MGDA/UPGrad/DualProj on unit gradients); 9: sharpness's step halving as the reference (ε goes on from the
+# current point); conflict's J rows in the run's task order.
+RESULTS_VERSION = "9"
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LOSS_SCALES = ("sum", "mean")

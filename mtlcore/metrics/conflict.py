@@ -59,21 +59,23 @@ def gradient_conflict(
 ) -> dict[str, float]:
     """Task → mean over `num_batches` random batches of cos(g_k, d) on the shared parameters.
 
-    d = update_fn(J) for J the K × P matrix of task gradients (rows in sorted task order), by default
+    d = update_fn(J) for J the K × P matrix of task gradients (rows in the order of tasks_data, the order
+    an aggregator's weights refer to: pass the run's task order), by default
     the uniform update Σ_k g_k (`reduction="sum"`) or its mean ("mean"); cosines do not depend on that
     scale, the option only makes d the exact training update. Each batch draws `batch_size` examples
     per task without replacement; multi-input settings draw every task independently,
     `single_input=True` uses the same indices for every task (one batch carries every task's label).
-    Tasks are processed in sorted order, so the result does not depend on the order of tasks_data.
+    Batches are drawn in sorted task order, so the draws do not depend on the order of tasks_data.
     The model is in eval mode unless train_mode=True (dropout as during training); its mode is restored.
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"unknown reduction {reduction!r}; valid reductions: ['sum', 'mean']")
     if num_batches < 1 or batch_size < 1:
         raise ValueError(f"num_batches ({num_batches}) and batch_size ({batch_size}) must be positive")
-    tasks = sorted(tasks_data)
+    tasks = list(tasks_data)  # J's rows
     if not tasks:
         raise ValueError("tasks_data is empty; pass at least one task's (x, y)")
+    draw_order = sorted(tasks)
     sizes = {task: check_examples(*tasks_data[task]) for task in tasks}
     if single_input and len(set(sizes.values())) != 1:
         raise ValueError(f"single_input=True needs the same examples for every task, got sizes {sizes}")
@@ -86,12 +88,12 @@ def gradient_conflict(
     with evaluation_mode(model):
         model.train(train_mode)
         for _ in tqdm(range(num_batches), desc="gradient conflict", disable=not progress, leave=False):
-            shared_draw = torch.randperm(sizes[tasks[0]], generator=generator)[:batch_size] if single_input else None
+            shared_draw = torch.randperm(sizes[draw_order[0]], generator=generator)[:batch_size] if single_input else None
             batches = {}
-            for task in tasks:
+            for task in draw_order:
                 chosen = shared_draw if single_input else torch.randperm(sizes[task], generator=generator)[:batch_size]
                 x, y = tasks_data[task]
                 batches[task] = (x[chosen].to(device), y[chosen].to(device))
-            jacobian = shared_jacobian(model, batches, losses)
+            jacobian = shared_jacobian(model, {task: batches[task] for task in tasks}, losses)
             totals += _cosines(jacobian, update_fn(jacobian)).detach().cpu()
     return {task: (total / num_batches).item() for task, total in zip(tasks, totals)}

@@ -83,8 +83,9 @@ def worst_case_perturbation(
     reference: ε_{k+1} = momentum·z_{k+1} + (1 − momentum)·ε_{k−1}, z_{k+1} = clip(ε_k + step·|w|·sign ∇),
     a convex combination of feasible points, hence feasible. At a checkpoint the step is halved when
     fewer than `min_update_ratio` of the iterations since the last checkpoint improved the worst loss,
-    or when neither the step nor the worst loss changed since then; the ascent then restarts from the
-    worst ε (the reference reloads the worst weights but keeps its ε; restarting both is the intent).
+    or when neither the step nor the worst loss changed since then; the next ascent direction is then the
+    gradient sign at the worst ε, while ε and the previous ε go on (as the reference, which reloads the worst
+    weights but keeps its ε; results version 9, before which ε restarted from the worst one).
     random_init: start from ε uniform in the box (the reference's default is ε = 0).
     halving_checkpoints: 0-based iterations after which to check; None → `apgd_checkpoints(steps)`.
     """
@@ -140,7 +141,9 @@ def worst_case_perturbation(
                 step_at_checkpoint, loss_at_checkpoint, last_checkpoint, improvements = step, worst_loss, iteration, 0
                 if too_few_improvements or stalled:
                     step /= 2
-                    delta, previous_delta, directions = worst_delta, worst_delta, worst_directions
+                    # As the reference: it reloads the worst weights, so the next gradient sign is taken there,
+                    # but the ascent goes on from its current ε and previous ε.
+                    directions = worst_directions
         return WorstCasePerturbation(clean_loss, worst_loss, worst_delta)
 
 
