@@ -464,3 +464,19 @@ def test_sharpness_matches_the_reference_ascent(rho):
     y = torch.randint(0, 2, (64,), generator=seeded(32))
     expected = reference_apgd_sharpness(model, "a", [(x[:32], y[:32]), (x[32:], y[32:])], rho)
     assert metrics.sharpness(model, "a", x, y, rho=rho, batch_size=32) == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_random_start_never_reports_less_than_the_clean_loss():
+    """With random_init the clean point is the first worst (as in the reference): with no ascent steps, a random
+    start that lowers the loss reports 0, not a negative sharpness."""
+    model = small_two_task_model().double()
+    x = torch.randn(32, 4, generator=seeded(33), dtype=torch.float64)
+    y = torch.randint(0, 2, (32,), generator=seeded(34))
+    values = []
+    for seed in range(20):
+        result = metrics.worst_case_perturbation(model, "a", x, y, rho=0.5, steps=0, random_init=True,
+                                                 generator=seeded(seed))
+        values.append(result.worst_loss - result.clean_loss)
+        if values[-1] == 0:
+            assert all((d == 0).all() for d in result.perturbation.values())  # the clean point itself
+    assert min(values) == 0.0 and max(values) > 0.0  # some random starts lower the loss, some raise it

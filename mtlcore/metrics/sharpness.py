@@ -119,8 +119,12 @@ def worst_case_perturbation(
 
     with evaluation_mode(model):
         worst_loss, directions = loss_and_gradients(delta, with_gradients=steps > 0)
-        clean_loss = loss_and_gradients(zeros, with_gradients=False)[0] if random_init else worst_loss
         worst_delta, worst_directions = delta, directions
+        clean_loss = worst_loss
+        if random_init:  # the clean point is the first worst, as in the reference, so the result is never < 0
+            clean_loss, clean_directions = loss_and_gradients(zeros, with_gradients=steps > 0)
+            if clean_loss >= worst_loss:
+                worst_loss, worst_delta, worst_directions = clean_loss, zeros, clean_directions
         improvements, last_checkpoint, loss_at_checkpoint, step_at_checkpoint = 0, 0, worst_loss, step
 
         for iteration in range(steps):
