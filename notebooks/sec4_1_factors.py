@@ -111,17 +111,16 @@ def explains(q: str) -> tuple[bool, str]:
     return ok, ", ".join(f"{l}: {'consistent' if v else 'not consistent'}" for l, v in verdicts) or "no significant transfer to explain"
 
 
-lines = []
-for q in quantities[1:]:
-    ok, detail = explains(q)
-    lines.append(f"- **{q}**: {'explains' if ok else 'does not explain'} both directions ({detail}).")
+verdicts = {q: explains(q) for q in quantities[1:]}
+lines = [f"- **{q}**: {'explains' if ok else 'does not explain'} both directions ({detail})."
+         for q, (ok, detail) in verdicts.items()]
 transfer_rows = table.drop(index="STL")
 significant = transfer_rows[transfer_rows["significant_generalization"]]
 positive = list(significant.index[significant["delta_generalization"] > 0])
 negative = list(significant.index[significant["delta_generalization"] < 0])
 run_text = f"in this run ({profile} profile, {len(seeds)} seeds)"
 if positive and negative:
-    any_ok = any(explains(q)[0] for q in quantities[1:])
+    any_ok = any(ok for ok, _ in verdicts.values())
     headline = (f"**{'Yes' if any_ok else 'No'}**: {run_text} "
                 f"{'a factor moves with the transfer in both directions' if any_ok else 'no factor moves with the transfer in both directions'}. "
                 "The paper finds no factor that explains both (Table 1).")

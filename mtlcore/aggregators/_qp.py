@@ -19,15 +19,13 @@ class SolverError(RuntimeError):
     """A K×K solver did not converge; callers fall back and log a warning."""
 
 
-def unit_gramian(G: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """C = D^-½ G D^-½ over the nonzero gradients (D = diag G): the Gramian of the unit gradients, whose
-    eigenvalues judge directions, not norms. Returns C, the norms √diag G and the mask of nonzero ones."""
+def unit_gramian(G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C = D^-½ G D^-½ (D = diag G), the Gramian of the unit gradients, whose eigenvalues judge directions,
+    not norms, and the norms √diag G. A zero gradient keeps a zero row and column in C."""
     # np.maximum, not np.clip, and products, not np.outer: each saves ~10 µs on a 3×3 G, every step
     norms = np.sqrt(np.maximum(G.diagonal(), 0.0))
-    live = norms > 0
-    inverse = 1.0 / np.where(live, norms, 1.0)
-    C = G * inverse[:, None] * inverse
-    return (C if live.all() else C[np.ix_(live, live)]), norms, live
+    inverse = 1.0 / np.where(norms > 0, norms, 1.0)
+    return G * inverse[:, None] * inverse, norms
 
 
 def psd_factor(G: np.ndarray) -> np.ndarray:
@@ -37,14 +35,9 @@ def psd_factor(G: np.ndarray) -> np.ndarray:
     differ by 1e6, eigh on G itself resolved the small ones' directions only to ~1e-4. (eigh reads one
     triangle, so rounding's asymmetry of G does not matter.)
     """
-    C, norms, live = unit_gramian(G)
+    C, norms = unit_gramian(G)
     eigenvalues, eigenvectors = np.linalg.eigh(C)
-    factor = np.sqrt(np.maximum(eigenvalues, 0.0))[:, None] * eigenvectors.T
-    if live.all():
-        return factor * norms
-    R = np.zeros_like(G, dtype=float)  # zero gradients: zero columns
-    R[: len(factor), live] = factor * norms[live]
-    return R
+    return np.sqrt(np.maximum(eigenvalues, 0.0))[:, None] * eigenvectors.T * norms
 
 
 def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -274,13 +274,11 @@ class GradientAggregator(Aggregator):
 
     def __call__(self, J: Tensor, losses: Tensor | None = None) -> Tensor:
         d, weights = self._aggregate(J, self._check_inputs(J, losses))
-        if weights is not None:
-            self._set_weights(weights)
+        self._set_weights(weights)
         return d
 
-    def _aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor | np.ndarray | None]:
-        """Return d and the weights w with d = Jᵀw (NaN-filled where the method has none), or d and None
-        when the method has set `self.weights` itself."""
+    def _aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor | np.ndarray]:
+        """Return d and the weights w with d = Jᵀw (NaN-filled where the method has none)."""
         raise NotImplementedError
 
 
@@ -317,7 +315,7 @@ class WeightedAggregator(GradientAggregator):
         self._constant = None
         super().reset(num_tasks, device)
 
-    def _aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, np.ndarray | None]:
+    def _aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor | np.ndarray]:
         if self.needs_gramian:
             weights = self._gramian_weights(J, losses)
             return torch.mv(J.T, weights_like(weights, J)), weights  # GEMV on Jᵀ: 2× w @ J's speed
@@ -330,8 +328,7 @@ class WeightedAggregator(GradientAggregator):
         weights, w = constant
         d = torch.mv(J.T, w)
         check_finite(self.name, d, "the task gradients J")
-        self.weights = weights.clone()  # a copy, so agg.weights never aliases the cache (_set_weights: 2× the time)
-        return d, None
+        return d, weights  # a tensor: _set_weights copies it, so agg.weights never aliases the cache
 
     def _weights(self, G: np.ndarray, losses: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError

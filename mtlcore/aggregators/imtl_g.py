@@ -17,19 +17,17 @@ def imtl_g_weights(G: np.ndarray) -> np.ndarray:
     deficiency. C⁺ drops eigenvalues below RANK_RTOL·max, so for dependent gradients the equal
     projections are met in the least-squares sense. Zero gradients get weight 0; w = 1/K when Σw = 0.
     """
-    C, norms, live = unit_gramian(G)  # scale-free: no trace normalisation needed
+    C, norms = unit_gramian(G)  # scale-free: no trace normalisation needed
+    live = norms > 0
     if not live.any():
         return uniform_weights(len(G))
     # C⁺1 from one symmetric eigendecomposition (pinv(hermitian=True) without its overhead); eigh sorts the
-    # eigenvalues ascending, so the largest is the last. Dropped ones become inf: their inverse is 0.
+    # eigenvalues ascending, so the largest is the last. Dropped ones (zero gradients' among them) become inf:
+    # their inverse is 0.
     eigenvalues, eigenvectors = np.linalg.eigh(C)
     kept = np.where(eigenvalues > RANK_RTOL * eigenvalues[-1], eigenvalues, np.inf)
     unit_weights = eigenvectors @ (eigenvectors.sum(axis=0) / kept)
-    if live.all():
-        v = unit_weights / norms
-    else:
-        v = np.zeros(len(G))
-        v[live] = unit_weights / norms[live]
+    v = np.divide(unit_weights, norms, out=np.zeros(len(G)), where=live)  # a zero gradient gets weight 0
     total = float(v.sum())
     return v / total if total > 0 and math.isfinite(total) else uniform_weights(len(G))
 
