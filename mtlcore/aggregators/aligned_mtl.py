@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mtlcore.aggregators._qp import RANK_RTOL
+from mtlcore.aggregators._qp import RANK_RTOL, symmetric_eigen
 from mtlcore.aggregators.base import WeightedAggregator, normalize_gramian, require
 
 SCALES = {"min": np.min, "median": np.median, "rmse": np.mean}  # applied to the kept eigenvalues
@@ -19,7 +19,7 @@ def aligned_mtl_weights(G: np.ndarray, scale_mode: str) -> np.ndarray:
     G, scale = normalize_gramian(G)
     if scale <= 0:
         return np.zeros(len(G))
-    eigenvalues, eigenvectors = np.linalg.eigh((G + G.T) / 2)
+    eigenvalues, eigenvectors = symmetric_eigen((G + G.T) / 2)
     kept = eigenvalues > RANK_RTOL * eigenvalues.max()
     eigenvalues, eigenvectors = eigenvalues[kept], eigenvectors[:, kept]
     B = np.sqrt(SCALES[scale_mode](eigenvalues)) * (eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from mtlcore.aggregators._qp import RANK_RTOL, unit_gramian
+from mtlcore.aggregators._qp import RANK_RTOL, symmetric_eigen, unit_gramian
 from mtlcore.aggregators.base import WeightedAggregator, uniform_weights
 
 
@@ -21,10 +21,10 @@ def imtl_g_weights(G: np.ndarray) -> np.ndarray:
     live = norms > 0
     if not live.any():
         return uniform_weights(len(G))
-    # C⁺1 from one symmetric eigendecomposition (pinv(hermitian=True) without its overhead); eigh sorts the
+    # C⁺1 from one symmetric eigendecomposition (pinv(hermitian=True) without its overhead); it sorts the
     # eigenvalues ascending, so the largest is the last. Dropped ones (zero gradients' among them) become inf:
     # their inverse is 0.
-    eigenvalues, eigenvectors = np.linalg.eigh(C)
+    eigenvalues, eigenvectors = symmetric_eigen(C)
     kept = np.where(eigenvalues > RANK_RTOL * eigenvalues[-1], eigenvalues, np.inf)
     unit_weights = eigenvectors @ (eigenvectors.sum(axis=0) / kept)
     v = np.divide(unit_weights, norms, out=np.zeros(len(G)), where=live)  # a zero gradient gets weight 0
