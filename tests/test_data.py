@@ -84,9 +84,43 @@ def test_notmnist_splits_do_not_depend_on_optional_files(fake_data_root, tmp_pat
     with_train = load(root, tasks=("notmnist",))
     for split in ("train", "val", "test"):
         assert torch.equal(getattr(without, split).x, getattr(with_train.tasks["notmnist"], split).x)
-    assert with_train.info["notmnist_pool"] == "t10k"
+    assert with_train.info["notmnist_pool"] == "t10k (600 distinct images)"
     larger = load(root, tasks=("notmnist",), train_size=1000)  # 1,200 > 600: now the train files are used
-    assert larger.info["notmnist_pool"] == "t10k+train" and len(larger.tasks["notmnist"].train) == 1000
+    assert larger.info["notmnist_pool"] == "t10k+train (1500 distinct images)"
+    assert len(larger.tasks["notmnist"].train) == 1000
+
+
+def test_duplicate_images_never_land_on_both_sides_of_a_split(fake_data_root, tmp_path):
+    """notMNIST's real t10k file repeats images (one blank one 141 times): each image is used once, with the label
+    of its first copy, so no validation or test image is also a training image."""
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(fake_data_root, root)
+    images = read_idx(root / "notmnist" / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(root / "notmnist" / "t10k-labels-idx1-ubyte.gz")
+    rng = np.random.default_rng(0)
+    copies = rng.integers(0, 300, size=300)  # 300 copies of images among the first 300 (some copied repeatedly)
+    images = np.concatenate([images[:300], images[copies]])
+    labels = np.concatenate([labels[:300], (labels[copies] + 1) % 10])  # a copy's label is ignored
+    rng_order = rng.permutation(600)
+    write_idx(root / "notmnist" / "t10k-images-idx3-ubyte.gz", images[rng_order])
+    write_idx(root / "notmnist" / "t10k-labels-idx1-ubyte.gz", labels[rng_order])
+    task = load(root, tasks=("notmnist",), train_size=100, val_size=50, test_size=50).tasks["notmnist"]
+    ids = {split: example_ids(task, split) for split in ("train", "val", "test")}
+    assert [len(ids[s]) for s in ("train", "val", "test")] == [100, 50, 50]  # distinct within each split
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+    # the label kept is the first copy's in file order
+    first_label = {}
+    for image, label in zip(images[rng_order], labels[rng_order]):
+        first_label.setdefault(image.tobytes(), int(label))
+    mean, std = task.normalization
+    for split in ("train", "val", "test"):
+        data = getattr(task, split)
+        raw = torch.round((data.x[:, 0].double() * std + mean) * 255).to(torch.uint8).numpy()
+        assert [first_label[r.tobytes()] for r in raw] == data.y.tolist()
+    with pytest.raises(DataNotFoundError, match="hold only 300 distinct images"):
+        load(root, tasks=("notmnist",), train_size=200, val_size=50, test_size=51)
 
 
 def test_unknown_task_lists_valid_ones(fake_data_root):
@@ -118,6 +152,31 @@ def test_idx_round_trip_and_bad_files(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
     with pytest.raises(ValueError, match="not an IDX file"):
         read_idx(tmp_path / "bad")
+    # an interrupted download: the gzip stream is cut short; the error names the file and the remedy
+    whole = (tmp_path / "a-idx3-ubyte.gz").read_bytes()
+    (tmp_path / "cut-idx3-ubyte.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cut-idx3-ubyte.gz could not be read .*fetch it again"):
+        read_idx(tmp_path / "cut-idx3-ubyte.gz")
+    (tmp_path / "odd-idx3").write_bytes(bytes([0, 0, 0x0C, 1, 0, 0, 0, 2]) + b"\x00" * 7)  # 2 int32s need 8 bytes
+    with pytest.raises(ValueError, match=r"odd-idx3: 15 bytes do not hold .* whole 4-byte elements"):
+        read_idx(tmp_path / "odd-idx3")
+
+
+def test_runs_record_the_data_files_and_warn_when_they_are_not_the_release(fake_data_root, caplog):
+    from mtlcore.data.locate import read_idx_and_md5
+
+    with caplog.at_level("WARNING", logger="mtlcore.data.fashion"):
+        s = load(fake_data_root, tasks=("fashion1", "notmnist"))
+    md5 = s.info["files_md5"]
+    assert sorted(md5) == sorted([f"fashion-mnist/{n}" for n in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")]
+                                 + ["notmnist/t10k-images-idx3-ubyte.gz", "notmnist/t10k-labels-idx1-ubyte.gz"])
+    import gzip
+    import hashlib
+    path = fake_data_root / "notmnist" / "t10k-images-idx3-ubyte.gz"
+    assert md5["notmnist/t10k-images-idx3-ubyte.gz"] == hashlib.md5(gzip.decompress(path.read_bytes())).hexdigest()
+    assert read_idx_and_md5(path)[1] == md5["notmnist/t10k-images-idx3-ubyte.gz"]
+    assert "is not the Fashion-MNIST release" in caplog.text  # the fixture's files are synthetic
 
 
 def test_real_fashion_mnist_files(real_data_root):
@@ -128,6 +187,9 @@ def test_real_fashion_mnist_files(real_data_root):
     s = load_setting("fashion_mtl", ["fashion1", "notmnist"], {"train_size": 1000, "val_size": 100, "test_size": 100},
                      root=real_data_root, download=False)
     assert len(s.tasks["notmnist"].train) == 1000
+    assert s.info["notmnist_pool"] == "t10k (9804 distinct images)"  # the release repeats 196 of its 10,000
+    from mtlcore.data.fashion import FASHION_MD5
+    assert all(s.info["files_md5"][f"fashion-mnist/{name}"] == md5 for name, md5 in FASHION_MD5.items())
 
 
 def test_standardisation_does_not_depend_on_the_thread_count():

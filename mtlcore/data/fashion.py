@@ -16,7 +16,7 @@ import torch
 
 from mtlcore._seeding import numpy_rng
 from mtlcore.data.base import Setting, Split, TaskData
-from mtlcore.data.locate import DataNotFoundError, data_root, find_files, missing_data_message, read_idx
+from mtlcore.data.locate import DataNotFoundError, data_root, find_files, missing_data_message, read_idx_and_md5
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,11 @@ DEFAULTS = {"train_size": 25_000, "val_size": 5_000, "test_size": 5_000, "data_s
 FASHION_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
 FASHION_LAYOUTS = ["fashion-mnist", "FashionMNIST/raw", "fashion_mnist"]
+# MD5 of the release's decompressed files (data MANIFEST; torchvision checks the .gz files' MD5s)
+FASHION_MD5 = {"train-images-idx3-ubyte.gz": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+               "train-labels-idx1-ubyte.gz": "9018921c3c673c538a1fc5bad174d6f9",
+               "t10k-images-idx3-ubyte.gz": "8181f5470baa50b63fa0f6fddb340f0a",
+               "t10k-labels-idx1-ubyte.gz": "15d484375f8d13e6eb1aabb0c3f46965"}
 NOTMNIST_TEST_FILES = ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
 NOTMNIST_TRAIN_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
 NOTMNIST_LAYOUTS = ["notmnist", "notMNIST"]
@@ -84,22 +89,46 @@ def _download_notmnist(folder: Path) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _read_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
-    x, y = read_idx(images), read_idx(labels)
+def _read_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """Images, int64 labels, and the files' MD5s by `folder/name` (recorded with every run)."""
+    (x, x_md5), (y, y_md5) = read_idx_and_md5(images), read_idx_and_md5(labels)
     if len(x) != len(y):
         raise ValueError(f"{images} holds {len(x)} images but {labels} holds {len(y)} labels")
-    return x, y.astype(np.int64)
+    return x, y.astype(np.int64), {f"{images.parent.name}/{images.name}": x_md5, f"{labels.parent.name}/{labels.name}": y_md5}
 
 
-def _notmnist_pool(folder: Path, needed: int, download: bool) -> tuple[np.ndarray, np.ndarray, str]:
-    """The t10k images, and the train files after them only when t10k holds fewer than `needed`.
+def _read_fashion(folder: Path, images: str, labels: str) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    x, y, md5 = _read_pair(folder / images, folder / labels)
+    for name in (images, labels):
+        if md5[f"{folder.name}/{name}"] != FASHION_MD5[name]:  # warned once per load: splits and results differ
+            log.warning("%s is not the Fashion-MNIST release (MD5 of its decompressed bytes %s, the release's %s): "
+                        "its splits and results are not comparable with other machines'", folder / name,
+                        md5[f"{folder.name}/{name}"], FASHION_MD5[name])
+    return x, y, md5
 
-    The pool depends on the sizes alone, never on whether the optional train files happen to be present:
+
+def _distinct(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first copy of every distinct image, in file order (its label kept).
+
+    notMNIST's t10k file holds 9,804 distinct images among its 10,000 (one blank image 141 times): split by
+    index, copies of a training image landed in the validation and test sets.
+    """
+    rows = np.ascontiguousarray(x.reshape(len(x), -1))
+    _, first = np.unique(rows.view(np.dtype((np.void, rows.shape[1]))).ravel(), return_index=True)
+    first.sort()
+    return x[first], y[first]
+
+
+def _notmnist_pool(folder: Path, needed: int, download: bool) -> tuple[np.ndarray, np.ndarray, str, dict[str, str]]:
+    """The distinct t10k images, and the train files' after them only when t10k holds fewer than `needed`.
+
+    Also returns a description of the pool and the files' MD5s. The pool depends on the sizes alone, never on whether the optional train files happen to be present:
     otherwise a download would silently change the splits of runs already cached under the same hash.
     """
-    x, y = _read_pair(folder / NOTMNIST_TEST_FILES[0], folder / NOTMNIST_TEST_FILES[1])
+    x, y, md5 = _read_pair(folder / NOTMNIST_TEST_FILES[0], folder / NOTMNIST_TEST_FILES[1])
+    x, y = _distinct(x, y)
     if needed <= len(x):
-        return x, y, "t10k"
+        return x, y, f"t10k ({len(x)} distinct images)", md5
     if find_files(folder, ["."], NOTMNIST_TRAIN_FILES) is None and download:
         try:
             _download_notmnist(folder)
@@ -108,10 +137,11 @@ def _notmnist_pool(folder: Path, needed: int, download: bool) -> tuple[np.ndarra
     if find_files(folder, ["."], NOTMNIST_TRAIN_FILES) is None:
         raise DataNotFoundError(
             f"notMNIST: train_size + val_size + test_size = {needed} examples need the training files "
-            f"{NOTMNIST_TRAIN_FILES} next to the t10k files in {folder} (these hold only {len(x)}); download them "
-            f"from {NOTMNIST_URL}, or lower the sizes to at most {len(x)} in all.")
-    x_train, y_train = _read_pair(folder / NOTMNIST_TRAIN_FILES[0], folder / NOTMNIST_TRAIN_FILES[1])
-    return np.concatenate([x, x_train]), np.concatenate([y, y_train]), "t10k+train"
+            f"{NOTMNIST_TRAIN_FILES} next to the t10k files in {folder} (these hold only {len(x)} distinct images); "
+            f"download them from {NOTMNIST_URL}, or lower the sizes to at most {len(x)} in all.")
+    x_train, y_train, train_md5 = _read_pair(folder / NOTMNIST_TRAIN_FILES[0], folder / NOTMNIST_TRAIN_FILES[1])
+    x, y = _distinct(np.concatenate([x, x_train]), np.concatenate([y, y_train]))  # t10k's copies come first
+    return x, y, f"t10k+train ({len(x)} distinct images)", {**md5, **train_md5}
 
 
 def missing_optional_files(root: Path) -> list[str]:
@@ -120,7 +150,7 @@ def missing_optional_files(root: Path) -> list[str]:
     if find_files(folder, ["."], NOTMNIST_TRAIN_FILES) is not None:
         return []
     return [f"notMNIST {NOTMNIST_TRAIN_FILES} in {folder}: needed when train_size + val_size + test_size exceeds "
-            f"the t10k file's 10,000 images (the paper profile needs 35,000); download them from {NOTMNIST_URL}"]
+            f"the distinct images of the t10k file (9,804 in the release; the paper profile needs 35,000); download them from {NOTMNIST_URL}"]
 
 
 def _take(pool: int, sizes: list[int], rng: np.random.Generator, what: str) -> list[np.ndarray]:
@@ -163,10 +193,12 @@ def load(tasks: list[str], train_size: int = 25_000, val_size: int = 5_000, test
         raise ValueError(f"unknown FashionMTL task(s) {unknown}; valid tasks: {list(TASKS)}")
     root = data_root(root)
     out: dict[str, TaskData] = {}
+    files_md5: dict[str, str] = {}
     if any(t != "notmnist" for t in tasks):
         folder = fashion_mnist_folder(root, download)
-        x_train, y_train = _read_pair(folder / FASHION_FILES[0], folder / FASHION_FILES[1])
-        x_test, y_test = _read_pair(folder / FASHION_FILES[2], folder / FASHION_FILES[3])
+        x_train, y_train, train_md5 = _read_fashion(folder, *FASHION_FILES[:2])
+        x_test, y_test, test_md5 = _read_fashion(folder, *FASHION_FILES[2:])
+        files_md5.update(train_md5 | test_md5)
         train1, train2, val1, val2 = _take(len(x_train), [train_size, train_size, val_size, val_size],
                                            numpy_rng(data_seed, "fashion-train-split"), "Fashion-MNIST train split")
         test1, test2 = _take(len(x_test), [test_size, test_size], numpy_rng(data_seed, "fashion-test-split"),
@@ -187,9 +219,11 @@ def load(tasks: list[str], train_size: int = 25_000, val_size: int = 5_000, test
             "data_root": str(root)}
     if "notmnist" in tasks:
         needed = train_size + val_size + test_size
-        x_pool, y_pool, info["notmnist_pool"] = _notmnist_pool(notmnist_folder(root, download), needed, download)
+        x_pool, y_pool, info["notmnist_pool"], md5 = _notmnist_pool(notmnist_folder(root, download), needed, download)
+        files_md5.update(md5)
         train, val, test = _take(len(x_pool), [train_size, val_size, test_size],
                                  numpy_rng(data_seed, "notmnist-split"), f"notMNIST (found under {root})")
         out["notmnist"] = _task("notmnist", [x_pool[train], x_pool[val], x_pool[test]],
                                 [y_pool[train], y_pool[val], y_pool[test]], 10)
+    info["files_md5"] = files_md5  # provenance: a run file records exactly which data it was trained on
     return Setting("fashion_mtl", {t: out[t] for t in tasks}, encoder="lenet", info=info)

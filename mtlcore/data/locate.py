@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -56,21 +58,35 @@ def missing_data_message(dataset: str, names: list[str], root: Path, layouts: li
 
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (MNIST format), gzipped or not, as a numpy array."""
+    return read_idx_and_md5(path)[0]
+
+
+def read_idx_and_md5(path: Path) -> tuple[np.ndarray, str]:
+    """`read_idx`, and the MD5 of the decompressed bytes: data manifests list it, and it is the same for the
+    .gz and the raw file."""
     path = _existing(path) or path
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (EOFError, zlib.error, OSError) as error:  # a gzip stream cut short, or not gzip at all
+        raise ValueError(f"{path} could not be read ({error}): a truncated or corrupt download? "
+                         "Delete it and fetch it again (`mtlcore data <setting>`)") from error
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
     dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if data[2] not in dtypes:
         raise ValueError(f"{path}: unknown IDX element type 0x{data[2]:02x}")
-    ndim = data[3]
+    ndim, body = data[3], 4 + 4 * data[3]
+    itemsize = np.dtype(dtypes[data[2]]).itemsize
+    if len(data) < body or (len(data) - body) % itemsize:
+        raise ValueError(f"{path}: {len(data)} bytes do not hold a {ndim}-dimensional header and whole "
+                         f"{itemsize}-byte elements (truncated file?)")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    array = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
+    array = np.frombuffer(data, dtype=dtypes[data[2]], offset=body)
     if array.size != int(np.prod(shape)):
         raise ValueError(f"{path}: header says shape {shape} but holds {array.size} elements (truncated file?)")
-    return array.reshape(shape)
+    return array.reshape(shape), hashlib.md5(data).hexdigest()
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
