@@ -18,15 +18,28 @@ def colors_for(labels: Sequence[str]) -> dict[str, str]:
 
 
 def seed_band(loss: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per epoch over seeds (rows): geometric-mean loss, mean score and the score's std (ddof=1 if >1 seed)."""
-    ddof = 1 if score.shape[0] > 1 else 0
-    # Epochs where fewer seeds than ddof + 1 are finite (a diverged seed) get a NaN band, without a warning.
+    """Per epoch over seeds (rows: run × epoch): geometric-mean loss, mean score and the score's sample std.
+
+    Non-finite values (a diverged seed's NaN, or the inf loss it stopped at) leave that seed out of that epoch;
+    an epoch with fewer than two finite seeds (a lone seed) gets a NaN band, without a warning.
+    """
+    loss = np.where(np.isfinite(loss) & (loss > 0), loss, np.nan)
+    score = np.where(np.isfinite(score), score, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         x = np.exp(np.nanmean(np.log(loss), axis=0))
         y = np.nanmean(score, axis=0)
-        s = np.nanstd(score, axis=0, ddof=ddof)
+        s = np.nanstd(score, axis=0, ddof=1)
     return x, y, s
+
+
+def _seed_count(runs: xr.Dataset) -> str:
+    """"n=3", or "n=2 of 3" when some runs did not complete (diverged: drawn up to where they stopped)."""
+    n = runs.sizes["run"]
+    if "status" not in runs.coords:
+        return f"n={n}"
+    complete = int((runs["status"] == "complete").sum())
+    return f"n={n}" if complete == n else f"n={complete} of {n}"
 
 
 def _zoom(ax: plt.Axes, xs: np.ndarray, ys: np.ndarray, yscale: str) -> None:
@@ -46,12 +59,13 @@ def _zoom(ax: plt.Axes, xs: np.ndarray, ys: np.ndarray, yscale: str) -> None:
 def generalization_vs_loss(runs: xr.Dataset, *, group: str, order: Sequence[str] | None = None,
                            loss: str = "train_loss", score: str = "test_score", title: str = "",
                            ax: plt.Axes | None = None, yscale: str = "linear", legend: bool = True,
-                           zoom_last: float | None = None) -> plt.Figure:
+                           zoom_last: float | None = None, ylabel: str | None = None) -> plt.Figure:
     """The paper's Figures 1 and 3: `score` (a score or a factor) against `loss` (log axis), one curve
     per `group` value, mean ± 2 std over the runs of the group; unmeasured epochs are skipped.
 
     zoom_last: limit the axes to the bands of the last `zoom_last` fraction of the epochs (e.g. 0.5), where
-    the curves of a whole-trajectory plot sit on top of each other.
+    the curves of a whole-trajectory plot sit on top of each other. ylabel: the y axis label (default: `score`).
+    Runs that did not complete are drawn up to where they stopped; the legend's n counts the complete ones.
     """
     labels = list(order) if order is not None else sorted(set(runs[group].values))
     colors = colors_for(labels)
@@ -64,10 +78,10 @@ def generalization_vs_loss(runs: xr.Dataset, *, group: str, order: Sequence[str]
         sel = runs.where(runs[group] == label, drop=True)
         if sel.sizes.get("run", 0) == 0:
             continue
-        x, y, s = seed_band(sel[loss].values, sel[score].values)
+        # transpose: a dataset ordered (epoch, run) must not be averaged over epochs; an extra dimension raises
+        x, y, s = seed_band(sel[loss].transpose("run", "epoch").values, sel[score].transpose("run", "epoch").values)
         ok = np.isfinite(x) & np.isfinite(y)
-        n = sel.sizes["run"]
-        ax.plot(x[ok], y[ok], "-o", ms=2.5, color=colors[label], label=f"{label} (n={n})")
+        ax.plot(x[ok], y[ok], "-o", ms=2.5, color=colors[label], label=f"{label} ({_seed_count(sel)})")
         ax.fill_between(x[ok], (y - 2 * s)[ok], (y + 2 * s)[ok], color=colors[label], alpha=0.18, lw=0)
         if zoom_last is not None:
             late = ok & (np.arange(len(x)) >= round(len(x) * (1 - zoom_last)))
@@ -80,7 +94,7 @@ def generalization_vs_loss(runs: xr.Dataset, *, group: str, order: Sequence[str]
     if not ax.xaxis_inverted():
         ax.invert_xaxis()  # training goes left to right
     ax.set_xlabel(f"{loss.replace('_', ' ')} (log scale, decreasing →)")
-    ax.set_ylabel(score.replace("_", " "))
+    ax.set_ylabel(ylabel or score.replace("_", " "))
     ax.grid(True, which="both", alpha=0.3)
     if legend:
         ax.legend(frameon=False, fontsize="small")
@@ -104,16 +118,22 @@ def factors_vs_loss(runs: xr.Dataset, factors: Sequence[str], *, group: str, ord
 
 
 QUADRANT_MARKERS = {"mgda": "o", "pcgrad": "s", "gradnorm": "^"}
+QUADRANT_COLORS = ["tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
 
 
 def quadrant_plot(changes, factors: Sequence[str], title: str = "") -> plt.Figure:
     """The paper's Figure 4: %Δ factor (x) against %Δ generalization (y) of SMTOs over the uniform
     gradient, one panel per factor. For every factor lower is better, so the agreeing quadrants
     (better optimisation and better generalization; worse and worse) are top-left and bottom-right.
+    Marker: the SMTO; colour: the task, and with several groups (task pairs) in `changes` the (group, task).
     Filled markers: the change in generalization is significant (±2 std)."""
     fig, axes = plt.subplots(1, len(factors), figsize=(4.0 * len(factors), 3.8), squeeze=False)
     methods = list(dict.fromkeys(changes["aggregator"]))
-    colors = colors_for(list(dict.fromkeys(changes["task"])))
+    several = "group" in changes and changes["group"].nunique() > 1
+    keys = [f"{t} ({g})" if several else str(t)
+            for g, t in zip(changes["group"] if "group" in changes else [None] * len(changes), changes["task"])]
+    # not green or red: those are the quadrants' shading
+    colors = dict(zip(dict.fromkeys(keys), QUADRANT_COLORS * (1 + len(keys) // len(QUADRANT_COLORS))))
     for ax, factor in zip(axes[0], factors):
         x, y = changes[factor].to_numpy(dtype=float), changes["generalization"].to_numpy(dtype=float)
         finite = np.isfinite(x) & np.isfinite(y)
@@ -121,9 +141,9 @@ def quadrant_plot(changes, factors: Sequence[str], title: str = "") -> plt.Figur
         span_y = max(0.5, np.nanmax(np.abs(y[finite])) * 1.15) if finite.any() else 1.0
         ax.fill_between([-span_x, 0], 0, span_y, color="tab:green", alpha=0.12, lw=0)
         ax.fill_between([0, span_x], -span_y, 0, color="tab:red", alpha=0.12, lw=0)
-        for _, row in changes.iterrows():
+        for key, (_, row) in zip(keys, changes.iterrows()):
             marker = QUADRANT_MARKERS.get(row["aggregator"], "D")
-            color = colors[row["task"]]
+            color = colors[key]
             ax.scatter(row[factor], row["generalization"], marker=marker, s=42, edgecolors=color,
                        facecolors=color if row["significant"] else "none", linewidths=1.4)
         ax.axhline(0, color="k", lw=0.6)
@@ -134,7 +154,7 @@ def quadrant_plot(changes, factors: Sequence[str], title: str = "") -> plt.Figur
         ax.set_ylabel("%Δ generalization")
         ax.grid(True, alpha=0.3)
     handles = [plt.Line2D([], [], marker=QUADRANT_MARKERS.get(m, "D"), ls="", color="k", mfc="none", label=m) for m in methods]
-    handles += [plt.Line2D([], [], marker="o", ls="", color=c, label=t) for t, c in colors.items()]
+    handles += [plt.Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in colors.items()]
     axes[0][-1].legend(handles=handles, frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     if title:
         fig.suptitle(title)

@@ -74,7 +74,8 @@ order = ["STL"] + [transfer.configuration_label([target, p], target) for p in pa
 fig, (ax_all, ax_late) = plt.subplots(1, 2, figsize=(12, 4.2))
 for ax, options in ((ax_all, {"title": f"FashionMTL ({profile} profile): {target}"}),
                     (ax_late, {"legend": False, "zoom_last": 0.5, "title": "second half of training (zoom)"})):
-    plots.generalization_vs_loss(target_runs, group="configuration", order=order, ax=ax, **options)
+    plots.generalization_vs_loss(target_runs, group="configuration", order=order, ax=ax,
+                                 ylabel=f"{target} test accuracy", **options)
 plt.show()
 
 # %% [markdown]

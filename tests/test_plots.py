@@ -43,3 +43,73 @@ def test_zoom_survives_a_diverged_seed():
     ax = plots.generalization_vs_loss(runs, group="configuration", zoom_last=0.5).axes[0]
     low, high = ax.get_ylim()
     assert low < 0.81 < high and low > 0.5  # the surviving seed's late scores (0.81–0.818) are in view
+
+
+def test_seed_band_against_a_direct_computation():
+    """Geometric-mean loss, mean score and sample std per epoch; non-finite values (a diverged seed's NaN, the inf
+    loss it stopped at) leave only that seed out; fewer than two finite seeds give a NaN band (no zero-width band)."""
+    loss = np.array([[1.0, 0.5, 0.25], [4.0, 2.0, np.inf], [1.0, 0.125, np.nan]])
+    score = np.array([[0.1, 0.5, 0.7], [0.3, 0.6, np.nan], [0.2, 0.4, np.nan]])
+    x, y, s = plots.seed_band(loss, score)
+    assert np.allclose(x, [(1 * 4 * 1) ** (1 / 3), (0.5 * 2 * 0.125) ** (1 / 3), 0.25])
+    assert np.allclose(y[:2], [0.2, 0.5]) and y[2] == 0.7
+    assert np.allclose(s[:2], [np.std([0.1, 0.3, 0.2], ddof=1), np.std([0.5, 0.6, 0.4], ddof=1)])
+    assert np.isnan(s[2])  # one finite seed at the last epoch
+    _, _, lone = plots.seed_band(loss[:1], score[:1])
+    assert np.isnan(lone).all()
+
+
+def test_curves_do_not_depend_on_the_dimension_order():
+    runs = _runs()
+    a = plots.generalization_vs_loss(runs, group="configuration").axes[0].lines
+    b = plots.generalization_vs_loss(runs.transpose("epoch", "run"), group="configuration").axes[0].lines
+    assert len(a) == len(b) == 2
+    for la, lb in zip(a, b):
+        assert len(la.get_xdata()) == 10 and np.array_equal(la.get_xdata(), lb.get_xdata())
+        assert np.array_equal(la.get_ydata(), lb.get_ydata())
+
+
+def test_legend_counts_complete_runs_and_ylabel():
+    runs = _runs().assign_coords(status=("run", ["complete", "diverged", "complete", "complete"]))
+    ax = plots.generalization_vs_loss(runs, group="configuration", ylabel="fashion1 test accuracy").axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["MTL (n=2)", "STL (n=1 of 2)"]
+    assert ax.get_ylabel() == "fashion1 test accuracy"
+
+
+def test_factors_vs_loss_one_panel_per_factor_with_log_traces():
+    runs = _runs()
+    runs["sharpness"] = runs["test_score"] * 0.01
+    runs["fisher_trace"] = runs["train_loss"] * 100
+    fig = plots.factors_vs_loss(runs, ["sharpness", "fisher_trace"], group="configuration")
+    assert [ax.get_yscale() for ax in fig.axes] == ["linear", "log"]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["sharpness", "fisher trace"]
+    assert all(ax.xaxis_inverted() and ax.get_xscale() == "log" for ax in fig.axes)
+
+
+def test_quadrant_plot_points_colours_and_shading():
+    import matplotlib.colors as mcolors
+    import pandas as pd
+
+    changes = pd.DataFrame({
+        "group": ["fashion1+fashion2", "fashion1+fashion2", "fashion1+noisy_fashion", "fashion1+noisy_fashion"],
+        "task": ["fashion1", "fashion2", "fashion1", "noisy_fashion"], "aggregator": ["mgda", "mgda", "mgda", "pcgrad"],
+        "significant": [True, False, True, False], "sharpness": [-10.0, 5.0, 20.0, -3.0],
+        "generalization": [1.0, -2.0, -0.5, 0.25]})
+    fig = plots.quadrant_plot(changes, ["sharpness"])
+    ax = fig.axes[0]
+    from matplotlib.collections import PathCollection, PolyCollection
+
+    points = [c for c in ax.collections if isinstance(c, PathCollection)]  # scatter; the shading is PolyCollection
+    assert [tuple(p.get_offsets()[0]) for p in points] == list(zip(changes["sharpness"], changes["generalization"]))
+    edges = [mcolors.to_hex(p.get_edgecolor()[0]) for p in points]
+    assert edges[0] != edges[2]  # fashion1 in two task pairs: two colours
+    assert not {mcolors.to_hex("tab:green"), mcolors.to_hex("tab:red")} & set(edges)  # those are the shading
+    filled = [p.get_facecolor().shape[0] > 0 and p.get_facecolor()[0][3] > 0 for p in points]
+    assert filled == [True, False, True, False]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["mgda", "pcgrad", "fashion1 (fashion1+fashion2)", "fashion2 (fashion1+fashion2)",
+                      "fashion1 (fashion1+noisy_fashion)", "noisy_fashion (fashion1+noisy_fashion)"]
+    shades = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    green, red = (s.get_paths()[0].get_extents() for s in shades)
+    assert green.x1 <= 0 <= green.y0 and red.x0 >= 0 >= red.y1  # top-left and bottom-right
