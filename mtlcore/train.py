@@ -224,8 +224,8 @@ class Trainer:
             unflatten_into_grads(agg(jacobian, losses.detach()), shared)
         weights = agg.weights.to(torch.float64)
         if agg.kind == "gradient" or own_heads:
-            # Heads see only their own task's loss; methods without weights (graddrop, dbmtl) use "own".
-            head_weights = torch.ones_like(losses) if own_heads or not torch.isfinite(weights).all() else weights.to(losses)
+            # Heads see only their own task's loss: unweighted ("own"), or as the method weighs it.
+            head_weights = torch.ones_like(losses) if own_heads else agg.head_weights(losses.detach())
             for p, g in zip(heads, torch.autograd.grad((head_weights * losses).sum(), heads)):
                 set_grad(p, g)
         return weights

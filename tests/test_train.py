@@ -241,3 +241,28 @@ def test_the_jacobian_path_applies_the_same_update_as_the_fast_path(fake_data_ro
 def test_every_gradient_has_its_parameters_memory_layout(fake_data_root, aggregator):
     assert_grads_in_parameter_layout(trainer_after_updates(config(("fashion1", "fashion2"), aggregator=aggregator),
                                                            fake_data_root, steps=0))
+
+
+@pytest.mark.parametrize("aggregator, head_update", [("mgda", "own"), ("mgda", "weighted"), ("pcgrad", "weighted"),
+                                                     ("graddrop", "weighted"), ("dbmtl", "weighted"), ("dbmtl", "own")])
+def test_heads_get_their_own_task_gradient_weighted_as_documented(fake_data_root, aggregator, head_update):
+    """Each head's gradient is c_k ∇L_k (its own task's loss only): c_k = 1 under "own"; under "weighted" the
+    step's weight w_k, 1 for GradDrop (no weights), and 1/(L_k + ε) for DB-MTL (∇log(L_k + ε), as the authors)."""
+    cfg = config(("fashion1", "fashion2"), aggregator=aggregator, head_update=head_update, dropout=0.0)
+    trainer = trainer_after_updates(cfg, fake_data_root, steps=0)
+    step = trainer._forward(trainer.model, trainer._batches(), trainer.kinds)
+    plain = [torch.autograd.grad(step.losses[k], trainer.model.task_parameters(task), retain_graph=True)
+             for k, task in enumerate(trainer.tasks)]
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer._update(step)
+    losses, weights = step.losses.detach(), trainer.aggregator.weights
+    for k, task in enumerate(trainer.tasks):
+        head = trainer.model.task_parameters(task)
+        if head_update == "own" or aggregator == "graddrop":
+            c = 1.0
+        elif aggregator == "dbmtl":
+            c = 1.0 / (float(losses[k]) + 1e-8)
+        else:
+            c = float(weights[k])
+        for p, g in zip(head, plain[k]):
+            torch.testing.assert_close(p.grad, c * g, rtol=1e-5, atol=1e-7)

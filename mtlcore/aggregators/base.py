@@ -281,6 +281,12 @@ class GradientAggregator(Aggregator):
         """Return d and the weights w with d = Jᵀw (NaN-filled where the method has none)."""
         raise NotImplementedError
 
+    def head_weights(self, losses: Tensor) -> Tensor:
+        """Weights of each task's loss gradient on its own head under `head_update: weighted`: the last step's
+        `weights`, or 1 where the method has none (GradDrop, as LibMTL's heads get ∇L_k)."""
+        weights = self.weights.to(losses)
+        return weights if torch.isfinite(weights).all() else torch.ones_like(losses)
+
 
 class WeightedAggregator(GradientAggregator):
     """d = Jᵀw with w computed from the Gramian (and losses): subclasses write `_weights`."""

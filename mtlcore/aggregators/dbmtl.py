@@ -3,6 +3,8 @@
 Gradient-level, because the balancing needs the task gradients: ∇log(L_k + ε) = g_k/(L_k + ε),
 an EMA ĝ_k of these (β, LibMTL's schedule β/step^β_σ), then d = Σ_k (max_j ‖ĝ_j‖ / ‖ĝ_k‖) ĝ_k.
 Needs the losses. The EMA mixes earlier steps' gradients, so no w with d = Jᵀw: `weights` is NaN.
+Under `head_update: weighted` each head trains on ∇log(L_k + ε), as in the authors' code (LibMTL), which
+backpropagates the log-losses and then replaces only the shared parameters' gradients.
 """
 from __future__ import annotations
 
@@ -38,3 +40,6 @@ class DBMTL(GradientAggregator):
         norms = self.buffer.double().norm(dim=1).to(J.dtype)  # float64: no overflow for huge J
         balance = torch.where(norms > 0, norms.max() / norms.clamp_min(torch.finfo(J.dtype).tiny), 0.0)
         return balance @ self.buffer, torch.full((J.shape[0],), math.nan)
+
+    def head_weights(self, losses):
+        return 1.0 / (losses.detach() + self.options["eps"])

@@ -11,8 +11,8 @@ class FAMO(LossAggregator):
 
     after_step(losses of the same batch after the optimizer step): δ_i = log(L_i + ε) before −
     after; ξ takes one Adam step (lr, weight decay γ) along ∂softmax(ξ)ᵀδ. `weights` holds the
-    effective weights z_i / (c (L_i + ε)) of ∇L_i (they sum to 1). The authors also clip the
-    model's gradient norm to 1.0; that is the trainer's gradient clipping, not done here.
+    effective weights z_i / (c (L_i + ε)) of ∇L_i (they sum to 1). The authors' experiment code calls a
+    gradient-norm clip (max_norm 1.0) before `backward`, where it changes nothing; it is not done here.
     """
 
     name = "famo"
