@@ -20,8 +20,9 @@ import yaml
 # 7: aggregator and metrics defaults in the hash; notMNIST's pool set by the sizes, not by the files present;
 # 8: solver fixes (Nash-MTL's Newton, CAGrad's SLSQP tolerance, IMTL-G's rank, GradVac's guard, the PSD factor of
 # MGDA/UPGrad/DualProj on unit gradients); 9: sharpness's step halving as the reference (ε goes on from the
-# current point; with random_init the clean point is the first worst); conflict's J rows in the run's task order.
-RESULTS_VERSION = "9"
+# current point; with random_init the clean point is the first worst); conflict's J rows in the run's task order;
+# 10: NotMNIST keeps one copy of each distinct image (other splits); DB-MTL's weighted heads; eigh via dsyev.
+RESULTS_VERSION = "10"
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LOSS_SCALES = ("sum", "mean")
