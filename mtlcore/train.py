@@ -326,7 +326,8 @@ class Trainer:
             "run_id": c.content_hash(), "setting": c.setting, "mode": c.mode, "aggregator": c.aggregator,
             "seed": c.seed, "tasks": json.dumps(list(c.tasks)), "config": json.dumps(c.resolved(), sort_keys=True),
             "status": "running", "message": "", "steps_per_epoch": 0, "device": str(self.device),
-            "mtlcore_version": __version__, "torch_version": torch.__version__, "python_version": platform.python_version(),
+            "mtlcore_version": __version__, "torch_version": torch.__version__, "numpy_version": np.__version__,
+            "python_version": platform.python_version(),
             "host": platform.node(), "data_info": json.dumps(self.setting.info, sort_keys=True), "wall_seconds": 0.0,
         }
 

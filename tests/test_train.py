@@ -68,6 +68,9 @@ def test_results_schema_round_trip(fake_data_root, tmp_path):
     assert_identical(ds, loaded)
     assert RunConfig.from_dict(__import__("json").loads(loaded.attrs["config"])).content_hash() == cfg.content_hash()
     assert loaded.attrs["tasks"] == '["fashion1", "fashion2"]' and loaded.attrs["mode"] == "mtl"
+    # what the splits and numbers depend on besides the config: the data files and the libraries' versions
+    data_info = __import__("json").loads(loaded.attrs["data_info"])
+    assert len(data_info["files_md5"]) == 4 and loaded.attrs["numpy_version"] == np.__version__
 
 
 def test_finished_runs_are_skipped(fake_data_root, tmp_path, monkeypatch):
