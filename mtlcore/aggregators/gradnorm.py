@@ -12,7 +12,8 @@ _MIN_WEIGHT = 1e-8  # weights are clamped positive before renormalising (the pap
 class GradNorm(LossAggregator):
     """combine(losses, last_shared=model.last_shared_layer()) -> Σ w_i L_i.
 
-    Each call: G_i = w_i ‖∇_W L_i‖ on the last shared layer W; r_i = (L_i/L_i(0)) / mean_j(·);
+    Each call: G_i = w_i ‖∇_W L_i‖ on the last shared layer W (its weight and bias: every parameter
+    `last_shared_layer()` returns; LibMTL uses all shared parameters); r_i = (L_i/L_i(0)) / mean_j(·);
     L_grad = Σ_i |G_i − sg[mean(G) r_i^α]|; one step of the internal Adam (learning rate `lr`)
     on w using L_grad only; then w ← K w / Σw. The returned loss uses the weights from before
     the update (they are `weights`). L_i(0) are the losses of the first call after reset.
