@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
+from matplotlib.ticker import FuncFormatter
 
 PALETTE = {"STL": "tab:blue"}
 CYCLE = ["tab:green", "tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
@@ -56,6 +57,19 @@ def _zoom(ax: plt.Axes, xs: np.ndarray, ys: np.ndarray, yscale: str) -> None:
         ax.set_xlim(xs.min() / 1.05, xs.max() * 1.05)
 
 
+def _label_log_ticks(axis) -> None:
+    """Plain numbers (0.2, 1, 5) on a log axis: powers of ten, 2 and 5 between them, and every tick when the
+    view spans less than a decade (a zoom). matplotlib's 2×10⁻¹-style minor labels overlapped on narrow panels."""
+    def label(value: float, _position) -> str:
+        low, high = sorted(axis.get_view_interval())
+        mantissa = round(value / 10 ** np.floor(np.log10(value)), 6) if value > 0 else 0.0
+        shown = mantissa in (1.0, 2.0, 5.0) or (low > 0 and np.log10(high / low) < 1)
+        return f"{value:g}" if shown else ""
+
+    axis.set_major_formatter(FuncFormatter(label))
+    axis.set_minor_formatter(FuncFormatter(label))
+
+
 def generalization_vs_loss(runs: xr.Dataset, *, group: str, order: Sequence[str] | None = None,
                            loss: str = "train_loss", score: str = "test_score", title: str = "",
                            ax: plt.Axes | None = None, yscale: str = "linear", legend: bool = True,
@@ -90,6 +104,7 @@ def generalization_vs_loss(runs: xr.Dataset, *, group: str, order: Sequence[str]
     if late_x:
         _zoom(ax, np.concatenate(late_x), np.concatenate(late_y), yscale)
     ax.set_xscale("log")
+    _label_log_ticks(ax.xaxis)
     ax.set_yscale(yscale)
     if not ax.xaxis_inverted():
         ax.invert_xaxis()  # training goes left to right

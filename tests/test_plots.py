@@ -30,9 +30,24 @@ def test_zoom_last_limits_axes_to_the_late_bands():
 
 
 def test_without_zoom_every_epoch_is_visible():
-    ax = plots.generalization_vs_loss(_runs(), group="configuration").axes[0]
+    fig = plots.generalization_vs_loss(_runs(), group="configuration")
+    ax = fig.axes[0]
     low, high = ax.get_ylim()
     assert low < 0.1 and high > 0.8
+    fig.canvas.draw()  # over two decades: powers of ten, 2 and 5 (all minor labels overlapped on narrow panels)
+    shown = _visible_tick_labels(ax)
+    assert {"0.02", "0.05", "0.1", "0.2", "0.5", "1"} <= set(shown) and {s.strip("0.")[0] for s in shown} <= {"1", "2", "5"}
+    zoom = plots.generalization_vs_loss(_runs(), group="configuration", zoom_last=0.3)
+    zoom.canvas.draw()  # within a decade every tick is labelled
+    low, high = sorted(zoom.axes[0].get_xlim())
+    assert np.log10(high / low) < 1 and _visible_tick_labels(zoom.axes[0]) == ["0.02", "0.03"]
+
+
+def _visible_tick_labels(ax) -> list[str]:
+    low, high = sorted(ax.get_xlim())
+    ticks = [(loc, t.get_text()) for minor in (False, True)
+             for loc, t in zip(ax.get_xticks(minor=minor), ax.get_xticklabels(minor=minor))]
+    return [text for loc, text in ticks if low <= loc <= high and text]
 
 
 def test_zoom_survives_a_diverged_seed():
