@@ -73,11 +73,14 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="also time the stages of this profile's book")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the throughput only)")
     args = parser.parse_args()
+    from mtlcore.models.fused import kernel_name
+
     report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "device": args.device,
-              "throughput": {}}
+              "lenet_kernels": kernel_name() if args.device == "cpu" else "pytorch", "throughput": {}}
     for label, tasks in [("STL fashion1", ["fashion1"]), ("MTL fashion1+fashion2", ["fashion1", "fashion2"]),
                          ("MTL 3 tasks", ["fashion1", "fashion2", "noisy_fashion"])]:
         report["throughput"][f"{label}, batch 128"] = throughput(tasks, 128, args.steps, device=args.device)
+    print(f"LeNet CPU kernels: {report['lenet_kernels']} (MTLCORE_FUSED_LENET=0 for PyTorch's)")
     for label, value in report["throughput"].items():
         print(f"{label:40s} {value:10.0f} samples/s")
     if args.profile:

@@ -29,6 +29,7 @@ from mtlcore.metrics.common import mean_loss
 from mtlcore.metrics.schedule import FactorSchedule, applied_update
 from mtlcore.metrics.scores import evaluate
 from mtlcore.models import MultiTaskModel, build_model
+from mtlcore.models.fused import kernel_name
 from mtlcore.results import load_run, new_run_dataset, save_atomic
 
 log = logging.getLogger(__name__)
@@ -327,6 +328,7 @@ class Trainer:
             "seed": c.seed, "tasks": json.dumps(list(c.tasks)), "config": json.dumps(c.resolved(), sort_keys=True),
             "status": "running", "message": "", "steps_per_epoch": 0, "device": str(self.device),
             "mtlcore_version": __version__, "torch_version": torch.__version__, "numpy_version": np.__version__,
+            "lenet_block_kernel": kernel_name() if self.device.type == "cpu" else "pytorch",
             "python_version": platform.python_version(),
             "host": platform.node(), "data_info": json.dumps(self.setting.info, sort_keys=True), "wall_seconds": 0.0,
         }

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtlcore.models.fused import conv_dropout_pool_relu, conv_pool_relu
+
 
 class LeNetEncoder(nn.Module):
     """conv(1→10,k5) → maxpool2 → ReLU → conv(10→20,k5) → dropout → maxpool2 → ReLU → 320 → 50 → ReLU."""
@@ -19,6 +21,6 @@ class LeNetEncoder(nn.Module):
         self.fc = nn.Linear(320, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(torch.max_pool2d(self.conv1(x), 2))
-        x = torch.relu(torch.max_pool2d(self.dropout(self.conv2(x)), 2))
+        x = conv_pool_relu(x, self.conv1)  # one fused kernel on the CPU (mtlcore/models/fused.py)
+        x = conv_dropout_pool_relu(x, self.conv2, self.dropout)  # a sparse backward on the CPU (fused.py)
         return torch.relu(self.fc(x.flatten(1)))
