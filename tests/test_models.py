@@ -191,3 +191,43 @@ def test_the_encoders_kernels_draw_the_same_dropout_masks_as_pytorchs(kernel, mo
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     for a, b in zip(ours_grads, theirs_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # raised inside torch
+def test_the_kernels_refuse_what_they_do_not_compute(kernel):
+    """Second derivatives (create_graph) go through PyTorch's ops and equal theirs; other convolution
+    hyper-parameters, autocast and forward-mode AD take PyTorch's path (same results as PyTorch's ops)."""
+    from mtlcore.models.lenet import LeNetEncoder
+
+    torch.manual_seed(0)
+    encoder = LeNetEncoder(dropout=0.5).to(memory_format=torch.channels_last).train()
+    x = _images(8, 4)
+    params = list(encoder.parameters())
+
+    def penalty_gradient():  # the gradient of a gradient penalty: second derivatives through both blocks
+        torch.manual_seed(3)  # the same dropout masks on both paths
+        grads = torch.autograd.grad(encoder(x).square().sum(), params, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), params)
+
+    ours = penalty_gradient()
+    saved, kernel._extension = kernel._extension, False
+    try:
+        theirs = penalty_gradient()
+    finally:
+        kernel._extension = saved
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    for options in ({"padding": 2}, {"stride": 2}, {"dilation": 2}):
+        conv = torch.nn.Conv2d(1, 10, 5, **options)
+        assert not kernel.applies(x, conv)
+        torch.testing.assert_close(kernel.conv_pool_relu(x, conv), F.relu(F.max_pool2d(conv(x), 2)))
+        second = torch.nn.Conv2d(10, 20, 5, **options)
+        h = torch.randn(2, 10, 12, 12)
+        torch.testing.assert_close(kernel.conv_dropout_pool_relu(h, second, torch.nn.Dropout2d(0.0)),
+                                   F.relu(F.max_pool2d(second(h), 2)))
+    conv = torch.nn.Conv2d(1, 10, 5)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(conv.weight.detach(), torch.ones_like(conv.weight))
+        assert not kernel._plain(x, dual)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernel.applies(x, conv)

@@ -7,7 +7,11 @@ rounding (float32 sums in another order), and a weight gradient that does not de
 It is compiled on first use with the machine's C++ compiler (torch.utils.cpp_extension, ~50 s, cached under
 ~/.cache/torch_extensions). Where that fails (no compiler, no AVX2) the encoder uses PyTorch's kernels and says
 so once. `MTLCORE_FUSED_LENET=0` turns it off. It is used only where it applies: on the CPU, float32,
-inputs that need no gradient, and outside torch.func transforms (vmap'd per-example gradients take PyTorch's path).
+inputs that need no gradient, 5×5 convolutions without stride, padding, dilation or groups, outside autocast,
+and outside torch.func transforms and forward-mode AD (vmap'd per-example gradients take PyTorch's path). Under
+create_graph (second derivatives) their backward recomputes the block with PyTorch's ops, so it is
+differentiable. With a NaN or inf input the weight
+gradients have NaN in other entries than PyTorch's dense backward gives (the run has diverged either way).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch.autograd import forward_ad
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +54,26 @@ def kernel_name() -> str:
     return "fused-avx2" if extension() is not None else "pytorch"
 
 
+def _plain(*tensors: torch.Tensor) -> bool:
+    """No torch.func transform (vmap, grad, jacrev) and no forward-mode AD on these: the kernels have neither."""
+    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) or forward_ad.unpack_dual(t).tangent is not None
+                   for t in tensors)
+
+
+def _plain_conv(conv: torch.nn.Conv2d) -> bool:
+    """A 5×5 convolution with stride 1, no padding, no dilation, one group and a bias, in float32."""
+    return (tuple(conv.weight.shape[2:]) == (5, 5) and conv.stride == (1, 1) and conv.padding == (0, 0)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and conv.bias is not None and conv.weight.dtype == torch.float32)
+
+
+def _cpu_float32(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
 def applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
-            and tuple(x.shape[1:]) == (1, 28, 28) and tuple(conv.weight.shape[1:]) == (1, 5, 5)
-            and conv.bias is not None and not x.requires_grad
-            and not wrapped(x) and not wrapped(conv.weight) and not wrapped(conv.bias)
-            and extension() is not None)
+    return (_cpu_float32(x) and _plain_conv(conv) and tuple(x.shape[1:]) == (1, 28, 28) and conv.in_channels == 1
+            and not x.requires_grad and _plain(x, conv.weight, conv.bias) and extension() is not None)
 
 
 class ConvPoolReLU(torch.autograd.Function):
@@ -65,22 +83,24 @@ class ConvPoolReLU(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         images = x.reshape(x.shape[0], 28, 28).contiguous()
         out, where = extension().forward(images, weight.detach().contiguous(), bias.detach().contiguous())
-        ctx.save_for_backward(images, out, where, weight)
+        ctx.save_for_backward(images, out, where, weight, bias)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        images, out, where, weight = ctx.saved_tensors
+        images, out, where, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, through PyTorch's ops
+            with torch.enable_grad():
+                again = torch.relu(torch.max_pool2d(torch.nn.functional.conv2d(images[:, None], weight, bias), 2))
+                return None, *torch.autograd.grad(again, [weight, bias], grad, create_graph=True)
         weight_grad, bias_grad = extension().backward(grad, images, out, where, weight.shape[0])
         # in the parameter's own memory layout (channels-last in the trainer): fused optimizers assume it
         return None, torch.empty_like(weight).copy_(weight_grad), bias_grad
 
 
 def _block2_applies(h: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return (h.device.type == "cpu" and h.dtype == torch.float32 and conv.weight.dtype == torch.float32
-            and tuple(h.shape[2:]) == (12, 12) and tuple(conv.weight.shape[2:]) == (5, 5) and conv.bias is not None
-            and not wrapped(h) and not wrapped(conv.weight) and not wrapped(conv.bias) and extension() is not None)
+    return (_cpu_float32(h) and _plain_conv(conv) and tuple(h.shape[2:]) == (12, 12)
+            and _plain(h, conv.weight, conv.bias) and extension() is not None)
 
 
 class ConvDropoutPoolReLU(torch.autograd.Function):
@@ -96,12 +116,18 @@ class ConvDropoutPoolReLU(torch.autograd.Function):
             conv = torch.nn.functional.conv2d(h, weight, bias) * scale[:, :, None, None]
             pooled, where = torch.nn.functional.max_pool2d(conv, 2, return_indices=True)
             out = torch.relu(pooled)
-        ctx.save_for_backward(h, weight, scale, out, where)
+        ctx.save_for_backward(h, weight, bias, scale, out, where)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        h, weight, scale, out, where = ctx.saved_tensors
+        h, weight, bias, scale, out, where = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, through PyTorch's ops
+            with torch.enable_grad():
+                conv = torch.nn.functional.conv2d(h, weight, bias) * scale[:, :, None, None]
+                inputs = [h, weight, bias] if ctx.needs_input_grad[0] else [weight, bias]
+                grads = torch.autograd.grad(torch.relu(torch.max_pool2d(conv, 2)), inputs, grad, create_graph=True)
+            return (*grads, None) if ctx.needs_input_grad[0] else (None, *grads, None)
         grad_h, grad_w, grad_b = extension().block2_backward(grad, out, where, scale, h, weight)
         return (grad_h if ctx.needs_input_grad[0] else None, torch.empty_like(weight).copy_(grad_w), grad_b, None)
 
