@@ -1,6 +1,7 @@
 """Figure functions the notebooks call. Each returns its matplotlib Figure."""
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Sequence
 
@@ -144,11 +145,11 @@ def quadrant_plot(changes, factors: Sequence[str], title: str = "") -> plt.Figur
     Filled markers: the change in generalization is significant (±2 std)."""
     fig, axes = plt.subplots(1, len(factors), figsize=(4.0 * len(factors), 3.8), squeeze=False)
     methods = list(dict.fromkeys(changes["aggregator"]))
-    several = "group" in changes and changes["group"].nunique() > 1
-    keys = [f"{t} ({g})" if several else str(t)
-            for g, t in zip(changes["group"] if "group" in changes else [None] * len(changes), changes["task"])]
-    # not green or red: those are the quadrants' shading
-    colors = dict(zip(dict.fromkeys(keys), QUADRANT_COLORS * (1 + len(keys) // len(QUADRANT_COLORS))))
+    if "group" in changes and changes["group"].nunique() > 1:
+        keys = [f"{t} ({g})" for g, t in zip(changes["group"], changes["task"])]
+    else:
+        keys = [str(t) for t in changes["task"]]
+    colors = dict(zip(dict.fromkeys(keys), itertools.cycle(QUADRANT_COLORS)))  # not the shading's green or red
     for ax, factor in zip(axes[0], factors):
         x, y = changes[factor].to_numpy(dtype=float), changes["generalization"].to_numpy(dtype=float)
         finite = np.isfinite(x) & np.isfinite(y)

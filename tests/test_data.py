@@ -163,8 +163,10 @@ def test_idx_round_trip_and_bad_files(tmp_path):
 
 
 def test_runs_record_the_data_files_and_warn_when_they_are_not_the_release(fake_data_root, caplog):
+    from mtlcore.data import fashion
     from mtlcore.data.locate import read_idx_and_md5
 
+    fashion._read_fashion.cache_clear()  # the warning comes once per process, at the first read
     with caplog.at_level("WARNING", logger="mtlcore.data.fashion"):
         s = load(fake_data_root, tasks=("fashion1", "notmnist"))
     md5 = s.info["files_md5"]

@@ -97,36 +97,42 @@ def _read_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray, dict
     return x, y.astype(np.int64), {f"{images.parent.name}/{images.name}": x_md5, f"{labels.parent.name}/{labels.name}": y_md5}
 
 
+@functools.lru_cache(maxsize=8)
 def _read_fashion(folder: Path, images: str, labels: str) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     x, y, md5 = _read_pair(folder / images, folder / labels)
     for name in (images, labels):
-        if md5[f"{folder.name}/{name}"] != FASHION_MD5[name]:  # warned once per load: splits and results differ
+        if md5[f"{folder.name}/{name}"] != FASHION_MD5[name]:  # warned once per process: splits and results differ
             log.warning("%s is not the Fashion-MNIST release (MD5 of its decompressed bytes %s, the release's %s): "
                         "its splits and results are not comparable with other machines'", folder / name,
                         md5[f"{folder.name}/{name}"], FASHION_MD5[name])
     return x, y, md5
 
 
-def _distinct(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The first copy of every distinct image, in file order (its label kept).
+@functools.lru_cache(maxsize=4)
+def _distinct_images(folder: Path, with_train: bool) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """notMNIST's t10k images (then its train files' if `with_train`), the first copy of each distinct image in
+    file order with its label, and the files' MD5s. Cached: every run of a sweep loads the same pool.
 
-    notMNIST's t10k file holds 9,804 distinct images among its 10,000 (one blank image 141 times): split by
-    index, copies of a training image landed in the validation and test sets.
+    The t10k file holds 9,804 distinct images among its 10,000 (one blank image 141 times): split by index,
+    copies of a training image landed in the validation and test sets.
     """
+    files = NOTMNIST_TEST_FILES + (NOTMNIST_TRAIN_FILES if with_train else [])
+    parts = [_read_pair(folder / files[i], folder / files[i + 1]) for i in range(0, len(files), 2)]
+    x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     rows = np.ascontiguousarray(x.reshape(len(x), -1))
     _, first = np.unique(rows.view(np.dtype((np.void, rows.shape[1]))).ravel(), return_index=True)
     first.sort()
-    return x[first], y[first]
+    return x[first], y[first], {name: md5 for p in parts for name, md5 in p[2].items()}
 
 
 def _notmnist_pool(folder: Path, needed: int, download: bool) -> tuple[np.ndarray, np.ndarray, str, dict[str, str]]:
     """The distinct t10k images, and the train files' after them only when t10k holds fewer than `needed`.
 
-    Also returns a description of the pool and the files' MD5s. The pool depends on the sizes alone, never on whether the optional train files happen to be present:
-    otherwise a download would silently change the splits of runs already cached under the same hash.
+    Also returns a description of the pool and the files' MD5s. The pool depends on the sizes alone, never on
+    whether the optional train files happen to be present: otherwise a download would silently change the splits
+    of runs already cached under the same hash.
     """
-    x, y, md5 = _read_pair(folder / NOTMNIST_TEST_FILES[0], folder / NOTMNIST_TEST_FILES[1])
-    x, y = _distinct(x, y)
+    x, y, md5 = _distinct_images(folder, with_train=False)
     if needed <= len(x):
         return x, y, f"t10k ({len(x)} distinct images)", md5
     if find_files(folder, ["."], NOTMNIST_TRAIN_FILES) is None and download:
@@ -139,9 +145,8 @@ def _notmnist_pool(folder: Path, needed: int, download: bool) -> tuple[np.ndarra
             f"notMNIST: train_size + val_size + test_size = {needed} examples need the training files "
             f"{NOTMNIST_TRAIN_FILES} next to the t10k files in {folder} (these hold only {len(x)} distinct images); "
             f"download them from {NOTMNIST_URL}, or lower the sizes to at most {len(x)} in all.")
-    x_train, y_train, train_md5 = _read_pair(folder / NOTMNIST_TRAIN_FILES[0], folder / NOTMNIST_TRAIN_FILES[1])
-    x, y = _distinct(np.concatenate([x, x_train]), np.concatenate([y, y_train]))  # t10k's copies come first
-    return x, y, f"t10k+train ({len(x)} distinct images)", {**md5, **train_md5}
+    x, y, md5 = _distinct_images(folder, with_train=True)  # t10k's copies come first
+    return x, y, f"t10k+train ({len(x)} distinct images)", md5
 
 
 def missing_optional_files(root: Path) -> list[str]:

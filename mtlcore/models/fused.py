@@ -1,16 +1,18 @@
-"""LeNet's first block, ReLU(max-pool₂(conv₅ₓ₅(x))) on 1-channel 28×28 images, as one CPU kernel (lenet_cpu.cpp).
+"""LeNet's two conv blocks on the CPU as C++/AVX2 kernels (lenet_cpu.cpp), with PyTorch's ops as the fallback.
 
-PyTorch's CPU kernels for this block took ~35% of a LeNet training step, and the weight gradient of a
-one-input-channel convolution ran on a single thread. The fused kernel computes the same function, with other
-rounding (float32 sums in another order), and a weight gradient that does not depend on the thread count.
+Block 1, ReLU(max-pool₂(conv₅ₓ₅(x))) on 1-channel 28×28 images, runs as one kernel, forward and backward. Block 2,
+ReLU(max-pool₂(Dropout2d(conv₅ₓ₅(h)))) on 12×12 maps, keeps PyTorch's forward and gets a backward that uses the
+sparsity of its gradient. With PyTorch's kernels these blocks took ~80% of a training step (block 1's weight
+gradient on one thread); the kernels compute the same functions with other float32 rounding, the same dropout
+masks, and weight gradients that do not depend on the thread count.
 
-It is compiled on first use with the machine's C++ compiler (torch.utils.cpp_extension, ~50 s, cached under
-~/.cache/torch_extensions). Where that fails (no compiler, no AVX2) the encoder uses PyTorch's kernels and says
-so once. `MTLCORE_FUSED_LENET=0` turns it off. It is used only where it applies: on the CPU, float32,
-inputs that need no gradient, 5×5 convolutions without stride, padding, dilation or groups, outside autocast,
-and outside torch.func transforms and forward-mode AD (vmap'd per-example gradients take PyTorch's path). Under
-create_graph (second derivatives) their backward recomputes the block with PyTorch's ops, so it is
-differentiable. With a NaN or inf input the weight
+They are compiled on first use with the machine's C++ compiler (torch.utils.cpp_extension, ~50 s, cached under
+~/.cache/torch_extensions). Where that fails (no compiler, no AVX2) the encoder uses PyTorch's ops and says so
+once. `MTLCORE_FUSED_LENET=0` turns them off. They are used only where they apply: on the CPU, float32, plain 5×5
+convolutions (stride 1, no padding, dilation or groups), outside autocast, torch.func transforms and forward-mode
+AD (vmap'd per-example gradients take PyTorch's path), block 1 only for inputs that need no gradient, block 2
+only while gradients are recorded (evaluation has nothing to gain). Under create_graph (second derivatives) the
+backward recomputes the block with PyTorch's ops, so it is differentiable. With a NaN or inf input the weight
 gradients have NaN in other entries than PyTorch's dense backward gives (the run has diverged either way).
 """
 from __future__ import annotations
@@ -44,13 +46,13 @@ def extension():
                                   extra_ldflags=["-fopenmp"], verbose=False)  # torch's libgomp: one thread pool
             except Exception as error:  # no compiler, no AVX2/FMA, no ninja: PyTorch's kernels do the same
                 log.warning("the fused LeNet CPU kernel could not be built (%s); using PyTorch's kernels "
-                            "(about 1.3x slower training on the CPU, other rounding)", str(error).splitlines()[0][:200])
+                            "(about 2.4x slower training on the CPU, other rounding)", str(error).splitlines()[0][:200])
                 _extension = False
     return _extension or None
 
 
 def kernel_name() -> str:
-    """What computes LeNet's first block on the CPU: recorded with every run (the rounding differs)."""
+    """What computes LeNet's conv blocks on the CPU: recorded with every run (the rounding differs)."""
     return "fused-avx2" if extension() is not None else "pytorch"
 
 
@@ -69,6 +71,15 @@ def _plain_conv(conv: torch.nn.Conv2d) -> bool:
 
 def _cpu_float32(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
+def _block1_ops(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.relu(torch.max_pool2d(torch.nn.functional.conv2d(x, weight, bias), 2))
+
+
+def _block2_ops(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Block 2 with Dropout2d's mask given as `scale` (N×C: 0 for a dropped map, 1/(1-p) for a kept one)."""
+    return torch.relu(torch.max_pool2d(torch.nn.functional.conv2d(h, weight, bias) * scale[:, :, None, None], 2))
 
 
 def applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
@@ -91,9 +102,9 @@ class ConvPoolReLU(torch.autograd.Function):
         images, out, where, weight, bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, through PyTorch's ops
             with torch.enable_grad():
-                again = torch.relu(torch.max_pool2d(torch.nn.functional.conv2d(images[:, None], weight, bias), 2))
+                again = _block1_ops(images[:, None], weight, bias)
                 return None, *torch.autograd.grad(again, [weight, bias], grad, create_graph=True)
-        weight_grad, bias_grad = extension().backward(grad, images, out, where, weight.shape[0])
+        weight_grad, bias_grad = extension().backward(grad, images, out, where)
         # in the parameter's own memory layout (channels-last in the trainer): fused optimizers assume it
         return None, torch.empty_like(weight).copy_(weight_grad), bias_grad
 
@@ -106,9 +117,9 @@ def _block2_applies(h: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
 class ConvDropoutPoolReLU(torch.autograd.Function):
     """ReLU(max_pool2d(dropout2d(conv2d(h, weight, bias)), 2)) whose backward uses the sparsity of its gradient.
 
-    The forward is PyTorch's convolution; `scale` (N×C: 0 for a dropped map, 1/(1-p) for a kept one, 1 in eval
-    mode) is Dropout2d's mask. The backward gets the gradient at the conv output from the max-pool's indices and
-    the mask, and adds one patch per non-zero entry (lenet_cpu.cpp: block2_backward)."""
+    The forward is PyTorch's (`_block2_ops`, `scale` as there, 1 in eval mode). The backward gets the gradient at
+    the conv output from the max-pool's indices and the mask, and adds one patch per non-zero entry
+    (lenet_cpu.cpp: block2_backward)."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, scale):
@@ -124,9 +135,8 @@ class ConvDropoutPoolReLU(torch.autograd.Function):
         h, weight, bias, scale, out, where = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, through PyTorch's ops
             with torch.enable_grad():
-                conv = torch.nn.functional.conv2d(h, weight, bias) * scale[:, :, None, None]
                 inputs = [h, weight, bias] if ctx.needs_input_grad[0] else [weight, bias]
-                grads = torch.autograd.grad(torch.relu(torch.max_pool2d(conv, 2)), inputs, grad, create_graph=True)
+                grads = torch.autograd.grad(_block2_ops(h, weight, bias, scale), inputs, grad, create_graph=True)
             return (*grads, None) if ctx.needs_input_grad[0] else (None, *grads, None)
         grad_h, grad_w, grad_b = extension().block2_backward(grad, out, where, scale, h, weight)
         return (grad_h if ctx.needs_input_grad[0] else None, torch.empty_like(weight).copy_(grad_w), grad_b, None)
@@ -134,7 +144,7 @@ class ConvDropoutPoolReLU(torch.autograd.Function):
 
 def conv_dropout_pool_relu(h: torch.Tensor, conv: torch.nn.Conv2d, dropout: torch.nn.Dropout2d) -> torch.Tensor:
     """LeNet's second block, ReLU(max-pool₂(Dropout2d(conv(h)))): the sparse-backward kernel where it applies."""
-    if not _block2_applies(h, conv):
+    if not torch.is_grad_enabled() or not _block2_applies(h, conv):  # only its backward is the kernel's
         return torch.relu(torch.max_pool2d(dropout(conv(h)), 2))
     N, C = h.shape[0], conv.weight.shape[0]
     if dropout.training and dropout.p > 0:

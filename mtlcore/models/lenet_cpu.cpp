@@ -1,8 +1,10 @@
-// LeNet's first block, conv(1→C, 5×5) → max-pool 2×2 → ReLU on 28×28 images, fused for the CPU (AVX2 + FMA).
-// PyTorch runs it as three ops whose oneDNN kernels suit one input channel badly (the weight gradient does not
-// even use a second thread); here the pooling's backward routes each gradient to its window's maximum, as
-// PyTorch's max-pool does (the first maximum in row-major order, NaN taking precedence), and the weight gradient
-// is summed over fixed chunks of 16 images, so the result does not depend on the number of threads.
+// LeNet's two conv blocks for the CPU (AVX2 + FMA); mtlcore/models/fused.py builds and dispatches them.
+// Block 1, conv(1→C, 5×5) → max-pool 2×2 → ReLU on 28×28 images, forward and backward in one pass each: oneDNN's
+// kernels suit one input channel badly (its weight gradient does not even use a second thread). Block 2's backward,
+// conv(Ci→Co, 5×5) → Dropout2d → max-pool → ReLU, uses the sparsity of its gradient. Max-pool routes each
+// gradient to its window's maximum as PyTorch's does (the first maximum in row-major order, NaN taking
+// precedence), and weight gradients are summed over fixed chunks of 16 images, then the chunks in order in
+// float64, so they do not depend on the number of threads.
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <cstring>
@@ -11,11 +13,6 @@
 
 namespace {
 constexpr int H = 28, K = 5, O = 24, P = 12, HH = 14;  // image, kernel, conv output, pooled, half image width
-
-template <typename F>
-void split(int64_t n, F body) {  // body(begin, end) over parts of [0, n) on torch's own OpenMP threads
-  at::parallel_for(0, n, 1, body);
-}
 
 // The image's even and odd columns, each row padded to 16: conv outputs at even and odd x then load contiguously.
 void deinterleave(const float* img, float* even, float* odd) {
@@ -104,7 +101,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& w, const 
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
   float* op = out.data_ptr<float>();
   int32_t* ip = idx.data_ptr<int32_t>();
-  split(N, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     alignas(32) float even[H * 16], odd[H * 16];
     std::vector<float> pooled(C * P * 16);  // one image's output, channel-major, before its channels-last copy
     for (int64_t n = begin; n < end; ++n) {
@@ -136,17 +133,16 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& w, const 
 
 // d loss / d w (C×1×5×5) and d loss / d b (C) from d loss / d out. Each pooled output's gradient goes to its
 // window's maximum only, so the weight gradient adds one 5×5 input patch per pooled output and channel (a quarter
-// of a dense correlation). Images are summed in fixed chunks of 16 and the chunks in order, in float64, so the
-// result does not depend on the number of threads.
+// of a dense correlation).
 std::vector<at::Tensor> backward(const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& out,
-                                 const at::Tensor& idx, int64_t C) {
-  const int64_t N = x.size(0), chunk = 16, chunks = (N + chunk - 1) / chunk, S = K * K + 1;
+                                 const at::Tensor& idx) {
+  const int64_t N = x.size(0), C = out.size(1), chunk = 16, chunks = (N + chunk - 1) / chunk, S = K * K + 1;
   auto grad = grad_in.contiguous(at::MemoryFormat::ChannelsLast);
   auto partial = at::zeros({chunks, C, S}, x.options().dtype(at::kDouble));
   const float *xp = x.data_ptr<float>(), *gp = grad.data_ptr<float>(), *op = out.data_ptr<float>();
   const int32_t* ip = idx.data_ptr<int32_t>();
   double* pp = partial.data_ptr<double>();
-  split(chunks, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     alignas(32) float last[H * H + 8] = {0};  // the batch's last image, padded: a patch row is read as 8 floats
     std::vector<__m256> sums(C * K);  // per channel and patch row: lanes kx = 0..4 (5..7 unused)
     std::vector<float> bias_sums(C);
@@ -209,7 +205,7 @@ std::vector<at::Tensor> block2_backward(const at::Tensor& grad_in, const at::Ten
   const int64_t* ip = where.data_ptr<int64_t>();
   float* ghp = grad_h.data_ptr<float>();
   double* pp = partial.data_ptr<double>();
-  split(chunks, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> sums(Co * (patch + 1));
     for (int64_t ch = begin; ch < end; ++ch) {
       std::fill(sums.begin(), sums.end(), 0.0f);
