@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,dask]'
-	@# compile LeNet's fused CPU kernels now (~1 min, cached under ~/.cache/torch_extensions) rather than in the first run
-	$(BIN)/python -c "from mtlcore.models import fused; print('LeNet CPU kernels:', fused.kernel_name())"
+	@# compile the CPU kernels now (~1 min, side by side, cached under ~/.cache/torch_extensions) rather than in the first run
+	$(BIN)/python -c "from mtlcore.models import fused; print('LeNet CPU kernels:', fused.kernel_name())" & \
+	$(BIN)/python -c "from mtlcore.aggregators import base; print('Jacobian CPU kernels:', base.jacobian_kernels())"; \
+	wait
 	touch $(STAMP)
 
 book: $(STAMP)

@@ -22,7 +22,8 @@ import yaml
 # MGDA/UPGrad/DualProj on unit gradients); 9: sharpness's step halving as the reference (ε goes on from the
 # current point; with random_init the clean point is the first worst); conflict's J rows in the run's task order;
 # 10: NotMNIST keeps one copy of each distinct image (other splits); DB-MTL's weighted heads; eigh via dsyev.
-RESULTS_VERSION = "10"
+# 11: the Gramian from the AVX2 kernel (float64 sums in another order); GradDrop from per-sign column sums.
+RESULTS_VERSION = "11"
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LOSS_SCALES = ("sum", "mean")

@@ -329,9 +329,19 @@ class Trainer:
             "status": "running", "message": "", "steps_per_epoch": 0, "device": str(self.device),
             "mtlcore_version": __version__, "torch_version": torch.__version__, "numpy_version": np.__version__,
             "lenet_block_kernel": kernel_name() if self.device.type == "cpu" else "pytorch",
+            "jacobian_kernels": self._jacobian_kernels(),
             "python_version": platform.python_version(),
             "host": platform.node(), "data_info": json.dumps(self.setting.info, sort_keys=True), "wall_seconds": 0.0,
         }
+
+    def _jacobian_kernels(self) -> str:
+        """What forms J Jᵀ and Jᵀw (recorded: their sums round in another order): "none" for the methods that form
+        neither (loss-level ones, GradDrop, DB-MTL), so that their runs do not build the kernels."""
+        from mtlcore.aggregators.base import WeightedAggregator, jacobian_kernels
+
+        if not isinstance(self.aggregator, WeightedAggregator):
+            return "none"
+        return jacobian_kernels() if self.device.type == "cpu" else "torch"
 
     def fit(self, checkpoint: Path | None = None, progress: bool = True) -> xr.Dataset:
         self.ds.attrs["steps_per_epoch"] = self.steps_per_epoch

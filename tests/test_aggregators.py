@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import types
 
 import numpy as np
 import pytest
@@ -213,6 +214,33 @@ def test_graddrop_keeps_one_sign_per_coordinate():
     d = make("graddrop")(J)
     positive, negative = J.clamp(min=0).sum(0), J.clamp(max=0).sum(0)
     assert (torch.isclose(d, positive) | torch.isclose(d, negative)).all()
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.3])
+@pytest.mark.parametrize("block", [1 << 18, 8])
+def test_graddrop_follows_its_definition_entry_by_entry(monkeypatch, leak, block):
+    """Against the paper's definition written out per coordinate and per task in float64, with the same uniform
+    draws: P = ½(1 + Σg/Σ|g|), keep gᵢ > 0 where P > U and gᵢ < 0 where P < U, d = Σ (leak + (1 − leak)·keep)·gᵢ.
+    block 8: the computation runs over many column blocks."""
+    from mtlcore.aggregators import graddrop
+
+    monkeypatch.setattr(graddrop, "GRADDROP_BLOCK", block)
+    J = random_jacobian(4, 300, None, seed=8)
+    J[:, :10] = 0.0  # columns without any gradient
+    d = get("graddrop", leak=leak, generator=torch.Generator().manual_seed(9))(J)
+    U = torch.rand(300, generator=torch.Generator().manual_seed(9)).double().numpy()
+    G = J.double().numpy()
+    decided = 0
+    for j in range(300):
+        g = G[:, j]
+        purity = 0.5 * (1 + (g.sum() / np.abs(g).sum() if np.abs(g).sum() > 0 else 0.0))
+        if abs(purity - U[j]) < 1e-5:
+            continue  # a float32 rounding of P could decide either way
+        keep = ((purity > U[j]) & (g > 0)) | ((purity < U[j]) & (g < 0))
+        expected = ((leak + (1 - leak) * keep) * g).sum()
+        assert d[j].item() == pytest.approx(expected, rel=1e-5, abs=1e-6), j
+        decided += 1
+    assert decided > 280
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "gradvac", "graddrop"])
@@ -617,9 +645,11 @@ def test_trains_lenet_three_steps(name):
 
 @pytest.mark.parametrize("block", [1, 7, 64, 1 << 18])
 def test_gramian_blocks_equal_float64_product(monkeypatch, block):
-    """Block-wise float64 accumulation gives J Jᵀ of the float64 J, whatever the block size."""
+    """Block-wise float64 accumulation (the path without the AVX2 kernel) gives J Jᵀ of the float64 J, whatever
+    the block size."""
     from mtlcore.aggregators import base
 
+    monkeypatch.setattr(base, "_jacobian_extension", False)
     monkeypatch.setattr(base, "GRAMIAN_BLOCK", block)
     J = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     expected = (J.double() @ J.double().T).numpy()
@@ -630,10 +660,164 @@ def test_gramian_blocks_equal_float64_product(monkeypatch, block):
 def test_gramian_blocks_for_every_float_dtype(monkeypatch, dtype):
     from mtlcore.aggregators import base
 
+    monkeypatch.setattr(base, "_jacobian_extension", False)
     monkeypatch.setattr(base, "GRAMIAN_BLOCK", 8)  # several blocks: the numpy path for float32/64, torch for bf16
     J = torch.randn(3, 40, generator=torch.Generator().manual_seed(1)).to(dtype)
     expected = (J.double() @ J.double().T).numpy()
     np.testing.assert_allclose(base.gramian(J), expected, rtol=1e-12, atol=1e-12)
+
+
+# --- the AVX2 kernels for J Jᵀ and Jᵀw (mtlcore/aggregators/jacobian_cpu.cpp) ----------------------------------------
+@pytest.fixture
+def kernels():
+    from mtlcore.aggregators import base
+
+    if base.jacobian_extension() is None:
+        pytest.skip("the Jacobian kernels cannot be built here (no C++ compiler or no AVX2)")
+    return base.jacobian_extension()
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 20, 23])
+@pytest.mark.parametrize("P", [0, 1, 3, 4, 5, 2051, 70_001])
+def test_gramian_kernel_is_exact_on_integer_matrices(kernels, K, P):
+    """Small integers: every product and partial sum is exact in float64, so G must equal the integer Gramian
+    entry for entry. Covers every diagonal block, the 3-, 2- and 1-column tails, partial tiles and several chunks."""
+    rng = np.random.default_rng(K * 1000 + P)
+    ints = rng.integers(-100, 101, size=(K, P))
+    G = kernels.gramian(torch.from_numpy(ints.astype(np.float32))).numpy()
+    assert G.dtype == np.float64 and G.shape == (K, K)
+    np.testing.assert_array_equal(G, ints @ ints.T)
+
+
+def test_gramian_kernel_matches_float64_products_and_strided_rows(kernels):
+    """Float32 entries over 20 orders of magnitude: the float64 products are exact and only the sums round (to
+    ~1e-16 relative each, far below float32's 6e-8); rows that are not adjacent in memory (a column slice)."""
+    rng = np.random.default_rng(3)
+    J = (rng.standard_normal((11, 70_007)) * 10.0 ** rng.uniform(-10, 10, (11, 70_007))).astype(np.float32)
+    exact = np.array([[math.fsum(a * b) for b in J.astype(np.float64)] for a in J.astype(np.float64)])
+    wide = torch.zeros(11, 70_100)
+    wide[:, :70_007] = torch.from_numpy(J)
+    for given in (torch.from_numpy(J), wide[:, :70_007]):
+        G = kernels.gramian(given).numpy()
+        np.testing.assert_allclose(G, exact, rtol=1e-12, atol=0)
+        np.testing.assert_array_equal(G, G.T)
+
+
+def test_gramian_kernel_does_not_depend_on_the_thread_count(kernels):
+    J = torch.randn(6, 300_001, generator=torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(kernels.gramian(J))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_gramian_kernel_puts_nan_and_inf_on_the_diagonal(kernels, bad):
+    J = torch.randn(9, 5000, generator=torch.Generator().manual_seed(5))
+    J[6, 4321] = bad
+    G = kernels.gramian(J).numpy()
+    assert not np.isfinite(G[6, 6]) and np.isfinite(np.delete(np.delete(G, 6, 0), 6, 1)).all()
+    with pytest.raises(NonFiniteGradientError, match="the run has diverged"):
+        aggregators.get("upgrad")(J)
+
+
+@pytest.mark.parametrize("K", [1, 3, 8, 9, 20])
+@pytest.mark.parametrize("P", [0, 1, 7, 8, 9, 2049, 70_001])
+def test_combine_kernel_is_exact_on_integer_matrices(kernels, K, P):
+    """d = Jᵀw with small integers (exact in float32): entry for entry the integer product, over the 8-column
+    vectors and their tails, the groups of 8 rows and the column blocks; rows that are not adjacent in memory."""
+    rng = np.random.default_rng(K * 1000 + P)
+    ints, w = rng.integers(-50, 51, size=(K, P)), rng.integers(-5, 6, size=K)
+    wide = torch.zeros(K, P + 5)
+    wide[:, :P] = torch.from_numpy(ints.astype(np.float32))
+    for J in (torch.from_numpy(ints.astype(np.float32)), wide[:, :P]):
+        d, finite = kernels.combine(J, torch.from_numpy(w.astype(np.float32)))
+        assert finite and d.dtype == torch.float32
+        np.testing.assert_array_equal(d.numpy(), w @ ints)
+
+
+def test_combine_kernel_rounds_like_float32_and_does_not_depend_on_the_thread_count(kernels):
+    J = torch.randn(13, 100_003, generator=torch.Generator().manual_seed(10))
+    w = torch.rand(13, generator=torch.Generator().manual_seed(11))
+    exact = w.double() @ J.double()
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(kernels.combine(J, w)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    # 13 float32 roundings at most, each ≤ 2⁻²⁴ of a partial sum bounded by Σ|w_k J_k|
+    bound = 13 * 2.0**-24 * (w.double().abs() @ J.double().abs())
+    assert ((results[0].double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", [(0, 0), (8, 5000), (12, 100_002), (12, 99_999)])
+def test_combine_kernel_reports_nan_and_inf(kernels, bad, where):
+    """Anywhere in J (first row, a later group of rows, the last column, a vector's tail), even on a row whose
+    weight is 0 (0·inf is NaN)."""
+    J = torch.randn(13, 100_003, generator=torch.Generator().manual_seed(12))
+    J[where] = bad
+    w = torch.ones(13)
+    w[where[0]] = 0.0
+    assert not kernels.combine(J, w)[1]
+    with pytest.raises(NonFiniteGradientError, match="fixed: the task gradients J contain NaN or inf"):
+        get("fixed", weights=w.tolist())(J)
+
+
+def test_gramian_uses_the_kernel_where_it_applies_and_blas_elsewhere(kernels, monkeypatch):
+    from mtlcore.aggregators import base
+
+    J = torch.randn(5, 3001, generator=torch.Generator().manual_seed(6))
+    calls = []
+    monkeypatch.setattr(base, "_jacobian_extension", types.SimpleNamespace(
+        gramian=lambda J: calls.append(J) or kernels.gramian(J),
+        combine=lambda J, w: calls.append(J) or kernels.combine(J, w)))
+    for given in (J, J.double(), J.T.contiguous().T, J.bfloat16()):
+        np.testing.assert_allclose(base.gramian(given), (given.double() @ given.double().T).numpy(), rtol=1e-12)
+        torch.testing.assert_close(get("fixed", weights=[1, 2, 3, 4, 5])(given),
+                                   (torch.arange(1.0, 6, dtype=torch.float64) @ given.double()).to(given.dtype))
+    # float64, column-major and bfloat16 J take the BLAS path
+    assert len(calls) == 2 and all(c.data_ptr() == J.data_ptr() for c in calls)
+    monkeypatch.setattr(base, "COMBINE_MAX", 10)  # a large J: BLAS's GEMV
+    get("fixed", weights=[1, 2, 3, 4, 5])(J)
+    assert len(calls) == 2
+    assert base.jacobian_kernels() == "fused-avx2"
+
+
+def test_without_the_kernels_blas_forms_g_and_d_and_says_so(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    from mtlcore.aggregators import base
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: g++ not found")
+
+    monkeypatch.setattr(base, "_jacobian_extension", None)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with caplog.at_level("WARNING", logger="mtlcore.aggregators"):
+        assert base.jacobian_kernels() == "blas"
+        assert base.jacobian_kernels() == "blas"
+    assert caplog.text.count("the CPU kernels for J Jᵀ and Jᵀw could not be built (Error building extension: g++ "
+                             "not found); using numpy's and torch's products") == 1
+    J = torch.randn(4, 100, generator=torch.Generator().manual_seed(7))
+    np.testing.assert_allclose(base.gramian(J), (J.double() @ J.double().T).numpy(), rtol=1e-13)
+    torch.testing.assert_close(get("fixed", weights=[1, 2, 3, 4])(J), torch.tensor([1.0, 2, 3, 4]) @ J)
+    J[2, 50] = math.nan
+    with pytest.raises(NonFiniteGradientError):
+        get("fixed", weights=[1, 2, 3, 4])(J)
+    monkeypatch.setenv("MTLCORE_JACOBIAN_KERNELS", "0")
+    monkeypatch.setattr(base, "_jacobian_extension", None)
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: pytest.fail("built although switched off"))
+    assert base.jacobian_kernels() == "blas"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

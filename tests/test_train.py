@@ -183,6 +183,10 @@ def test_aggregators_train_and_record_weights(fake_data_root, name, options):
     ds = train.run(config(("fashion1", "fashion2"), epochs=2, aggregator=name, aggregator_options=options),
                    data_root=fake_data_root, progress=False)
     assert ds.attrs["status"] == "complete" and ds.attrs["aggregator"] == name
+    # what formed J Jᵀ and Jᵀw is recorded (their sums round differently), "none" where neither is formed
+    from mtlcore.aggregators.base import jacobian_kernels
+
+    assert ds.attrs["jacobian_kernels"] == (jacobian_kernels() if name in ("mgda", "pcgrad", "mgda_ub") else "none")
     weights = ds["task_weight"].values[1:]
     assert np.isfinite(weights).all() and (weights > 0).all()
     loss = ds["train_loss"].sel(task="fashion1").values

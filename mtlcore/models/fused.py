@@ -18,11 +18,12 @@ gradients have NaN in other entries than PyTorch's dense backward gives (the run
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
 from torch.autograd import forward_ad
+
+from mtlcore._cpu_kernels import build
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +34,9 @@ def extension():
     """The compiled kernel module, or None where it cannot be built (logged once)."""
     global _extension
     if _extension is None:
-        if os.environ.get("MTLCORE_FUSED_LENET", "1") == "0":
-            _extension = False
-        else:
-            try:
-                # importing it warns that no CUDA runtime was found, which does not matter for a CPU kernel
-                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-                from torch.utils.cpp_extension import load
-
-                _extension = load("mtlcore_lenet_cpu", [str(Path(__file__).with_name("lenet_cpu.cpp"))],
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                  extra_ldflags=["-fopenmp"], verbose=False)  # torch's libgomp: one thread pool
-            except Exception as error:  # no compiler, no AVX2/FMA, no ninja: PyTorch's kernels do the same
-                log.warning("the fused LeNet CPU kernel could not be built (%s); using PyTorch's kernels "
-                            "(about 2.4x slower training on the CPU, other rounding)", str(error).splitlines()[0][:200])
-                _extension = False
+        _extension = build("mtlcore_lenet_cpu", Path(__file__).with_name("lenet_cpu.cpp"), "MTLCORE_FUSED_LENET",
+                           "the fused LeNet CPU kernel", "using PyTorch's kernels (about 2.4x slower training on the "
+                           "CPU, other rounding)", log) or False
     return _extension or None
 
 
