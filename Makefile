@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,dask]'
 	@# compile the CPU kernels now (~1 min, side by side, cached under ~/.cache/torch_extensions) rather than in the first run
-	$(BIN)/python -c "from mtlcore.models import fused; print('LeNet CPU kernels:', fused.kernel_name())" & \
-	$(BIN)/python -c "from mtlcore.aggregators import base; print('Jacobian CPU kernels:', base.jacobian_kernels())"; \
-	wait
+	$(BIN)/python -c "from mtlcore.models import fused; print('LeNet CPU kernels:', fused.kernel_name())" & pid=$$!; \
+	$(BIN)/python -c "from mtlcore.aggregators import base; print('Jacobian CPU kernels:', base.jacobian_kernels())" \
+	&& wait $$pid
 	touch $(STAMP)
 
 book: $(STAMP)

@@ -790,7 +790,21 @@ def test_gramian_uses_the_kernel_where_it_applies_and_blas_elsewhere(kernels, mo
     monkeypatch.setattr(base, "COMBINE_MAX", 10)  # a large J: BLAS's GEMV
     get("fixed", weights=[1, 2, 3, 4, 5])(J)
     assert len(calls) == 2
-    assert base.jacobian_kernels() == "fused-avx2"
+    # a J that records a gradient: the kernels' outputs are not differentiable, so torch's product keeps the graph
+    J.requires_grad_(True)
+    monkeypatch.setattr(base, "COMBINE_MAX", 1 << 22)
+    d = get("fixed", weights=[1, 2, 3, 4, 5])(J)
+    assert d.requires_grad and len(calls) == 2
+    np.testing.assert_allclose(base.gramian(J), (J.double() @ J.double().T).detach().numpy(), rtol=1e-12)
+    assert len(calls) == 3  # G is formed from the detached J
+
+
+def test_gramian_of_no_rows(kernels):
+    from mtlcore.aggregators.base import gramian
+
+    assert gramian(torch.zeros(0, 5)).shape == (0, 0)
+    with pytest.raises(RuntimeError, match="at least one row"):
+        kernels.gramian(torch.zeros(0, 5))
 
 
 def test_without_the_kernels_blas_forms_g_and_d_and_says_so(monkeypatch, caplog):

@@ -95,8 +95,10 @@ def jacobian_kernels() -> str:
 
 
 def _kernel_for(J: Tensor):
-    """The AVX2 kernels where they apply to J (a float32 CPU matrix with contiguous rows), else None."""
-    if J.device.type == "cpu" and J.dtype == torch.float32 and (J.stride(1) == 1 or J.shape[1] <= 1):
+    """The AVX2 kernels where they apply to J (a float32 CPU matrix with contiguous rows, at least one, that
+    records no gradient: their outputs are not differentiable), else None."""
+    if (J.device.type == "cpu" and J.dtype == torch.float32 and (J.stride(1) == 1 or J.shape[1] <= 1)
+            and J.shape[0] >= 1 and not (J.requires_grad and torch.is_grad_enabled())):
         return jacobian_extension()
     return None
 
@@ -111,6 +113,8 @@ def gramian(J: Tensor) -> np.ndarray:
     scanning all of J.
     """
     J = J.detach()
+    if J.shape[0] == 0:
+        return np.zeros((0, 0))
     kernel = _kernel_for(J)
     if kernel is not None:
         return kernel.gramian(J).numpy()

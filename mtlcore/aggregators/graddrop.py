@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from mtlcore.aggregators.base import GradientAggregator, check_number
+from mtlcore.aggregators.base import LOW_PRECISION, GradientAggregator, check_number
 
 GRADDROP_BLOCK = 1 << 18  # entries of J per column block (1 MB of float32)
 
@@ -30,16 +30,18 @@ class GradDrop(GradientAggregator):
         uniform = torch.rand(J.shape[1], generator=self.generator, device=device, dtype=J.dtype).to(J.device)
         d = torch.empty(J.shape[1], dtype=J.dtype, device=J.device)
         leak = self.options["leak"]
+        sums = torch.float32 if J.dtype in LOW_PRECISION else J.dtype  # float16's own sums overflow at 65504
         # Per coordinate, P and d need only the sums of the positive and of the negative entries: d = leak·Σg +
         # (1 − leak)·(the kept sign's sum). Two reductions instead of a K×P mask, in column blocks so that the
-        # temporaries stay cache-sized on the CPU (ResNet18 × 20 tasks: 0.2 s instead of 6 s and 2 GB).
+        # temporaries stay cache-sized on the CPU (ResNet18 × 20 tasks: 0.5 s and 87 MB instead of 6 s and 2 GB).
         columns = max(1, GRADDROP_BLOCK // J.shape[0]) if J.device.type == "cpu" else max(1, J.shape[1])
         for start in range(0, J.shape[1], columns):
             block = J[:, start : start + columns]
-            positive, negative = block.clamp(min=0).sum(dim=0), block.clamp(max=0).sum(dim=0)
+            positive = block.clamp(min=0).sum(dim=0, dtype=sums)
+            negative = block.clamp(max=0).sum(dim=0, dtype=sums)
             total, magnitude = positive + negative, positive - negative
-            purity = 0.5 * (1 + torch.where(magnitude > 0, total / magnitude.clamp_min(torch.finfo(J.dtype).tiny), 0.0))
+            purity = 0.5 * (1 + torch.where(magnitude > 0, total / magnitude.clamp_min(torch.finfo(sums).tiny), 0.0))
             u = uniform[start : start + columns]
             kept = torch.where(purity > u, positive, 0.0) + torch.where(purity < u, negative, 0.0)
-            d[start : start + columns] = kept if leak == 0 else leak * total + (1 - leak) * kept
+            d[start : start + columns] = kept if leak == 0 else leak * total + (1 - leak) * kept  # one rounding to J's dtype
         return d, torch.full((J.shape[0],), math.nan)

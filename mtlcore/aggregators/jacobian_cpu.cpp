@@ -95,6 +95,7 @@ torch::Tensor gramian(const torch::Tensor& J) {
   TORCH_CHECK(J.dim() == 2 && J.scalar_type() == torch::kFloat32 && J.device().is_cpu() &&
                 (J.stride(1) == 1 || J.size(1) <= 1),
               "gramian: J must be a float32 CPU matrix with contiguous rows");
+  TORCH_CHECK(J.size(0) >= 1, "gramian: J needs at least one row");
   const int64_t K = J.size(0), P = J.size(1), ldJ = J.stride(0);
   // Rows of the float64 tiles: K, then zero rows up to a multiple of 4 (the last diagonal block's).
   const int64_t R = (K + ROWS - 1) / ROWS * ROWS;
@@ -108,6 +109,7 @@ torch::Tensor gramian(const torch::Tensor& J) {
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<__m256d> acc(R * R);
     double* buf = static_cast<double*>(std::aligned_alloc(32, R * tile * sizeof(double)));
+    TORCH_CHECK(buf != nullptr, "gramian: out of memory for a ", R, " x ", tile, " float64 tile");
     std::fill(buf, buf + R * tile, 0.0);
     for (int64_t c = begin; c < end; ++c) {
       chunk_gramian(data, K, ldJ, c * chunk, std::min(P, (c + 1) * chunk), R, tile, acc.data(), buf);
