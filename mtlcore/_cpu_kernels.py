@@ -7,12 +7,18 @@ import logging
 import os
 from pathlib import Path
 
+modules: dict[str, object] = {}  # name → the compiled module, or None once it could not be built (or is off)
+
 
 def build(name: str, source: Path, switch: str, what: str, fallback: str, log: logging.Logger):
-    """The compiled module `name` from `source`, or None where it cannot be built or the environment variable
-    `switch` is 0. A failure is logged as "<what> could not be built (<error>); <fallback>"."""
-    if os.environ.get(switch, "1") == "0":
-        return None
+    """The compiled module `name` from `source`, built once per process; None where it cannot be built or the
+    environment variable `switch` is 0. A failure is logged as "<what> could not be built (<error>); <fallback>"."""
+    if name not in modules:
+        modules[name] = None if os.environ.get(switch, "1") == "0" else _compile(name, source, what, fallback, log)
+    return modules[name]
+
+
+def _compile(name: str, source: Path, what: str, fallback: str, log: logging.Logger):
     try:
         # importing it warns that no CUDA runtime was found, which does not matter for a CPU kernel
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

@@ -13,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mtlcore.aggregators as aggregators
+from conftest import switch_off_kernels
+from mtlcore import _cpu_kernels
 from mtlcore.aggregators import NonFiniteGradientError, available, get, task_jacobian, unflatten_into_grads
 from mtlcore.models import build_model
 
@@ -649,7 +651,7 @@ def test_gramian_blocks_equal_float64_product(monkeypatch, block):
     the block size."""
     from mtlcore.aggregators import base
 
-    monkeypatch.setattr(base, "_jacobian_extension", False)
+    switch_off_kernels(monkeypatch, base.JACOBIAN_EXTENSION)
     monkeypatch.setattr(base, "GRAMIAN_BLOCK", block)
     J = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     expected = (J.double() @ J.double().T).numpy()
@@ -660,7 +662,7 @@ def test_gramian_blocks_equal_float64_product(monkeypatch, block):
 def test_gramian_blocks_for_every_float_dtype(monkeypatch, dtype):
     from mtlcore.aggregators import base
 
-    monkeypatch.setattr(base, "_jacobian_extension", False)
+    switch_off_kernels(monkeypatch, base.JACOBIAN_EXTENSION)
     monkeypatch.setattr(base, "GRAMIAN_BLOCK", 8)  # several blocks: the numpy path for float32/64, torch for bf16
     J = torch.randn(3, 40, generator=torch.Generator().manual_seed(1)).to(dtype)
     expected = (J.double() @ J.double().T).numpy()
@@ -778,7 +780,7 @@ def test_gramian_uses_the_kernel_where_it_applies_and_blas_elsewhere(kernels, mo
 
     J = torch.randn(5, 3001, generator=torch.Generator().manual_seed(6))
     calls = []
-    monkeypatch.setattr(base, "_jacobian_extension", types.SimpleNamespace(
+    monkeypatch.setitem(_cpu_kernels.modules, base.JACOBIAN_EXTENSION, types.SimpleNamespace(
         gramian=lambda J: calls.append(J) or kernels.gramian(J),
         combine=lambda J, w: calls.append(J) or kernels.combine(J, w)))
     for given in (J, J.double(), J.T.contiguous().T, J.bfloat16()):
@@ -807,16 +809,11 @@ def test_gramian_of_no_rows(kernels):
         kernels.gramian(torch.zeros(0, 5))
 
 
-def test_without_the_kernels_blas_forms_g_and_d_and_says_so(monkeypatch, caplog):
+def test_without_the_kernels_blas_forms_g_and_d_and_says_so(monkeypatch, caplog, no_compiler):
     from torch.utils import cpp_extension
 
     from mtlcore.aggregators import base
 
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("Error building extension: g++ not found")
-
-    monkeypatch.setattr(base, "_jacobian_extension", None)
-    monkeypatch.setattr(cpp_extension, "load", no_compiler)
     with caplog.at_level("WARNING", logger="mtlcore.aggregators"):
         assert base.jacobian_kernels() == "blas"
         assert base.jacobian_kernels() == "blas"
@@ -829,7 +826,7 @@ def test_without_the_kernels_blas_forms_g_and_d_and_says_so(monkeypatch, caplog)
     with pytest.raises(NonFiniteGradientError):
         get("fixed", weights=[1, 2, 3, 4])(J)
     monkeypatch.setenv("MTLCORE_JACOBIAN_KERNELS", "0")
-    monkeypatch.setattr(base, "_jacobian_extension", None)
+    _cpu_kernels.modules.clear()
     monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: pytest.fail("built although switched off"))
     assert base.jacobian_kernels() == "blas"
 

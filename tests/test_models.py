@@ -26,6 +26,8 @@ def test_unknown_encoder_lists_valid_ones():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from conftest import switch_off_kernels  # noqa: E402
+from mtlcore import _cpu_kernels  # noqa: E402
 from mtlcore.models import fused  # noqa: E402
 
 
@@ -101,7 +103,7 @@ def test_the_encoder_takes_pytorchs_path_where_the_kernel_does_not_apply(kernel)
     torch.manual_seed(0)
     encoder = LeNetEncoder(dropout=0.0)
     x = _images(4, 1)
-    assert kernel.applies(x, encoder.conv1) and not kernel.applies(x.requires_grad_(), encoder.conv1)
+    assert kernel._block1_applies(x, encoder.conv1) and not kernel._block1_applies(x.requires_grad_(), encoder.conv1)
     (input_grad,) = torch.autograd.grad(encoder(x).sum(), [x])  # PyTorch's path gives the input gradient
     assert input_grad.abs().sum() > 0
     params = dict(encoder.named_parameters())
@@ -116,14 +118,7 @@ def test_the_encoder_takes_pytorchs_path_where_the_kernel_does_not_apply(kernel)
             torch.testing.assert_close(per_example[name][i], g, rtol=1e-4, atol=1e-6)
 
 
-def test_without_the_kernel_the_encoder_falls_back_and_says_so(monkeypatch, caplog):
-    from torch.utils import cpp_extension
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("Error building extension: g++ not found")
-
-    monkeypatch.setattr(fused, "_extension", None)
-    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+def test_without_the_kernel_the_encoder_falls_back_and_says_so(monkeypatch, caplog, no_compiler):
     with caplog.at_level("WARNING", logger="mtlcore.models.fused"):
         assert fused.kernel_name() == "pytorch"
     assert "could not be built (Error building extension: g++ not found); using PyTorch's kernels" in caplog.text
@@ -131,7 +126,7 @@ def test_without_the_kernel_the_encoder_falls_back_and_says_so(monkeypatch, capl
     x = _images(3, 2)
     torch.testing.assert_close(fused.conv_pool_relu(x, conv), _reference(x, conv))
     monkeypatch.setenv("MTLCORE_FUSED_LENET", "0")
-    monkeypatch.setattr(fused, "_extension", None)
+    _cpu_kernels.modules.clear()
     assert fused.kernel_name() == "pytorch"
 
 
@@ -184,7 +179,7 @@ def test_the_encoders_kernels_draw_the_same_dropout_masks_as_pytorchs(kernel, mo
     torch.manual_seed(1)
     ours = encoder(x)
     ours_grads = torch.autograd.grad(ours.square().sum(), list(encoder.parameters()))
-    monkeypatch.setattr(fused, "_extension", False)
+    switch_off_kernels(monkeypatch, fused.EXTENSION)
     torch.manual_seed(1)
     theirs = encoder(x)
     theirs_grads = torch.autograd.grad(theirs.square().sum(), list(encoder.parameters()))
@@ -210,16 +205,14 @@ def test_the_kernels_refuse_what_they_do_not_compute(kernel):
         return torch.autograd.grad(sum(g.square().sum() for g in grads), params)
 
     ours = penalty_gradient()
-    saved, kernel._extension = kernel._extension, False
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        switch_off_kernels(patch, kernel.EXTENSION)
         theirs = penalty_gradient()
-    finally:
-        kernel._extension = saved
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
     for options in ({"padding": 2}, {"stride": 2}, {"dilation": 2}):
         conv = torch.nn.Conv2d(1, 10, 5, **options)
-        assert not kernel.applies(x, conv)
+        assert not kernel._block1_applies(x, conv)
         torch.testing.assert_close(kernel.conv_pool_relu(x, conv), F.relu(F.max_pool2d(conv(x), 2)))
         second = torch.nn.Conv2d(10, 20, 5, **options)
         h = torch.randn(2, 10, 12, 12)
@@ -230,4 +223,4 @@ def test_the_kernels_refuse_what_they_do_not_compute(kernel):
         dual = torch.autograd.forward_ad.make_dual(conv.weight.detach(), torch.ones_like(conv.weight))
         assert not kernel._plain(x, dual)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not kernel.applies(x, conv)
+        assert not kernel._block1_applies(x, conv)

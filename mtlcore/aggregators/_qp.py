@@ -41,16 +41,20 @@ def unit_gramian(G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return G * inverse[:, None] * inverse, norms
 
 
-def psd_factor(G: np.ndarray) -> np.ndarray:
-    """R (K×K) with RᵀR = G; rounding's tiny negative eigenvalues are clipped to 0.
-
-    Factorised as R_C·D^½ from the unit gradients' Gramian C (`unit_gramian`): for gradients whose norms
-    differ by 1e6, eigh on G itself resolved the small ones' directions only to ~1e-4. (The solver reads one
-    triangle, so rounding's asymmetry of G does not matter.)
-    """
+def unit_factor(G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """R_C (K×K) with R_CᵀR_C = C, the unit gradients' Gramian (`unit_gramian`), and the norms √diag G;
+    rounding's tiny negative eigenvalues are clipped to 0. (The solver reads one triangle, so rounding's
+    asymmetry of G does not matter.)"""
     C, norms = unit_gramian(G)
     eigenvalues, eigenvectors = symmetric_eigen(C)
-    return np.sqrt(np.maximum(eigenvalues, 0.0))[:, None] * eigenvectors.T * norms
+    return np.sqrt(np.maximum(eigenvalues, 0.0))[:, None] * eigenvectors.T, norms
+
+
+def psd_factor(G: np.ndarray) -> np.ndarray:
+    """R (K×K) with RᵀR = G, factorised as R_C·D^½ (`unit_factor`): for gradients whose norms differ by 1e6,
+    eigh on G itself resolved the small ones' directions only to ~1e-4."""
+    factor, norms = unit_factor(G)
+    return factor * norms
 
 
 def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -85,11 +89,10 @@ def min_norm_in_hull(G: np.ndarray) -> np.ndarray:
             return uniform_weights(2)
         # each weight from its own numerator: 1 − γ would lose a small weight's digits to cancellation
         return np.clip(np.array([G[1, 1] - G[0, 1], G[0, 0] - G[0, 1]]) / denominator, 0.0, 1.0)
-    C, norms = unit_gramian(G)
-    eigenvalues, eigenvectors = symmetric_eigen(C)
+    factor, norms = unit_factor(G)
     inverse_norms = np.divide(1.0, norms, out=np.zeros(num_tasks), where=norms > 0)  # a zero gradient: u_i = 0
     weight = 1.0 / np.linalg.norm(inverse_norms)
-    A = np.vstack([np.sqrt(np.maximum(eigenvalues, 0.0))[:, None] * eigenvectors.T, weight * inverse_norms])
+    A = np.vstack([factor, weight * inverse_norms])
     b = np.zeros(num_tasks + 1)
     b[-1] = weight
     u = _nnls(A, b) * inverse_norms

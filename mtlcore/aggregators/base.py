@@ -74,19 +74,15 @@ def diverged(method: str, what: str) -> NonFiniteGradientError:
 GRAMIAN_BLOCK = 1 << 18
 GRAMIAN_BLOCK_GPU = 1 << 22  # on a GPU launches cost more than cache misses: 32 MB float64 blocks
 
-_jacobian_extension = None  # the compiled kernels, False once they failed, None before the first try
+JACOBIAN_EXTENSION = "mtlcore_jacobian_cpu"
 
 
 def jacobian_extension():
     """The AVX2 kernels for G = J Jᵀ and d = Jᵀw (jacobian_cpu.cpp), or None where they cannot be built (logged
     once)."""
-    global _jacobian_extension
-    if _jacobian_extension is None:
-        _jacobian_extension = build("mtlcore_jacobian_cpu", Path(__file__).with_name("jacobian_cpu.cpp"),
-                                    "MTLCORE_JACOBIAN_KERNELS", "the CPU kernels for J Jᵀ and Jᵀw",
-                                    "using numpy's and torch's products (the float64 Gramian about 2x slower on a "
-                                    "large J)", logger) or False
-    return _jacobian_extension or None
+    return build(JACOBIAN_EXTENSION, Path(__file__).with_name("jacobian_cpu.cpp"), "MTLCORE_JACOBIAN_KERNELS",
+                 "the CPU kernels for J Jᵀ and Jᵀw", "using numpy's and torch's products (the float64 Gramian about "
+                 "2x slower on a large J)", logger)
 
 
 def jacobian_kernels() -> str:
@@ -95,10 +91,10 @@ def jacobian_kernels() -> str:
 
 
 def _kernel_for(J: Tensor):
-    """The AVX2 kernels where they apply to J (a float32 CPU matrix with contiguous rows, at least one, that
-    records no gradient: their outputs are not differentiable), else None."""
+    """The AVX2 kernels where they apply to J (a float32 CPU matrix with contiguous rows that records no gradient:
+    their outputs are not differentiable), else None."""
     if (J.device.type == "cpu" and J.dtype == torch.float32 and (J.stride(1) == 1 or J.shape[1] <= 1)
-            and J.shape[0] >= 1 and not (J.requires_grad and torch.is_grad_enabled())):
+            and not (J.requires_grad and torch.is_grad_enabled())):
         return jacobian_extension()
     return None
 

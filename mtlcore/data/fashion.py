@@ -101,10 +101,11 @@ def _read_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray, dict
 def _read_fashion(folder: Path, images: str, labels: str) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     x, y, md5 = _read_pair(folder / images, folder / labels)
     for name in (images, labels):
-        if md5[f"{folder.name}/{name}"] != FASHION_MD5[name]:  # warned once per process: splits and results differ
+        found = md5[f"{folder.name}/{name}"]
+        if found != FASHION_MD5[name]:  # warned once per process: splits and results differ
             log.warning("%s is not the Fashion-MNIST release (MD5 of its decompressed bytes %s, the release's %s): "
-                        "its splits and results are not comparable with other machines'", folder / name,
-                        md5[f"{folder.name}/{name}"], FASHION_MD5[name])
+                        "its splits and results are not comparable with other machines'", folder / name, found,
+                        FASHION_MD5[name])
     return x, y, md5
 
 

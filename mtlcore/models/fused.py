@@ -27,17 +27,14 @@ from mtlcore._cpu_kernels import build
 
 log = logging.getLogger(__name__)
 
-_extension = None  # the compiled module, False once it failed, None before the first try
+EXTENSION = "mtlcore_lenet_cpu"
 
 
 def extension():
     """The compiled kernel module, or None where it cannot be built (logged once)."""
-    global _extension
-    if _extension is None:
-        _extension = build("mtlcore_lenet_cpu", Path(__file__).with_name("lenet_cpu.cpp"), "MTLCORE_FUSED_LENET",
-                           "the fused LeNet CPU kernel", "using PyTorch's kernels (about 2.4x slower training on the "
-                           "CPU, other rounding)", log) or False
-    return _extension or None
+    return build(EXTENSION, Path(__file__).with_name("lenet_cpu.cpp"), "MTLCORE_FUSED_LENET",
+                 "the fused LeNet CPU kernel", "using PyTorch's kernels (about 2.4x slower training on the CPU, other "
+                 "rounding)", log)
 
 
 def kernel_name() -> str:
@@ -71,7 +68,7 @@ def _block2_ops(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale
     return torch.relu(torch.max_pool2d(torch.nn.functional.conv2d(h, weight, bias) * scale[:, :, None, None], 2))
 
 
-def applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
+def _block1_applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
     return (_cpu_float32(x) and _plain_conv(conv) and tuple(x.shape[1:]) == (1, 28, 28) and conv.in_channels == 1
             and not x.requires_grad and _plain(x, conv.weight, conv.bias) and extension() is not None)
 
@@ -147,6 +144,6 @@ def conv_dropout_pool_relu(h: torch.Tensor, conv: torch.nn.Conv2d, dropout: torc
 
 def conv_pool_relu(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     """LeNet's first block: the fused kernel where it applies, else PyTorch's three ops."""
-    if applies(x, conv):
+    if _block1_applies(x, conv):
         return ConvPoolReLU.apply(x, conv.weight, conv.bias)
     return torch.relu(torch.max_pool2d(conv(x), 2))
