@@ -75,12 +75,13 @@ GRAMIAN_BLOCK = 1 << 18
 GRAMIAN_BLOCK_GPU = 1 << 22  # on a GPU launches cost more than cache misses: 32 MB float64 blocks
 
 JACOBIAN_EXTENSION = "mtlcore_jacobian_cpu"
+_JACOBIAN_SOURCE = Path(__file__).with_name("jacobian_cpu.cpp")  # built once: the lookup runs every step
 
 
 def jacobian_extension():
     """The AVX2 kernels for G = J Jᵀ and d = Jᵀw (jacobian_cpu.cpp), or None where they cannot be built (logged
     once)."""
-    return build(JACOBIAN_EXTENSION, Path(__file__).with_name("jacobian_cpu.cpp"), "MTLCORE_JACOBIAN_KERNELS",
+    return build(JACOBIAN_EXTENSION, _JACOBIAN_SOURCE, "MTLCORE_JACOBIAN_KERNELS",
                  "the CPU kernels for J Jᵀ and Jᵀw", "using numpy's and torch's products (the float64 Gramian about "
                  "2x slower on a large J)", logger)
 

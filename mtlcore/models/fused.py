@@ -28,11 +28,12 @@ from mtlcore._cpu_kernels import build
 log = logging.getLogger(__name__)
 
 EXTENSION = "mtlcore_lenet_cpu"
+_SOURCE = Path(__file__).with_name("lenet_cpu.cpp")  # built once: the lookup runs in every forward
 
 
 def extension():
     """The compiled kernel module, or None where it cannot be built (logged once)."""
-    return build(EXTENSION, Path(__file__).with_name("lenet_cpu.cpp"), "MTLCORE_FUSED_LENET",
+    return build(EXTENSION, _SOURCE, "MTLCORE_FUSED_LENET",
                  "the fused LeNet CPU kernel", "using PyTorch's kernels (about 2.4x slower training on the CPU, other "
                  "rounding)", log)
 
