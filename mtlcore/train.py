@@ -341,7 +341,7 @@ class Trainer:
 
         if not isinstance(self.aggregator, WeightedAggregator):
             return "none"
-        return jacobian_kernels() if self.device.type == "cpu" else "torch"
+        return jacobian_kernels(self.device, len(self.tasks))
 
     def fit(self, checkpoint: Path | None = None, progress: bool = True) -> xr.Dataset:
         self.ds.attrs["steps_per_epoch"] = self.steps_per_epoch

@@ -2,8 +2,12 @@
 invariances, hand-computed loss weightings, and short training runs on the LeNet model."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import os
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -829,6 +833,38 @@ def test_without_the_kernels_blas_forms_g_and_d_and_says_so(monkeypatch, caplog,
     _cpu_kernels.modules.clear()
     monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: pytest.fail("built although switched off"))
     assert base.jacobian_kernels() == "blas"
+
+
+# Run in a fresh interpreter: TRITON_INTERPRET must be set before Triton decorates the kernel.
+TRITON_GRAMIAN_CHECK = """
+import torch
+from mtlcore.aggregators.gramian_gpu import launch
+
+g = torch.Generator().manual_seed(0)
+# integer entries: every partial sum is an exact integer, so G must equal the integer Gramian exactly
+for K, P in [(1, 1), (3, 1000), (16, 8193), (17, 333), (33, 300), (64, 200)]:
+    for J in (torch.randint(-8, 9, (K, P), generator=g).float(),
+              torch.randint(-8, 9, (K, P + 37), generator=g).float()[:, 5 : 5 + P],  # padded rows
+              torch.randint(-8, 9, (P, K), generator=g).float().T,  # column-major
+              torch.randint(-8, 9, (K, P), generator=g).double()):
+        exact = (J.long() @ J.long().T).double()
+        assert torch.equal(launch(J), exact), (K, P, J.stride(), J.dtype)
+J = torch.randn(20, 20000, generator=g)  # three chunks of columns
+torch.testing.assert_close(launch(J), J.double() @ J.double().T, rtol=1e-13, atol=1e-10)
+J[4, 9000] = float("nan")
+J[7, 19999] = float("inf")
+assert not launch(J).diagonal()[[4, 7]].isfinite().any() and launch(J).diagonal()[[0, 19]].isfinite().all()
+print("exact")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (installed with torch on Linux)")
+def test_triton_gramian_kernel_is_exact_in_triton_interpreter():
+    """The GPU Gramian kernel's indexing, masks, strides, chunks and padding to 16/32/64 rows, run by Triton's CPU
+    interpreter (CI has no GPU; tests/test_cuda.py runs it compiled)."""
+    done = subprocess.run([sys.executable, "-c", TRITON_GRAMIAN_CHECK], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "exact", done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

@@ -96,8 +96,44 @@ def test_gradient_aggregators_on_cuda_match_cpu(name):
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 7), (3, 431_080), (5, 300_000), (20, 100_003), (33, 20_000), (64, 9_001),
+                                   (65, 5_000)])  # 65 rows: above the kernel's MAX_TASKS, torch's blocks
+def test_float64_gramian_on_cuda_is_exact(shape):
+    """Integer entries: every partial sum is an exact integer, so G must equal the integer Gramian exactly."""
+    from mtlcore.aggregators import gramian_gpu
+
+    J = torch.randint(-64, 65, shape, generator=torch.Generator().manual_seed(sum(shape))).float()
+    exact = (J.long() @ J.long().T).numpy()
+    for given in (J, J.half(), J.bfloat16(), J.double(), J.T.contiguous().T):
+        assert np.array_equal(gramian(given.cuda()), exact)
+        if shape[0] <= gramian_gpu.MAX_TASKS and given.dtype in gramian_gpu.DTYPES:  # the kernel itself (gramian() would hide a failure behind torch's)
+            assert np.array_equal(gramian_gpu.launch(given.cuda()).cpu().numpy(), exact)
+
+
+def test_trainer_records_the_triton_gramian_and_falls_back_when_it_fails(fake_data_root, monkeypatch, caplog):
+    from mtlcore.aggregators import gramian_gpu
+
+    trainer = trainer_after_updates(config("cuda", aggregator="mgda"), fake_data_root, steps=2)
+    assert trainer.ds.attrs["jacobian_kernels"] == "triton"
+    J = torch.randn(4, 50_000, generator=torch.Generator().manual_seed(5))
+
+    def broken(J):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(gramian_gpu, "launch", broken)
+    monkeypatch.setattr(gramian_gpu, "_usable", [True])  # the failure marks it off: undone after the test
+    with caplog.at_level("WARNING", logger="mtlcore.aggregators"):
+        np.testing.assert_allclose(gramian(J.cuda()), (J.double() @ J.double().T).numpy(), rtol=1e-12)
+        gramian(J.cuda())
+    assert caplog.text.count("the Triton Gramian kernel failed (PTX assembly failed); using torch's float64 "
+                             "blocks") == 1
+    assert trainer_after_updates(config("cuda", aggregator="mgda"), fake_data_root, steps=0).ds.attrs[
+        "jacobian_kernels"] == "torch"
+
+
 @pytest.mark.parametrize("block", [1 << 24, 1 << 12])  # one block, many blocks
-def test_float64_gramian_on_cuda_is_exact(monkeypatch, block):
+def test_float64_gramian_of_torch_blocks_on_cuda_is_exact(monkeypatch, block):
+    monkeypatch.setattr("mtlcore.aggregators.gramian_gpu._usable", [False])  # as without Triton
     monkeypatch.setattr("mtlcore.aggregators.base.GRAMIAN_BLOCK_GPU", block)
     J = torch.randn(5, 300_000, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(torch.from_numpy(gramian(J.cuda())), J.double() @ J.double().T, rtol=1e-10, atol=1e-8)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from mtlcore._cpu_kernels import build
+from mtlcore.aggregators import gramian_gpu
 
 logger = logging.getLogger("mtlcore.aggregators")
 
@@ -86,9 +87,14 @@ def jacobian_extension():
                  "2x slower on a large J)", logger)
 
 
-def jacobian_kernels() -> str:
-    """What forms G and d on the CPU: recorded with every run (their sums are rounded in another order)."""
-    return "fused-avx2" if jacobian_extension() is not None else "blas"
+def jacobian_kernels(device: torch.device | str = "cpu", num_tasks: int = 1) -> str:
+    """What forms G (and on the CPU d) for a run of `num_tasks` tasks on `device`: recorded with every run (the
+    sums are rounded in another order). On a GPU the Triton kernel is tried once here, so a kernel that cannot
+    be compiled is recorded as "torch", the fallback the run then takes."""
+    if torch.device(device).type == "cpu":
+        return "fused-avx2" if jacobian_extension() is not None else "blas"
+    probe = gramian_gpu.gramian(torch.zeros(num_tasks, 1, device=device))
+    return "triton" if probe is not None else "torch"
 
 
 def _kernel_for(J: Tensor):
@@ -104,7 +110,7 @@ def gramian(J: Tensor) -> np.ndarray:
     """G = J Jᵀ in float64 on the CPU: exact products for float32 J and safe from overflow up to |J| ~ 1e150.
 
     A float32 J on the CPU goes to the AVX2 kernel (jacobian_cpu.cpp), which converts it to float64 a cache-sized
-    tile at a time. Elsewhere G is accumulated over column blocks, so the float64 copy never exceeds GRAMIAN_BLOCK
+    tile at a time, and a J on a GPU to the Triton kernel (gramian_gpu.py), which does so in registers. Elsewhere G is accumulated over column blocks, so the float64 copy never exceeds GRAMIAN_BLOCK
     (GPU: GRAMIAN_BLOCK_GPU) entries (a full float64 copy of a large J would double its memory). Non-finite
     entries of J show up as non-finite entries of G (on its diagonal at least), which callers check instead of
     scanning all of J.
@@ -115,6 +121,8 @@ def gramian(J: Tensor) -> np.ndarray:
     kernel = _kernel_for(J)
     if kernel is not None:
         return kernel.gramian(J).numpy()
+    if J.device.type == "cuda" and (G := gramian_gpu.gramian(J)) is not None:
+        return G.cpu().numpy()
     columns = max(1, (GRAMIAN_BLOCK if J.device.type == "cpu" else GRAMIAN_BLOCK_GPU) // J.shape[0])
     if J.shape[1] <= columns:  # one block: torch beats numpy's conversion here (94 against 245 µs on LeNet's J)
         block = J.to(torch.float64)
