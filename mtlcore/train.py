@@ -341,7 +341,8 @@ class Trainer:
 
         if not isinstance(self.aggregator, WeightedAggregator):
             return "none"
-        return jacobian_kernels(self.device, len(self.tasks))
+        shared = sum(p.numel() for p in self.model.shared_parameters())  # J's columns: the GPU probe's shape
+        return jacobian_kernels(self.device, len(self.tasks), shared)
 
     def fit(self, checkpoint: Path | None = None, progress: bool = True) -> xr.Dataset:
         self.ds.attrs["steps_per_epoch"] = self.steps_per_epoch

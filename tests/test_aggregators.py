@@ -842,7 +842,8 @@ from mtlcore.aggregators.gramian_gpu import launch
 
 g = torch.Generator().manual_seed(0)
 # integer entries: every partial sum is an exact integer, so G must equal the integer Gramian exactly
-for K, P in [(1, 1), (3, 1000), (16, 8193), (17, 333), (33, 300), (64, 200)]:
+# (columns: one tile, chunks of 8,192 with and without a tail; rows: padded to 16, 32 and 64, the last with tiles of 64)
+for K, P in [(1, 1), (3, 1000), (16, 8193), (5, 16384), (17, 333), (33, 300), (40, 16384 + 70), (64, 200)]:
     for J in (torch.randint(-8, 9, (K, P), generator=g).float(),
               torch.randint(-8, 9, (K, P + 37), generator=g).float()[:, 5 : 5 + P],  # padded rows
               torch.randint(-8, 9, (P, K), generator=g).float().T,  # column-major
@@ -865,6 +866,22 @@ def test_triton_gramian_kernel_is_exact_in_triton_interpreter():
     done = subprocess.run([sys.executable, "-c", TRITON_GRAMIAN_CHECK], capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
     assert done.returncode == 0 and done.stdout.strip() == "exact", done.stderr[-3000:]
+
+
+def test_triton_gramian_is_off_when_switched_off_or_missing(monkeypatch, caplog):
+    from mtlcore.aggregators import gramian_gpu
+
+    monkeypatch.setattr(gramian_gpu, "_usable", [])
+    monkeypatch.setenv("MTLCORE_JACOBIAN_KERNELS", "0")
+    assert not gramian_gpu.available()
+    monkeypatch.setattr(gramian_gpu, "_usable", [])
+    monkeypatch.setattr(gramian_gpu, "_jitted", [])
+    monkeypatch.delenv("MTLCORE_JACOBIAN_KERNELS")
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if not installed: its import raises ImportError
+    with caplog.at_level("WARNING", logger="mtlcore.aggregators"):
+        assert not gramian_gpu.available() and not gramian_gpu.available()
+    assert caplog.text.count("the Triton Gramian kernel is unavailable") == 1
+    assert caplog.text.count("using torch's float64 blocks") == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

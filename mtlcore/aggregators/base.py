@@ -87,14 +87,14 @@ def jacobian_extension():
                  "2x slower on a large J)", logger)
 
 
-def jacobian_kernels(device: torch.device | str = "cpu", num_tasks: int = 1) -> str:
-    """What forms G (and on the CPU d) for a run of `num_tasks` tasks on `device`: recorded with every run (the
-    sums are rounded in another order). On a GPU the Triton kernel is tried once here, so a kernel that cannot
-    be compiled is recorded as "torch", the fallback the run then takes."""
+def jacobian_kernels(device: torch.device | str = "cpu", num_tasks: int = 1, num_columns: int = 1) -> str:
+    """What forms G (and on the CPU d) for a run's J (num_tasks × num_columns) on `device`: recorded with every run
+    (the sums are rounded in another order). On a GPU the Triton kernel is compiled and run here on a small J of
+    the same specialisation, so a kernel that cannot be compiled is recorded as "torch", the fallback the run
+    then takes."""
     if torch.device(device).type == "cpu":
         return "fused-avx2" if jacobian_extension() is not None else "blas"
-    probe = gramian_gpu.gramian(torch.zeros(num_tasks, 1, device=device))
-    return "triton" if probe is not None else "torch"
+    return "triton" if gramian_gpu.probe(device, num_tasks, num_columns) else "torch"
 
 
 def _kernel_for(J: Tensor):

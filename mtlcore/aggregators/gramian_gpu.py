@@ -1,9 +1,11 @@
 """G = J Jᵀ in float64 for a J on a CUDA device, read once and never copied to float64: a Triton kernel.
 
 Each program loads [K, 128]-column tiles of J, converts them to float64 in registers (a product of two float32
-numbers is exact in float64) and accumulates its K×K share with a float64 dot; the shares of fixed 8,192-column
-chunks are then summed, so G does not depend on the GPU's size. For a 20 × 11.2 M J on an H100 this took 0.56 ms,
-against 4.3 ms for torch's 32 MB float64 blocks and 1.6 ms for a float32 J @ Jᵀ (benchmarks/README.md).
+numbers is exact in float64) and accumulates its K×K share with a float64 dot; torch then sums the shares of the
+fixed 8,192-column chunks. Like the rest of a CUDA run, G is the same bit for bit from run to run on one GPU model,
+not across models (the order inside `tl.dot`, and torch's reduction, follow the hardware). For a 20 × 11.2 M J on
+an H100 this took 0.53–0.56 ms, against 3.3–4.3 ms for torch's 32 MB float64 blocks and 1.5–1.6 ms for a float32
+J @ Jᵀ (benchmarks/README.md).
 
 Triton compiles the kernel on first use (cached under ~/.triton). Where Triton is missing, the kernel fails, J is
 not float32 or float64 (Triton 3.6 failed to compile bfloat16's conversion on an H100), K is above MAX_TASKS (the
@@ -12,6 +14,7 @@ takes torch's blocks.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -21,7 +24,7 @@ from torch import Tensor
 logger = logging.getLogger("mtlcore.aggregators")
 
 MAX_TASKS = 64
-CHUNK = 1 << 13  # columns per program: fixed, so the order of the float64 sums is the same on every GPU
+CHUNK = 1 << 13  # columns per program: fixed, so the shares do not depend on the number of SMs
 BLOCK = 128  # columns per tile (64 where K > 32, to keep the tile in registers)
 
 DTYPES = (torch.float32, torch.float64)
@@ -33,7 +36,8 @@ def _build():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # K and P only bound the masks: not specialised on, so the probe (jacobian_kernels) compiles the run's variant
+    @triton.jit(do_not_specialize=["K", "P"])
     def gramian_kernel(J, shares, K, P, stride_k, stride_p,
                        KP: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr):
         program = tl.program_id(0)
@@ -62,13 +66,23 @@ def launch(J: Tensor) -> Tensor:
     block = BLOCK if KP <= 32 else BLOCK // 2
     programs = max(1, -(-P // CHUNK))
     shares = torch.empty(programs, KP, KP, dtype=torch.float64, device=J.device)
-    _jitted[0][(programs,)](J, shares, K, P, J.stride(0), J.stride(1), KP=KP, BLOCK=block, STEPS=CHUNK // block,
-                            num_warps=4 if KP <= 32 else 8)
+    # Triton launches on the current device: J's, also for a run on cuda:1
+    with torch.cuda.device(J.device) if J.is_cuda else contextlib.nullcontext():
+        _jitted[0][(programs,)](J, shares, K, P, J.stride(0), J.stride(1), KP=KP, BLOCK=block, STEPS=CHUNK // block,
+                                num_warps=4 if KP <= 32 else 8)
     return shares.sum(0)[:K, :K]
 
 
+def probe(device: torch.device | str, num_tasks: int, num_columns: int) -> bool:
+    """Whether the kernel compiles and runs for a run's J (num_tasks × num_columns, float32, contiguous): the probe
+    has the same specialisation (row stride divisible by 16 or not; K and P are not specialised on)."""
+    columns = 16 if num_columns % 16 == 0 else 17
+    return gramian(torch.zeros(num_tasks, columns, device=device)) is not None
+
+
 def available() -> bool:
-    """Whether Triton can be imported and the kernel is not switched off (it may still fail on first use)."""
+    """Whether Triton can be imported and the kernel is not switched off (compiling it may still fail, on first
+    use: `gramian` catches that)."""
     if not _usable:
         if os.environ.get("MTLCORE_JACOBIAN_KERNELS", "1") == "0":
             _usable.append(False)
@@ -77,7 +91,7 @@ def available() -> bool:
                 if not _jitted:
                     _jitted.append(_build())
                 _usable.append(True)
-            except Exception as error:  # ImportError, or a Triton too old for float64 dots
+            except Exception as error:  # ImportError, or a Triton without do_not_specialize
                 logger.warning("the Triton Gramian kernel is unavailable (%s); using torch's float64 blocks", error)
                 _usable.append(False)
     return _usable[0]
@@ -90,6 +104,8 @@ def gramian(J: Tensor) -> Tensor | None:
         return None
     try:
         return launch(J)
+    except torch.OutOfMemoryError:  # transient, and torch's blocks need more memory than the shares
+        raise
     except Exception as error:  # a compiler or driver failure: logged once, then torch's blocks for the run
         logger.warning("the Triton Gramian kernel failed (%s); using torch's float64 blocks",
                        str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
