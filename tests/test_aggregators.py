@@ -868,6 +868,29 @@ def test_triton_gramian_kernel_is_exact_in_triton_interpreter():
     assert done.returncode == 0 and done.stdout.strip() == "exact", done.stderr[-3000:]
 
 
+CPUINFO = """processor\t: {n}\nmodel name\t: AMD EPYC 7B13\ncpu MHz\t\t: {mhz}\nflags\t\t: fpu sse2 avx {extra}fma\n\n"""
+
+
+def test_each_cpu_builds_its_kernels_in_a_folder_of_its_own(monkeypatch, no_compiler):
+    """-march=native code built on one CPU can die of SIGILL on another, so a shared cache must not mix them: the
+    module name ends with a digest of the CPU model and flags (not of its clock speed or number of cores)."""
+    from torch.utils import cpp_extension
+
+    from mtlcore.aggregators import base
+
+    two_cores = CPUINFO.format(n=0, mhz=2450.0, extra="avx2 ") + CPUINFO.format(n=1, mhz=3100.5, extra="avx2 ")
+    one_core = CPUINFO.format(n=0, mhz=1500.0, extra="avx2 ")
+    without_avx2 = CPUINFO.format(n=0, mhz=2450.0, extra="")
+    assert _cpu_kernels.cpu_id(two_cores) == _cpu_kernels.cpu_id(one_core) != _cpu_kernels.cpu_id(without_avx2)
+    names, digest = [], _cpu_kernels.cpu_id
+    monkeypatch.setattr(cpp_extension, "load", lambda name, *args, **kwargs: names.append(name) or object())
+    for cpuinfo in (one_core, without_avx2):
+        monkeypatch.setattr(_cpu_kernels, "cpu_id", lambda info=cpuinfo: digest(info))
+        _cpu_kernels.modules.clear()
+        assert base.jacobian_extension() is not None
+    assert names == [f"mtlcore_jacobian_cpu_{digest(one_core)}", f"mtlcore_jacobian_cpu_{digest(without_avx2)}"]
+
+
 def test_triton_gramian_is_off_when_switched_off_or_missing(monkeypatch, caplog):
     from mtlcore.aggregators import gramian_gpu
 
