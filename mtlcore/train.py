@@ -336,10 +336,10 @@ class Trainer:
 
     def _jacobian_kernels(self) -> str:
         """What forms J Jᵀ and Jᵀw (recorded: their sums round in another order): "none" for the methods that form
-        neither (loss-level ones, GradDrop, DB-MTL), so that their runs do not build the kernels."""
-        from mtlcore.aggregators.base import WeightedAggregator, jacobian_kernels
+        neither (loss-level ones, GradDrop), so that their runs do not build the kernels."""
+        from mtlcore.aggregators.base import jacobian_kernels
 
-        if not isinstance(self.aggregator, WeightedAggregator):
+        if not getattr(self.aggregator, "uses_jacobian_kernels", False):
             return "none"
         shared = sum(p.numel() for p in self.model.shared_parameters())  # J's columns: the GPU probe's shape
         return jacobian_kernels(self.device, len(self.tasks), shared)

@@ -463,6 +463,21 @@ def test_rlw_weights_are_a_reproducible_softmax():
     assert weights[0].sum().item() == pytest.approx(1.0) and (weights[0] > 0).all()
 
 
+def test_dbmtl_follows_its_definition_over_several_steps():
+    """LibMTL's DB-MTL, written out in float64: ĝ_k ← ∇log(L_k + ε) + β/t^σ (ĝ_k − ∇log(L_k + ε)) from ĝ_k = 0, then
+    d = Σ_k (max_j ‖ĝ_j‖ / ‖ĝ_k‖) ĝ_k."""
+    g = torch.Generator().manual_seed(4)
+    agg = get("dbmtl", beta=0.8, beta_sigma=0.5)
+    buffer = torch.zeros(3, 40, dtype=torch.float64)
+    for t in range(1, 6):
+        J, losses = torch.randn(3, 40, generator=g) * 10.0 ** (t - 3), torch.rand(3, generator=g) + 0.2
+        log_grads = J.double() / (losses.double() + 1e-8)[:, None]
+        buffer = log_grads + 0.8 / t**0.5 * (buffer - log_grads)
+        norms = buffer.norm(dim=1)
+        expected = ((norms.max() / norms)[:, None] * buffer).sum(0)
+        torch.testing.assert_close(agg(J, losses).double(), expected, rtol=1e-5, atol=1e-7 * expected.abs().max())
+
+
 def test_famo_one_step_by_hand():
     agg = get("famo", gamma=1e-3, lr=0.025, eps=0.0)
     before = torch.tensor([1.0, 4.0], requires_grad=True)

@@ -255,6 +255,8 @@ def test_every_gradient_has_its_parameters_memory_layout(fake_data_root, aggrega
 def test_heads_get_their_own_task_gradient_weighted_as_documented(fake_data_root, aggregator, head_update):
     """Each head's gradient is c_k ∇L_k (its own task's loss only): c_k = 1 under "own"; under "weighted" the
     step's weight w_k, 1 for GradDrop (no weights), and 1/(L_k + ε) for DB-MTL (∇log(L_k + ε), as the authors)."""
+    from mtlcore.aggregators.base import jacobian_kernels
+
     cfg = config(("fashion1", "fashion2"), aggregator=aggregator, head_update=head_update, dropout=0.0)
     trainer = trainer_after_updates(cfg, fake_data_root, steps=0)
     step = trainer._forward(trainer.model, trainer._batches(), trainer.kinds)
@@ -263,6 +265,8 @@ def test_heads_get_their_own_task_gradient_weighted_as_documented(fake_data_root
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer._update(step)
     losses, weights = step.losses.detach(), trainer.aggregator.weights
+    # DB-MTL's norms come from G's diagonal: the path that formed it is recorded; GradDrop forms neither product
+    assert trainer.ds.attrs["jacobian_kernels"] == ("none" if aggregator == "graddrop" else jacobian_kernels())
     for k, task in enumerate(trainer.tasks):
         head = trainer.model.task_parameters(task)
         if head_update == "own" or aggregator == "graddrop":

@@ -304,6 +304,8 @@ class GradientAggregator(Aggregator):
     needs_losses: ClassVar[bool] = False  # True (or a property) where the method reads the losses
     # Methods that form the Gramian check its K×K entries for NaN/inf instead of all K×P entries of J.
     scans_jacobian: ClassVar[bool] = True
+    # Whether the method forms J Jᵀ or Jᵀw through `gramian` and the kernels (runs record which path did).
+    uses_jacobian_kernels: ClassVar[bool] = False
 
     def _check_inputs(self, J: Tensor, losses: Tensor | None) -> Tensor | None:
         """Validate J (and the losses where the method reads them); return the losses the method gets:
@@ -342,6 +344,7 @@ class WeightedAggregator(GradientAggregator):
     """d = Jᵀw with w computed from the Gramian (and losses): subclasses write `_weights`."""
 
     scans_jacobian = False
+    uses_jacobian_kernels = True
     needs_gramian: ClassVar[bool] = True  # False: weights known without G (uniform, fixed); G is then None
 
     def weights_from(self, J: Tensor, losses: Tensor | None = None) -> Tensor:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from mtlcore.aggregators.base import GradientAggregator, check_number
+from mtlcore.aggregators.base import GradientAggregator, check_number, gramian
 
 
 class DBMTL(GradientAggregator):
     name = "dbmtl"
     defaults = {"beta": 0.9, "beta_sigma": 0.0, "eps": 1e-8}  # LibMTL's defaults
     needs_losses = True
+    uses_jacobian_kernels = True  # the norms of the EMA rows, from G's diagonal
     state_attributes = ("buffer", "step")
 
     def _check_options(self, options):
@@ -35,9 +37,14 @@ class DBMTL(GradientAggregator):
         log_grads = J / (losses.to(J) + self.options["eps"]).unsqueeze(1)
         if self.buffer is None or self.buffer.shape != J.shape:
             self.buffer = torch.zeros_like(J)
+        elif self.buffer.dtype != J.dtype or self.buffer.device != J.device:
+            self.buffer = self.buffer.to(J)
         rate = self.options["beta"] / self.step ** self.options["beta_sigma"]
-        self.buffer = log_grads + rate * (self.buffer.to(J) - log_grads)
-        norms = self.buffer.double().norm(dim=1).to(J.dtype)  # float64: no overflow for huge J
+        # buffer = log_grads + rate·(buffer − log_grads), in place: the same rounding without three K×P temporaries
+        self.buffer.detach_().sub_(log_grads).mul_(rate).add_(log_grads)
+        # ‖ĝ_k‖ from G's diagonal: float64 sums of exact squares (no overflow for huge J) without a float64 copy of
+        # the buffer (1.3 s and 1.8 GB for ResNet18 × 20 tasks against 0.3 s from the Gramian kernels)
+        norms = torch.from_numpy(np.sqrt(gramian(self.buffer).diagonal())).to(J)
         balance = torch.where(norms > 0, norms.max() / norms.clamp_min(torch.finfo(J.dtype).tiny), 0.0)
         return balance @ self.buffer, torch.full((J.shape[0],), math.nan)
 
