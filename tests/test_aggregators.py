@@ -478,6 +478,16 @@ def test_dbmtl_follows_its_definition_over_several_steps():
         torch.testing.assert_close(agg(J, losses).double(), expected, rtol=1e-5, atol=1e-7 * expected.abs().max())
 
 
+def test_dbmtl_stops_on_infinite_log_gradients_and_survives_inference_mode():
+    J, losses = torch.randn(2, 30, generator=torch.Generator().manual_seed(2)), torch.tensor([0.5, 1.5])
+    agg = get("dbmtl")
+    with torch.inference_mode():
+        agg(J, losses)
+    agg(J, losses)  # the buffer made under inference_mode is updated outside it
+    with pytest.raises(NonFiniteGradientError, match="dbmtl: the log-loss gradients"):
+        get("dbmtl", eps=0.0)(J, torch.tensor([0.0, 1.0]))  # ∇log L at L = 0
+
+
 def test_famo_one_step_by_hand():
     agg = get("famo", gamma=1e-3, lr=0.025, eps=0.0)
     before = torch.tensor([1.0, 4.0], requires_grad=True)

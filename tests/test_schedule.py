@@ -57,3 +57,13 @@ def test_budget_stops_measuring(fake_data_root):
 def test_bad_metrics_config_is_refused(metrics, pattern):
     with pytest.raises(ConfigError, match=pattern):
         config(metrics=metrics)
+
+
+@pytest.mark.parametrize("aggregator, options", [("dbmtl", {}), ("mgda", {"normalization": "loss+"}), ("pcgrad", {})])
+def test_conflict_is_measured_for_methods_that_read_the_losses(fake_data_root, aggregator, options):
+    """Eq. 6's d is the run's own update rule; DB-MTL and loss-normalised MGDA also need each batch's losses."""
+    metrics = {"factors": ["conflict"], "examples": 64, "every": 1, "conflict": {"num_batches": 2}}
+    ds = train.run(config(epochs=1, aggregator=aggregator, aggregator_options=options, metrics=metrics),
+                   data_root=fake_data_root, progress=False)
+    assert ds.attrs["status"] == "complete" and np.isfinite(ds["conflict"].values).all()
+    assert (np.abs(ds["conflict"].values) <= 1).all()

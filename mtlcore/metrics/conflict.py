@@ -15,7 +15,9 @@ from tqdm.auto import tqdm
 
 from mtlcore.metrics.common import check_examples, evaluation_mode, mean_loss, model_device
 
-UpdateFn = Callable[[torch.Tensor], torch.Tensor]  # J (K × P) → d (P)
+# J (K × P) → d (P); a function with the attribute `takes_losses = True` is called as update_fn(J, losses), with the
+# batch's K mean task losses (the aggregators that read them: DB-MTL, MGDA with loss normalisation)
+UpdateFn = Callable[..., torch.Tensor]
 
 
 def _cosines(jacobian: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -31,15 +33,19 @@ def mean_cosine_to_mean_gradient(jacobian: torch.Tensor) -> float:
 
 
 def shared_jacobian(
-    model: nn.Module, batches: Mapping[str, tuple[torch.Tensor, torch.Tensor]], losses: Mapping[str, str]
-) -> torch.Tensor:
-    """J (K × P): row k is the gradient of task k's mean batch loss w.r.t. the shared parameters."""
+    model: nn.Module, batches: Mapping[str, tuple[torch.Tensor, torch.Tensor]], losses: Mapping[str, str],
+    with_losses: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """J (K × P): row k is the gradient of task k's mean batch loss w.r.t. the shared parameters; with_losses: also
+    those K losses (detached)."""
     shared = model.shared_parameters()
-    rows = []
+    rows, values = [], []
     for task, (x, y) in batches.items():
-        grads = torch.autograd.grad(mean_loss(model(x, task), y, losses[task]), shared, allow_unused=True)
+        loss = mean_loss(model(x, task), y, losses[task])
+        grads = torch.autograd.grad(loss, shared, allow_unused=True)
         rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, shared)]))
-    return torch.stack(rows)
+        values.append(loss.detach())
+    return (torch.stack(rows), torch.stack(values)) if with_losses else torch.stack(rows)
 
 
 def gradient_conflict(
@@ -60,7 +66,8 @@ def gradient_conflict(
     """Task → mean over `num_batches` random batches of cos(g_k, d) on the shared parameters.
 
     d = update_fn(J) for J the K × P matrix of task gradients (rows in the order of tasks_data, the order
-    an aggregator's weights refer to: pass the run's task order), by default
+    an aggregator's weights refer to: pass the run's task order), or update_fn(J, losses) where update_fn has
+    `takes_losses = True` (losses: the batch's K mean task losses), by default
     the uniform update Σ_k g_k (`reduction="sum"`) or its mean ("mean"); cosines do not depend on that
     scale, the option only makes d the exact training update. Each batch draws `batch_size` examples
     per task without replacement; multi-input settings draw every task independently,
@@ -82,6 +89,7 @@ def gradient_conflict(
     losses = {task: losses for task in tasks} if isinstance(losses, str) else dict(losses)
     if update_fn is None:
         update_fn = (lambda j: j.sum(dim=0)) if reduction == "sum" else (lambda j: j.mean(dim=0))
+    takes_losses = getattr(update_fn, "takes_losses", False)
     device = model_device(model, device)
 
     totals = torch.zeros(len(tasks))
@@ -94,6 +102,7 @@ def gradient_conflict(
                 chosen = shared_draw if single_input else torch.randperm(sizes[task], generator=generator)[:batch_size]
                 x, y = tasks_data[task]
                 batches[task] = (x[chosen].to(device), y[chosen].to(device))
-            jacobian = shared_jacobian(model, {task: batches[task] for task in tasks}, losses)
-            totals += _cosines(jacobian, update_fn(jacobian)).detach().cpu()
+            jacobian, task_losses = shared_jacobian(model, {task: batches[task] for task in tasks}, losses, True)
+            update = update_fn(jacobian, task_losses) if takes_losses else update_fn(jacobian)
+            totals += _cosines(jacobian, update).detach().cpu()
     return {task: (total / num_batches).item() for task, total in zip(tasks, totals)}

@@ -113,7 +113,7 @@ class FactorSchedule:
         return True
 
     def measure(self, model, setting, tasks: list[str], epoch: int,
-                update_fn: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, np.ndarray]:
+                update_fn: Callable[..., torch.Tensor] | None) -> dict[str, np.ndarray]:
         """Variable -> values (one per task, or a scalar for the multi-task ones)."""
         from mtlcore._seeding import torch_generator
 
@@ -152,7 +152,7 @@ class FactorSchedule:
         return out
 
 
-def applied_update(aggregator, loss_scale: str, num_tasks: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def applied_update(aggregator, loss_scale: str, num_tasks: int) -> Callable[..., torch.Tensor]:
     """The update rule a run applies to its shared parameters, as a function of J (for Eq. 6).
 
     Stateful aggregators are measured on a copy so that measuring leaves their state untouched;
@@ -165,4 +165,11 @@ def applied_update(aggregator, loss_scale: str, num_tasks: int) -> Callable[[tor
     if aggregator.kind == "loss" or aggregator.jacobian_of == "representation":
         weights = aggregator.weights.clone()
         return lambda jacobian: weights.to(jacobian) @ jacobian
-    return lambda jacobian: frozen(jacobian)
+    if not aggregator.needs_losses:
+        return lambda jacobian: frozen(jacobian)
+
+    def update(jacobian: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:  # DB-MTL, loss-normalised MGDA
+        return frozen(jacobian, losses)
+
+    update.takes_losses = True  # gradient_conflict passes each batch's task losses
+    return update
