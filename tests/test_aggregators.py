@@ -923,11 +923,14 @@ def test_triton_gramian_is_off_when_switched_off_or_missing(monkeypatch, caplog)
     monkeypatch.setenv("MTLCORE_JACOBIAN_KERNELS", "0")
     assert not gramian_gpu.available()
     monkeypatch.setattr(gramian_gpu, "_usable", [])
-    monkeypatch.setattr(gramian_gpu, "_jitted", [])
     monkeypatch.delenv("MTLCORE_JACOBIAN_KERNELS")
     monkeypatch.setitem(sys.modules, "triton", None)  # as if not installed: its import raises ImportError
-    with caplog.at_level("WARNING", logger="mtlcore.aggregators"):
-        assert not gramian_gpu.available() and not gramian_gpu.available()
+    gramian_gpu._kernel.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="mtlcore.aggregators"):
+            assert not gramian_gpu.available() and not gramian_gpu.available()
+    finally:
+        gramian_gpu._kernel.cache_clear()  # later tests build it with Triton back in place
     assert caplog.text.count("the Triton Gramian kernel is unavailable") == 1
     assert caplog.text.count("using torch's float64 blocks") == 1
 

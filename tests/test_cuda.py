@@ -106,7 +106,8 @@ def test_float64_gramian_on_cuda_is_exact(shape):
     exact = (J.long() @ J.long().T).numpy()
     for given in (J, J.half(), J.bfloat16(), J.double(), J.T.contiguous().T):
         assert np.array_equal(gramian(given.cuda()), exact)
-        if shape[0] <= gramian_gpu.MAX_TASKS and given.dtype in gramian_gpu.DTYPES:  # the kernel itself (gramian() would hide a failure behind torch's)
+        # the kernel itself: gramian() would hide a failure behind torch's blocks
+        if shape[0] <= gramian_gpu.MAX_TASKS and given.dtype in gramian_gpu.DTYPES:
             assert np.array_equal(gramian_gpu.launch(given.cuda()).cpu().numpy(), exact)
 
 

@@ -110,8 +110,9 @@ def gramian(J: Tensor) -> np.ndarray:
     """G = J Jᵀ in float64 on the CPU: exact products for float32 J and safe from overflow up to |J| ~ 1e150.
 
     A float32 J on the CPU goes to the AVX2 kernel (jacobian_cpu.cpp), which converts it to float64 a cache-sized
-    tile at a time, and a J on a GPU to the Triton kernel (gramian_gpu.py), which does so in registers. Elsewhere G is accumulated over column blocks, so the float64 copy never exceeds GRAMIAN_BLOCK
-    (GPU: GRAMIAN_BLOCK_GPU) entries (a full float64 copy of a large J would double its memory). Non-finite
+    tile at a time, and a J on a GPU to the Triton kernel (gramian_gpu.py), which does so in registers. Elsewhere
+    G is accumulated over column blocks, so the float64 copy never exceeds GRAMIAN_BLOCK (GPU: GRAMIAN_BLOCK_GPU)
+    entries (a full float64 copy of a large J would double its memory). Non-finite
     entries of J show up as non-finite entries of G (on its diagonal at least), which callers check instead of
     scanning all of J.
     """
@@ -121,7 +122,7 @@ def gramian(J: Tensor) -> np.ndarray:
     kernel = _kernel_for(J)
     if kernel is not None:
         return kernel.gramian(J).numpy()
-    if J.device.type == "cuda" and (G := gramian_gpu.gramian(J)) is not None:
+    if (G := gramian_gpu.gramian(J)) is not None:  # None off CUDA and where the Triton kernel does not apply
         return G.cpu().numpy()
     columns = max(1, (GRAMIAN_BLOCK if J.device.type == "cpu" else GRAMIAN_BLOCK_GPU) // J.shape[0])
     if J.shape[1] <= columns:  # one block: torch beats numpy's conversion here (94 against 245 µs on LeNet's J)

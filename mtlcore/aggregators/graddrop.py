@@ -43,5 +43,6 @@ class GradDrop(GradientAggregator):
             purity = 0.5 * (1 + torch.where(magnitude > 0, total / magnitude.clamp_min(torch.finfo(sums).tiny), 0.0))
             u = uniform[start : start + columns]
             kept = torch.where(purity > u, positive, 0.0) + torch.where(purity < u, negative, 0.0)
-            d[start : start + columns] = kept if leak == 0 else leak * total + (1 - leak) * kept  # one rounding to J's dtype
+            # one rounding to J's dtype
+            d[start : start + columns] = kept if leak == 0 else leak * total + (1 - leak) * kept
         return d, torch.full((J.shape[0],), math.nan)

@@ -15,6 +15,7 @@ takes torch's blocks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 
@@ -28,11 +29,12 @@ CHUNK = 1 << 13  # columns per program: fixed, so the shares do not depend on th
 BLOCK = 128  # columns per tile (64 where K > 32, to keep the tile in registers)
 
 DTYPES = (torch.float32, torch.float64)
-_jitted: list = []  # [the jitted kernel] once built
 _usable: list = []  # [False] once Triton is found missing, the kernel failed or is switched off; [True] once built
 
 
-def _build():
+@functools.cache
+def _kernel():
+    """The jitted kernel, built once (raises ImportError without Triton)."""
     import triton
     import triton.language as tl
 
@@ -59,8 +61,6 @@ def _build():
 def launch(J: Tensor) -> Tensor:
     """The float64 K×K Gramian on J's device (float32 or float64, any strides; K ≤ MAX_TASKS). Raises what Triton
     raises; `gramian` is the guarded entry point. Runs on a CPU tensor under TRITON_INTERPRET=1 (the tests)."""
-    if not _jitted:
-        _jitted.append(_build())
     K, P = J.shape
     KP = max(16, 1 << (K - 1).bit_length())  # tl.dot needs power-of-two sides of at least 16
     block = BLOCK if KP <= 32 else BLOCK // 2
@@ -68,8 +68,8 @@ def launch(J: Tensor) -> Tensor:
     shares = torch.empty(programs, KP, KP, dtype=torch.float64, device=J.device)
     # Triton launches on the current device: J's, also for a run on cuda:1
     with torch.cuda.device(J.device) if J.is_cuda else contextlib.nullcontext():
-        _jitted[0][(programs,)](J, shares, K, P, J.stride(0), J.stride(1), KP=KP, BLOCK=block, STEPS=CHUNK // block,
-                                num_warps=4 if KP <= 32 else 8)
+        _kernel()[(programs,)](J, shares, K, P, J.stride(0), J.stride(1), KP=KP, BLOCK=block, STEPS=CHUNK // block,
+                               num_warps=4 if KP <= 32 else 8)
     return shares.sum(0)[:K, :K]
 
 
@@ -88,8 +88,7 @@ def available() -> bool:
             _usable.append(False)
         else:
             try:
-                if not _jitted:
-                    _jitted.append(_build())
+                _kernel()
                 _usable.append(True)
             except Exception as error:  # ImportError, or a Triton without do_not_specialize
                 logger.warning("the Triton Gramian kernel is unavailable (%s); using torch's float64 blocks", error)

@@ -97,6 +97,13 @@ def _read_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray, dict
     return x, y.astype(np.int64), {f"{images.parent.name}/{images.name}": x_md5, f"{labels.parent.name}/{labels.name}": y_md5}
 
 
+def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The cached arrays, shared by every later load in the process: made read-only so no caller can change them."""
+    for array in arrays:
+        array.setflags(write=False)
+    return arrays
+
+
 @functools.lru_cache(maxsize=8)
 def _read_fashion(folder: Path, images: str, labels: str) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     x, y, md5 = _read_pair(folder / images, folder / labels)
@@ -106,7 +113,7 @@ def _read_fashion(folder: Path, images: str, labels: str) -> tuple[np.ndarray, n
             log.warning("%s is not the Fashion-MNIST release (MD5 of its decompressed bytes %s, the release's %s): "
                         "its splits and results are not comparable with other machines'", folder / name, found,
                         FASHION_MD5[name])
-    return x, y, md5
+    return *_read_only(x, y), md5
 
 
 @functools.lru_cache(maxsize=4)
@@ -123,7 +130,7 @@ def _distinct_images(folder: Path, with_train: bool) -> tuple[np.ndarray, np.nda
     rows = np.ascontiguousarray(x.reshape(len(x), -1))
     _, first = np.unique(rows.view(np.dtype((np.void, rows.shape[1]))).ravel(), return_index=True)
     first.sort()
-    return x[first], y[first], {name: md5 for p in parts for name, md5 in p[2].items()}
+    return *_read_only(x[first], y[first]), {name: md5 for p in parts for name, md5 in p[2].items()}
 
 
 def _notmnist_pool(folder: Path, needed: int, download: bool) -> tuple[np.ndarray, np.ndarray, str, dict[str, str]]:
