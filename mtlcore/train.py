@@ -190,7 +190,8 @@ class Trainer:
         aggregator = aggregators.get(self.config.aggregator, **self.config.aggregator_options)
         aggregator.reset(len(self.tasks), self.device)
         if aggregator.randomised:
-            aggregator.set_generator(torch_generator(self.config.seed, "aggregator", device=self.device))
+            aggregator.set_generator(torch_generator(self.config.seed, "aggregator",
+                                                     device=aggregator.generator_device(self.device)))
         return aggregator
 
     def _update(self, step: StepLosses) -> torch.Tensor:

@@ -74,6 +74,16 @@ def test_a_killed_cuda_run_of_a_randomised_method_resumes_bit_for_bit(fake_data_
         xr.testing.assert_identical(reference[name], resumed[name])
 
 
+@pytest.mark.parametrize("aggregator", ["pcgrad", "gradvac", "graddrop"])
+def test_a_cuda_run_draws_host_side_orders_from_a_cpu_generator(fake_data_root, aggregator):
+    """PCGrad's and GradVac's draws order the tasks on the host: from a generator on the GPU each cost a round trip
+    to the device. GradDrop's draws mask J on the device, so its generator stays there."""
+    trainer = trainer_after_updates(config("cuda", aggregator=aggregator), fake_data_root, steps=2)
+    expected = "cuda" if aggregator == "graddrop" else "cpu"
+    assert trainer.aggregator.generator.device.type == expected
+    assert torch.isfinite(trainer.aggregator.weights).any() or aggregator == "graddrop"
+
+
 @pytest.mark.parametrize("aggregator", ["uniform", "mgda"])
 def test_cuda_and_cpu_runs_follow_the_same_trajectory(run, no_tf32, aggregator):
     """Not bit-equal (other kernels, summation orders), but the same training; without dropout, whose masks

@@ -173,6 +173,9 @@ class Aggregator:
     kind: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
     randomised: ClassVar[bool] = False  # takes a torch.Generator
+    # Its draws only steer work on the host (PCGrad's and GradVac's orders of the tasks): a CPU generator serves it
+    # on any device, where one on a GPU costs a round trip to the device for every draw.
+    draws_on_host: ClassVar[bool] = False
     needs_losses_after: ClassVar[bool] = False  # call after_step(losses after the optimizer step)
     needs_last_shared: ClassVar[bool] = False  # pass combine(..., last_shared=params)
     # attribute names saved by state_dict(): tensors, numbers, or objects with state_dict()
@@ -232,6 +235,10 @@ class Aggregator:
     def parameters(self) -> list[Tensor]:
         """Learnable tensors to optimise together with the model (empty for most methods)."""
         return []
+
+    def generator_device(self, device: torch.device | str) -> torch.device:
+        """Where the generator of this method should live in a run on `device`."""
+        return torch.device("cpu") if self.draws_on_host else torch.device(device)
 
     def set_generator(self, generator: torch.Generator | None) -> None:
         """Source of randomness for randomised methods (ignored by deterministic ones)."""

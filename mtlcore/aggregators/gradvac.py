@@ -22,6 +22,7 @@ class GradVac(WeightedAggregator):
     name = "gradvac"
     defaults = {"beta": 0.5}  # LibMTL's default; the paper used 1e-2
     randomised = True
+    draws_on_host = True
     state_attributes = ("targets",)
 
     def _check_options(self, options):

@@ -34,6 +34,7 @@ class PCGrad(WeightedAggregator):
     name = "pcgrad"
     defaults = {"reduction": "sum"}
     randomised = True
+    draws_on_host = True
 
     def _check_options(self, options):
         require(
