@@ -74,10 +74,11 @@ def test_a_killed_cuda_run_of_a_randomised_method_resumes_bit_for_bit(fake_data_
         xr.testing.assert_identical(reference[name], resumed[name])
 
 
-@pytest.mark.parametrize("aggregator", ["pcgrad", "gradvac", "graddrop"])
-def test_a_cuda_run_draws_host_side_orders_from_a_cpu_generator(fake_data_root, aggregator):
-    """PCGrad's and GradVac's draws order the tasks on the host: from a generator on the GPU each cost a round trip
-    to the device. GradDrop's draws mask J on the device, so its generator stays there."""
+@pytest.mark.parametrize("aggregator", ["pcgrad", "gradvac", "rlw", "graddrop"])
+def test_a_cuda_run_draws_host_side_numbers_from_a_cpu_generator(fake_data_root, aggregator):
+    """PCGrad's and GradVac's draws order the tasks on the host and RLW's weights are recorded there: from a
+    generator on the GPU each draw costs a round trip to the device. GradDrop's draws mask J on the device, so its
+    generator stays there."""
     trainer = trainer_after_updates(config("cuda", aggregator=aggregator), fake_data_root, steps=2)
     expected = "cuda" if aggregator == "graddrop" else "cpu"
     assert trainer.aggregator.generator.device.type == expected

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mtlcore import metrics
-from mtlcore.metrics.common import mean_loss, task_named_parameters
+from mtlcore.metrics.common import evaluation_mode, mean_loss, task_named_parameters
 from mtlcore.models import MultiTaskModel, build_model
 
 
@@ -252,8 +252,10 @@ def test_coherence_rejects_a_large_batch_beyond_the_data(coherence_data):
 
 
 def loss_increase(model, task, x, y, perturbation, loss="cross_entropy") -> float:
+    """L(w + ε) − L(w) in eval mode, as sharpness measures it (without dropout's random masks; the module-scoped
+    LeNet may come in either mode, depending on which tests ran before in this process)."""
     parameters = {name: p.detach() for name, p in task_named_parameters(model, task).items()}
-    with torch.no_grad():
+    with torch.no_grad(), evaluation_mode(model):
         clean = mean_loss(functional_call(model, parameters, (x, task)), y, loss)
         shifted = {name: w + perturbation[name] for name, w in parameters.items()}
         return (mean_loss(functional_call(model, shifted, (x, task)), y, loss) - clean).item()

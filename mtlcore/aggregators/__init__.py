@@ -36,7 +36,7 @@ How the trainer uses them
 * Once: ``agg = get(name, **options)``; ``agg.reset(K, device)``; add ``agg.parameters()`` (learnable
   s of uncertainty / imtl_l, else empty) to the model's optimiser; ``agg.set_generator(g)`` for
   randomised methods (``agg.randomised``), with g on ``agg.generator_device(device)``: the CPU for
-  pcgrad and gradvac, whose draws order the tasks on the host, else the run's device.
+  pcgrad, gradvac and rlw, whose draws are used on the host, else the run's device.
 * Gradient-level (``agg.kind == "gradient"``): ``J = task_jacobian(losses, params)`` with params the
   shared parameters (``agg.jacobian_of == "shared"``); ``d = agg(J, losses.detach())``; backpropagate
   ``losses.sum()`` for the heads and overwrite the shared gradients with

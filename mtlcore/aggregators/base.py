@@ -173,8 +173,8 @@ class Aggregator:
     kind: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
     randomised: ClassVar[bool] = False  # takes a torch.Generator
-    # Its draws only steer work on the host (PCGrad's and GradVac's orders of the tasks): a CPU generator serves it
-    # on any device, where one on a GPU costs a round trip to the device for every draw.
+    # Its draws are used on the host (PCGrad's and GradVac's orders of the tasks, RLW's K weights, which are recorded
+    # there): a CPU generator serves it on any device, where one on a GPU costs a round trip for every draw.
     draws_on_host: ClassVar[bool] = False
     needs_losses_after: ClassVar[bool] = False  # call after_step(losses after the optimizer step)
     needs_last_shared: ClassVar[bool] = False  # pass combine(..., last_shared=params)

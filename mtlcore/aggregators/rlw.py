@@ -9,6 +9,7 @@ from mtlcore.aggregators.base import LossAggregator
 class RLW(LossAggregator):
     name = "rlw"
     randomised = True
+    draws_on_host = True
 
     def _combine(self, losses, last_shared):
         device = self.generator.device if self.generator is not None else torch.device("cpu")
