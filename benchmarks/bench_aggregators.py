@@ -79,7 +79,7 @@ def make_aggregator(name: str, options: dict, K: int):
     agg = aggregators.get(name, **options)
     agg.reset(K, DEVICE)
     if agg.randomised:
-        agg.set_generator(torch.Generator(agg.generator_device(DEVICE)).manual_seed(0))  # as the trainer
+        agg.set_generator(torch.Generator(agg.generator_device(DEVICE)).manual_seed(0))  # on the trainer's device
     return agg
 
 

@@ -23,7 +23,8 @@ import yaml
 # current point; with random_init the clean point is the first worst); conflict's J rows in the run's task order;
 # 10: NotMNIST keeps one copy of each distinct image (other splits); DB-MTL's weighted heads; eigh via dsyev.
 # 11: the Gramian from the AVX2 kernel (float64 sums in another order); GradDrop from per-sign column sums.
-# 12: PCGrad, GradVac and RLW draw from a CPU generator in runs on a GPU (CPU runs are unchanged).
+# 12: PCGrad, GradVac and RLW draw from a CPU generator in runs on a GPU (CPU results are unchanged, but retrain:
+# the version is in every run's hash).
 RESULTS_VERSION = "12"
 
 OPTIMIZERS = ("sgd", "momentum", "adam")

@@ -6,10 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mtlcore.data.locate import write_idx
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def same_global_rng_for_every_test():
+    """Tests that draw from torch's global generator see the same numbers alone, in any order and under
+    pytest-xdist, so a failure reproduces with `pytest -k <its name>`."""
+    torch.manual_seed(0)
 
 
 def _images(labels: np.ndarray, rng: np.random.Generator, offset: int) -> np.ndarray:

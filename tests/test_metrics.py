@@ -17,8 +17,8 @@ def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(scope="module")
-def lenet():
+@pytest.fixture
+def lenet():  # one per test: tests switch its mode (train/eval) and would otherwise see each other's choice
     torch.manual_seed(0)
     return build_model("lenet", {"a": 10, "b": 10})
 

@@ -277,3 +277,25 @@ def test_heads_get_their_own_task_gradient_weighted_as_documented(fake_data_root
             c = float(weights[k])
         for p, g in zip(head, plain[k]):
             torch.testing.assert_close(p.grad, c * g, rtol=1e-5, atol=1e-7)
+
+
+def test_methods_that_use_their_draws_on_the_host_get_a_cpu_generator_in_a_gpu_run():
+    """PCGrad's and GradVac's task orders and RLW's weights are used on the host, where a generator on the GPU would
+    cost a round trip per draw; GradDrop masks J on the device. Checked without a GPU: the trainer only names the
+    device when it builds the aggregator."""
+    from mtlcore import aggregators
+    from mtlcore._seeding import torch_generator
+
+    classes = {name: type(aggregators.get(name, **({"weights": [1.0]} if name == "fixed" else {})))
+               for name in aggregators.available()}
+    randomised = {name for name, cls in classes.items() if cls.randomised}
+    on_host = {name for name in randomised if classes[name]().generator_device("cuda").type == "cpu"}
+    assert on_host == {"pcgrad", "gradvac", "rlw"} and randomised - on_host == {"graddrop"}
+    for name in sorted(on_host):
+        trainer = object.__new__(train.Trainer)  # _make_aggregator reads only the config, the tasks and the device
+        trainer.config = RunConfig.from_dict({"tasks": ["fashion1", "fashion2"], "aggregator": name, "seed": 3})
+        trainer.tasks, trainer.device = list(trainer.config.tasks), torch.device("cuda")
+        generator = trainer._make_aggregator().generator
+        assert generator.device.type == "cpu"
+        # the seed a CPU run of the method has always had
+        assert torch.equal(generator.get_state(), torch_generator(3, "aggregator").get_state())

@@ -237,7 +237,7 @@ class Aggregator:
         return []
 
     def generator_device(self, device: torch.device | str) -> torch.device:
-        """Where the generator of this method should live in a run on `device`."""
+        """Where the generator of this method should live in a run on `device` (it only has one if `randomised`)."""
         return torch.device("cpu") if self.draws_on_host else torch.device(device)
 
     def set_generator(self, generator: torch.Generator | None) -> None:
