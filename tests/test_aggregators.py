@@ -919,10 +919,10 @@ def test_each_cpu_builds_its_kernels_in_a_folder_of_its_own(monkeypatch, no_comp
 def test_triton_gramian_is_off_when_switched_off_or_missing(monkeypatch, caplog):
     from mtlcore.aggregators import gramian_gpu
 
-    monkeypatch.setattr(gramian_gpu, "_usable", [])
+    monkeypatch.setattr(gramian_gpu, "_usable", None)
     monkeypatch.setenv("MTLCORE_JACOBIAN_KERNELS", "0")
     assert not gramian_gpu.available()
-    monkeypatch.setattr(gramian_gpu, "_usable", [])
+    monkeypatch.setattr(gramian_gpu, "_usable", None)
     monkeypatch.delenv("MTLCORE_JACOBIAN_KERNELS")
     monkeypatch.setitem(sys.modules, "triton", None)  # as if not installed: its import raises ImportError
     gramian_gpu._kernel.cache_clear()

@@ -134,7 +134,7 @@ def test_trainer_records_the_triton_gramian_and_falls_back_when_it_fails(fake_da
         raise RuntimeError("PTX assembly failed")
 
     monkeypatch.setattr(gramian_gpu, "launch", broken)
-    monkeypatch.setattr(gramian_gpu, "_usable", [True])  # the failure marks it off: undone after the test
+    monkeypatch.setattr(gramian_gpu, "_usable", True)  # the failure marks it off: undone after the test
     with caplog.at_level("WARNING", logger="mtlcore.aggregators"):
         np.testing.assert_allclose(gramian(J.cuda()), (J.double() @ J.double().T).numpy(), rtol=1e-12)
         gramian(J.cuda())
@@ -146,7 +146,7 @@ def test_trainer_records_the_triton_gramian_and_falls_back_when_it_fails(fake_da
 
 @pytest.mark.parametrize("block", [1 << 24, 1 << 12])  # one block, many blocks
 def test_float64_gramian_of_torch_blocks_on_cuda_is_exact(monkeypatch, block):
-    monkeypatch.setattr("mtlcore.aggregators.gramian_gpu._usable", [False])  # as without Triton
+    monkeypatch.setattr("mtlcore.aggregators.gramian_gpu._usable", False)  # as without Triton
     monkeypatch.setattr("mtlcore.aggregators.base.GRAMIAN_BLOCK_GPU", block)
     J = torch.randn(5, 300_000, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(torch.from_numpy(gramian(J.cuda())), J.double() @ J.double().T, rtol=1e-10, atol=1e-8)

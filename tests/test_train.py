@@ -286,10 +286,10 @@ def test_methods_that_use_their_draws_on_the_host_get_a_cpu_generator_in_a_gpu_r
     from mtlcore import aggregators
     from mtlcore._seeding import torch_generator
 
-    classes = {name: type(aggregators.get(name, **({"weights": [1.0]} if name == "fixed" else {})))
-               for name in aggregators.available()}
-    randomised = {name for name, cls in classes.items() if cls.randomised}
-    on_host = {name for name in randomised if classes[name]().generator_device("cuda").type == "cpu"}
+    built = {name: aggregators.get(name, **({"weights": [1.0]} if name == "fixed" else {}))
+             for name in aggregators.available()}
+    randomised = {name for name, agg in built.items() if agg.randomised}
+    on_host = {name for name in randomised if built[name].generator_device("cuda").type == "cpu"}
     assert on_host == {"pcgrad", "gradvac", "rlw"} and randomised - on_host == {"graddrop"}
     for name in sorted(on_host):
         trainer = object.__new__(train.Trainer)  # _make_aggregator reads only the config, the tasks and the device

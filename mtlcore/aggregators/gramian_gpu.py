@@ -29,7 +29,7 @@ CHUNK = 1 << 13  # columns per program: fixed, so the shares do not depend on th
 BLOCK = 128  # columns per tile (64 where K > 32, to keep the tile in registers)
 
 DTYPES = (torch.float32, torch.float64)
-_usable: list = []  # [False] once Triton is found missing, the kernel failed or is switched off; [True] once built
+_usable: bool | None = None  # None before the first check; False once Triton is missing, the kernel failed or is off
 
 
 @functools.cache
@@ -83,21 +83,21 @@ def probe(device: torch.device | str, num_tasks: int, num_columns: int) -> bool:
 def available() -> bool:
     """Whether Triton can be imported and the kernel is not switched off (compiling it may still fail, on first
     use: `gramian` catches that)."""
-    if not _usable:
-        if os.environ.get("MTLCORE_JACOBIAN_KERNELS", "1") == "0":
-            _usable.append(False)
-        else:
+    global _usable
+    if _usable is None:
+        _usable = os.environ.get("MTLCORE_JACOBIAN_KERNELS", "1") != "0"
+        if _usable:
             try:
                 _kernel()
-                _usable.append(True)
             except Exception as error:  # ImportError, or a Triton without do_not_specialize
                 logger.warning("the Triton Gramian kernel is unavailable (%s); using torch's float64 blocks", error)
-                _usable.append(False)
-    return _usable[0]
+                _usable = False
+    return _usable
 
 
 def gramian(J: Tensor) -> Tensor | None:
     """G = J Jᵀ (float64, on J's CUDA device), or None where the kernel does not apply (the caller's fallback)."""
+    global _usable
     if not (J.device.type == "cuda" and J.dtype in DTYPES and 0 < J.shape[0] <= MAX_TASKS and J.shape[1] > 0
             and available()):
         return None
@@ -108,5 +108,5 @@ def gramian(J: Tensor) -> Tensor | None:
     except Exception as error:  # a compiler or driver failure: logged once, then torch's blocks for the run
         logger.warning("the Triton Gramian kernel failed (%s); using torch's float64 blocks",
                        str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
-        _usable[0] = False
+        _usable = False
         return None
