@@ -8,8 +8,7 @@ from pathlib import Path
 
 
 def _run(args) -> int:
-    from mtlcore.config import RunConfig
-    from mtlcore.train import run, run_path
+    from mtlcore.training import RunConfig, run, run_path
 
     config = RunConfig.from_yaml(args.config)
     ds = run(config, data_root=args.data_root, results_dir=args.results_dir)
@@ -19,7 +18,7 @@ def _run(args) -> int:
 
 
 def _batch(args) -> int:
-    from mtlcore.batch import run_batch
+    from mtlcore.book import run_batch
 
     paths = run_batch(args.profile, notebooks=args.notebook, data_root=args.data_root)
     for path in paths:
@@ -29,8 +28,7 @@ def _batch(args) -> int:
 
 def _sweep(args) -> int:
     """A grid file: `base:` a run config, `grid:` key -> list of values (every combination is run)."""
-    from mtlcore.config import load_yaml
-    from mtlcore.runner import ensure_runs, grid
+    from mtlcore.training import ensure_runs, grid, load_yaml
 
     spec = load_yaml(args.grid)
     if not isinstance(spec, dict) or not all(isinstance(spec.get(k, {}), dict) for k in ("base", "grid")):
@@ -57,13 +55,18 @@ def _sweep(args) -> int:
 
 
 def _data(args) -> int:
-    from mtlcore.data import load_setting, setting_module
+    from mtlcore import settings
 
-    module = setting_module(args.setting)
-    setting = load_setting(args.setting, list(module.TASKS), {"train_size": 1, "val_size": 1, "test_size": 1},
-                           root=args.data_root)
-    root = Path(setting.info["data_root"])
-    missing = getattr(module, "missing_optional_files", lambda root: [])(root)
+    if args.list or args.setting is None:
+        for name in settings.available():
+            setting = settings.get(name)
+            print(f"{name}: {setting.display_name}, tasks {', '.join(setting.tasks)}")
+        return 0 if args.list else 2
+    setting = settings.get(args.setting)
+    tiny = {key: 1 for key in setting.defaults if key.endswith("_size")}  # read every file, keep one example
+    setting.load(setting.tasks, tiny, root=args.data_root)
+    root = settings.data_root(args.data_root)
+    missing = setting.missing_optional_files(root)
     print(f"{args.setting}: the required files are present under {root}")
     for line in missing:
         print(f"  missing (optional): {line}")
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dask", default=None, help="'local' for a local cluster, or a scheduler address")
     p.set_defaults(func=_sweep)
     p = sub.add_parser("data", help="check (and download when online) a setting's data files")
-    p.add_argument("setting", nargs="?", default="fashion_mtl")
+    p.add_argument("setting", help="a setting name (`mtlcore data --list` lists them)", nargs="?")
+    p.add_argument("--list", action="store_true", help="list the settings")
     p.add_argument("--data-root", default=None)
     p.set_defaults(func=_data)
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Trajectory factors (REFERENCE §1.3) and task scores, each a function of (model, task, data)."""
+"""Trajectory factors (paper A, §4 and Eqs. 3–6) and task scores: functions of (model, task, examples, loss)."""
 from mtlcore.metrics.coherence import (
     GradientCoherence,
     coherence_estimate,
@@ -7,16 +7,15 @@ from mtlcore.metrics.coherence import (
     multitask_gradient_coherence,
 )
 from mtlcore.metrics.conflict import gradient_conflict, mean_cosine_to_mean_gradient, shared_jacobian
-from mtlcore.metrics.fisher import fisher_trace, sample_model_labels
+from mtlcore.metrics.fisher import fisher_trace
 from mtlcore.metrics.per_example import per_example_gradient_chunks, per_example_gradients, per_example_squared_norms
-from mtlcore.metrics.scores import Evaluation, accuracy, evaluate, min_training_loss
+from mtlcore.metrics.scores import Evaluation, evaluate, min_training_loss
 from mtlcore.metrics.sharpness import WorstCasePerturbation, apgd_checkpoints, sharpness, worst_case_perturbation
 
 __all__ = [
     "Evaluation",
     "GradientCoherence",
     "WorstCasePerturbation",
-    "accuracy",
     "apgd_checkpoints",
     "coherence_estimate",
     "evaluate",
@@ -30,7 +29,6 @@ __all__ = [
     "per_example_gradient_chunks",
     "per_example_gradients",
     "per_example_squared_norms",
-    "sample_model_labels",
     "shared_jacobian",
     "sharpness",
     "worst_case_perturbation",

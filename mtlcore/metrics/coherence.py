@@ -1,6 +1,6 @@
 """Gradient coherence: trace of the gradient covariance by the small-batch/large-batch estimator.
 
-REFERENCE §1.3, Eq. 4, Appendix B.3 (after McCandlish et al. 2018). Draw L = n·B examples without
+Paper A, Eq. 4 and Appendix B.3 (after McCandlish et al. 2018). Draw L = n·B examples without
 replacement from the N available, split them into n small batches of size B and take
 G_B = mean_i ‖∇L_{B_i}‖² and G_L = ‖(1/n) Σ_i ∇L_{B_i}‖². With the finite-population correction
 A_Z = (N − Z)/(N − 1), E[G_Z] = ‖∇L‖² + (A_Z/Z) tr Σ for a batch of Z examples drawn without
@@ -18,6 +18,7 @@ from torch import nn
 
 from mtlcore.metrics.common import check_examples, task_named_parameters
 from mtlcore.metrics.per_example import per_example_gradient_chunks
+from mtlcore.settings.base import Loss, take
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def finite_population_correction(batch_size: int, population_size: int) -> float
 def coherence_estimate(
     small_batch_norm_sq: float, large_batch_norm_sq: float, small_batch: int, large_batch: int, population_size: int
 ) -> tuple[float, float]:
-    """(tr Σ, ‖∇L‖²) from G_B and G_L, REFERENCE Eq. 4 with the finite-population correction."""
+    """(tr Σ, ‖∇L‖²) from G_B and G_L, Eq. 4 of paper A with the finite-population correction."""
     if large_batch <= small_batch:
         raise ValueError(f"large_batch ({large_batch}) must exceed small_batch ({small_batch})")
     a_small = finite_population_correction(small_batch, population_size)
@@ -64,9 +65,7 @@ def _check_sizes(small_batch: int, large_batch: int, population_size: int) -> in
     return large_batch // small_batch
 
 
-def small_batch_gradients(
-    model: nn.Module, task: str, x: torch.Tensor, y: torch.Tensor, small_batch: int, **gradient_options
-) -> torch.Tensor:
+def small_batch_gradients(model: nn.Module, task: str, x, y, small_batch: int, **gradient_options) -> torch.Tensor:
     """Mean gradient of each consecutive batch of `small_batch` examples: (len(x)/small_batch) × P."""
     chunk_size = max(1, gradient_options.pop("chunk_size", 256) // small_batch) * small_batch
     chunks = per_example_gradient_chunks(model, task, x, y, chunk_size=chunk_size, **gradient_options)
@@ -83,12 +82,12 @@ def _summarise(batch_gradients: torch.Tensor, small_batch: int, large_batch: int
 def gradient_coherence(
     model: nn.Module,
     task: str,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x,
+    y,
     *,
+    loss: Loss,
     small_batch: int = 16,
     large_batch: int = 1024,
-    loss: str = "cross_entropy",
     generator: torch.Generator | None = None,
     **gradient_options,
 ) -> GradientCoherence:
@@ -101,25 +100,25 @@ def gradient_coherence(
     _check_sizes(small_batch, large_batch, population)
     chosen = torch.randperm(population, generator=generator)[:large_batch]
     batch_gradients = small_batch_gradients(
-        model, task, x[chosen], y[chosen], small_batch, loss=loss, **gradient_options
+        model, task, take(x, chosen), take(y, chosen), small_batch, loss=loss, **gradient_options
     )
     return _summarise(batch_gradients, small_batch, large_batch, population)
 
 
 def multitask_gradient_coherence(
     model: nn.Module,
-    tasks_data: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    tasks_data: Mapping[str, tuple],
     tasks: Sequence[str] | None = None,
     *,
+    losses: Mapping[str, Loss],
     small_batch: int = 16,
     large_batch: int = 1024,
     reduction: str = "sum",
     single_input: bool = False,
-    losses: str | Mapping[str, str] = "cross_entropy",
     generator: torch.Generator | None = None,
     **gradient_options,
 ) -> GradientCoherence:
-    """The same estimate for the uniform multi-task gradient (UMTG, REFERENCE Eq. 2).
+    """The same estimate for the uniform multi-task gradient (UMTG, paper A, Eq. 2).
 
     One training step's multi-task gradient is the gradient of (1/C) Σ_k L_k^{B_k} over all parameters
     (encoder + every head of `tasks`), C = 1 (`reduction="sum"`) or K ("mean"). Multi-input settings
@@ -150,8 +149,8 @@ def multitask_gradient_coherence(
     for task in sorted(tasks):
         chosen = shared_draw if single_input else torch.randperm(population, generator=generator)[:large_batch]
         x, y = tasks_data[task]
-        loss = losses if isinstance(losses, str) else losses[task]
-        gradients = small_batch_gradients(model, task, x[chosen], y[chosen], small_batch, loss=loss, **gradient_options)
+        gradients = small_batch_gradients(model, task, take(x, chosen), take(y, chosen), small_batch, loss=losses[task],
+                                          **gradient_options)
         is_shared = torch.cat(
             [
                 torch.full((p.numel(),), name in shared_names, dtype=torch.bool)

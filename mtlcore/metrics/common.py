@@ -1,38 +1,18 @@
-"""Pieces every metric shares: task losses, the parameters a task depends on, eval mode, devices."""
+"""Pieces every metric shares: the parameters a task depends on, eval mode, devices, batched outputs.
+
+Every factor takes a task's examples as (inputs, targets), each a tensor or a mapping of tensors indexed along
+the first dimension, and the task's `Loss` (`mtlcore.settings.base.Loss`), so it works for any setting.
+"""
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ("cross_entropy", "mse")
-
-
-def check_loss(loss: str) -> str:
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; valid losses: {list(LOSSES)}")
-    return loss
-
-
-def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
-    """Loss of each example (shape N), averaged over any output elements beyond the class dim.
-
-    `cross_entropy`: outputs N×C(×...) logits, integer targets N(×...).
-    `mse`: outputs and targets of the same number of elements per example (N or N×1 both fine).
-    """
-    if check_loss(loss) == "cross_entropy":
-        losses = F.cross_entropy(outputs, targets, reduction="none")
-    else:
-        losses = (outputs - targets.reshape(outputs.shape).to(outputs.dtype)).pow(2)
-    return losses.reshape(losses.shape[0], -1).mean(dim=1)
-
-
-def mean_loss(outputs: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
-    """The task's training loss on a batch: the mean of the per-example losses."""
-    return per_example_loss(outputs, targets, loss).mean()
+from mtlcore.settings.base import count, take, to_device
 
 
 def task_named_parameters(model: nn.Module, task: str, scope: str = "task") -> dict[str, torch.Tensor]:
@@ -70,20 +50,22 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def check_examples(x: torch.Tensor, y: torch.Tensor) -> int:
-    if len(x) != len(y):
-        raise ValueError(f"x has {len(x)} examples but y has {len(y)}; pass one label per example")
-    if len(x) == 0:
-        raise ValueError("no examples given; pass at least one (x, y) pair")
-    return len(x)
+def check_examples(inputs: Any, targets: Any) -> int:
+    n, m = count(inputs), count(targets)
+    if n != m:
+        raise ValueError(f"{n} inputs but {m} targets; pass one target per input")
+    if n == 0:
+        raise ValueError("no examples given; pass at least one (input, target) pair")
+    return n
 
 
 @torch.no_grad()
 def batched_outputs(
-    model: nn.Module, task: str, x: torch.Tensor, batch_size: int = 512, device: torch.device | str | None = None
+    model: nn.Module, task: str, inputs: Any, batch_size: int = 512, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """The task's outputs for every example, in eval mode, without gradients (on the model's device)."""
     device = model_device(model, device)
     with evaluation_mode(model):
-        batches = (x[start : start + batch_size].to(device) for start in range(0, len(x), batch_size))
-        return torch.cat([model(batch, task) for batch in batches])
+        n = count(inputs)
+        return torch.cat([model(to_device(take(inputs, slice(start, start + batch_size)), device), task)
+                          for start in range(0, n, batch_size)])

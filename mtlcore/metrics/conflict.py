@@ -1,4 +1,4 @@
-"""Gradient conflict (REFERENCE §1.3, Eq. 6; §2).
+"""Gradient conflict (paper A, Eq. 6; paper B).
 
 Paper A: cos(g_k, d) on the shared parameters, d the update actually applied (the uniform multi-task
 gradient by default, or any aggregator's output), averaged over random training batches.
@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mtlcore.metrics.common import check_examples, evaluation_mode, mean_loss, model_device
+from mtlcore.metrics.common import check_examples, evaluation_mode, model_device
+from mtlcore.settings.base import Loss, take, to_device
 
-# J (K × P) → d (P); a function with the attribute `takes_losses = True` is called as update_fn(J, losses), with the
-# batch's K mean task losses (the aggregators that read them: DB-MTL, MGDA with loss normalisation)
-UpdateFn = Callable[..., torch.Tensor]
+# (J (K × P), the batch's K mean task losses) → d (P): the update a run applies (see mtlcore.training.updates)
+UpdateFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _cosines(jacobian: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -33,15 +33,14 @@ def mean_cosine_to_mean_gradient(jacobian: torch.Tensor) -> float:
 
 
 def shared_jacobian(
-    model: nn.Module, batches: Mapping[str, tuple[torch.Tensor, torch.Tensor]], losses: Mapping[str, str],
-    with_losses: bool = False,
+    model: nn.Module, batches: Mapping[str, tuple], losses: Mapping[str, Loss], with_losses: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """J (K × P): row k is the gradient of task k's mean batch loss w.r.t. the shared parameters; with_losses: also
     those K losses (detached)."""
     shared = model.shared_parameters()
     rows, values = [], []
     for task, (x, y) in batches.items():
-        loss = mean_loss(model(x, task), y, losses[task])
+        loss = losses[task].mean(model(x, task), y)
         grads = torch.autograd.grad(loss, shared, allow_unused=True)
         rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, shared)]))
         values.append(loss.detach())
@@ -50,14 +49,14 @@ def shared_jacobian(
 
 def gradient_conflict(
     model: nn.Module,
-    tasks_data: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    tasks_data: Mapping[str, tuple],
     update_fn: UpdateFn | None = None,
     *,
+    losses: Mapping[str, Loss],
     batch_size: int,
     num_batches: int = 200,
     reduction: str = "sum",
     single_input: bool = False,
-    losses: str | Mapping[str, str] = "cross_entropy",
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     train_mode: bool = False,
@@ -65,9 +64,8 @@ def gradient_conflict(
 ) -> dict[str, float]:
     """Task → mean over `num_batches` random batches of cos(g_k, d) on the shared parameters.
 
-    d = update_fn(J) for J the K × P matrix of task gradients (rows in the order of tasks_data, the order
-    an aggregator's weights refer to: pass the run's task order), or update_fn(J, losses) where update_fn has
-    `takes_losses = True` (losses: the batch's K mean task losses), by default
+    d = update_fn(J, losses) for J the K × P matrix of task gradients (rows in the order of tasks_data, the order
+    an aggregator's weights refer to: pass the run's task order) and the batch's K mean task losses, by default
     the uniform update Σ_k g_k (`reduction="sum"`) or its mean ("mean"); cosines do not depend on that
     scale, the option only makes d the exact training update. Each batch draws `batch_size` examples
     per task without replacement; multi-input settings draw every task independently,
@@ -86,10 +84,8 @@ def gradient_conflict(
     sizes = {task: check_examples(*tasks_data[task]) for task in tasks}
     if single_input and len(set(sizes.values())) != 1:
         raise ValueError(f"single_input=True needs the same examples for every task, got sizes {sizes}")
-    losses = {task: losses for task in tasks} if isinstance(losses, str) else dict(losses)
     if update_fn is None:
-        update_fn = (lambda j: j.sum(dim=0)) if reduction == "sum" else (lambda j: j.mean(dim=0))
-    takes_losses = getattr(update_fn, "takes_losses", False)
+        update_fn = (lambda j, _: j.sum(dim=0)) if reduction == "sum" else (lambda j, _: j.mean(dim=0))
     device = model_device(model, device)
 
     totals = torch.zeros(len(tasks))
@@ -101,8 +97,8 @@ def gradient_conflict(
             for task in draw_order:
                 chosen = shared_draw if single_input else torch.randperm(sizes[task], generator=generator)[:batch_size]
                 x, y = tasks_data[task]
-                batches[task] = (x[chosen].to(device), y[chosen].to(device))
+                batches[task] = (to_device(take(x, chosen), device), to_device(take(y, chosen), device))
             jacobian, task_losses = shared_jacobian(model, {task: batches[task] for task in tasks}, losses, True)
-            update = update_fn(jacobian, task_losses) if takes_losses else update_fn(jacobian)
+            update = update_fn(jacobian, task_losses)
             totals += _cosines(jacobian, update).detach().cpu()
     return {task: (total / num_batches).item() for task, total in zip(tasks, totals)}

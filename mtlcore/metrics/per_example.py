@@ -13,35 +13,37 @@ from contextlib import closing
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
 
-from mtlcore.metrics.common import (
-    check_examples,
-    evaluation_mode,
-    model_device,
-    per_example_loss,
-    task_named_parameters,
-)
+from mtlcore.metrics.common import check_examples, evaluation_mode, model_device, task_named_parameters
+from mtlcore.settings.base import Loss, count, take, to_device
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("auto", "vmap", "loop")
 
 
-def _vmap_gradients(model, task, parameters, x, y, loss) -> list[torch.Tensor]:
+def _one(data):
+    return tree_map(lambda t: t.unsqueeze(0), data)
+
+
+def _vmap_gradients(model, task, parameters, x, y, loss: Loss) -> list[torch.Tensor]:
     def example_loss(params, xi, yi):
-        outputs = functional_call(model, params, (xi.unsqueeze(0), task))
-        return per_example_loss(outputs, yi.unsqueeze(0), loss).squeeze(0)
+        outputs = functional_call(model, params, (_one(xi), task))
+        return loss(outputs, _one(yi)).squeeze(0)
 
     detached = {name: p.detach() for name, p in parameters.items()}
     grads = vmap(grad(example_loss), in_dims=(None, 0, 0))(detached, x, y)
-    return [grads[name].reshape(len(x), -1) for name in parameters]  # one n × P_k block per parameter
+    n = count(y)
+    return [grads[name].reshape(n, -1) for name in parameters]  # one n × P_k block per parameter
 
 
-def _loop_gradients(model, task, parameters, x, y, loss) -> list[torch.Tensor]:
+def _loop_gradients(model, task, parameters, x, y, loss: Loss) -> list[torch.Tensor]:
     tensors = list(parameters.values())
     rows = []
-    for xi, yi in zip(x, y):
-        example_loss = per_example_loss(model(xi.unsqueeze(0), task), yi.unsqueeze(0), loss).squeeze(0)
+    for i in range(count(y)):
+        xi, yi = take(x, slice(i, i + 1)), take(y, slice(i, i + 1))
+        example_loss = loss(model(xi, task), yi).squeeze(0)
         grads = torch.autograd.grad(example_loss, tensors, allow_unused=True)
         # A parameter the output does not reach (e.g. behind a ReLU that is off) has gradient zero.
         rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, tensors)]))
@@ -51,10 +53,10 @@ def _loop_gradients(model, task, parameters, x, y, loss) -> list[torch.Tensor]:
 def _gradient_blocks(
     model: nn.Module,
     task: str,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x,
+    y,
     *,
-    loss: str = "cross_entropy",
+    loss: Loss,
     scope: str = "task",
     chunk_size: int = 256,
     method: str = "auto",
@@ -70,8 +72,8 @@ def _gradient_blocks(
     parameters = task_named_parameters(model, task, scope)
     with evaluation_mode(model):
         for start in range(0, n, chunk_size):
-            x_chunk = x[start : start + chunk_size].to(device)
-            y_chunk = y[start : start + chunk_size].to(device)
+            x_chunk = to_device(take(x, slice(start, start + chunk_size)), device)
+            y_chunk = to_device(take(y, slice(start, start + chunk_size)), device)
             if method == "loop":
                 yield _loop_gradients(model, task, parameters, x_chunk, y_chunk, loss)
                 continue
@@ -86,12 +88,11 @@ def _gradient_blocks(
             yield chunk
 
 
-def per_example_gradient_chunks(
-    model: nn.Module, task: str, x: torch.Tensor, y: torch.Tensor, **options
-) -> Iterator[torch.Tensor]:
+def per_example_gradient_chunks(model: nn.Module, task: str, x, y, **options) -> Iterator[torch.Tensor]:
     """Yield per-example gradients chunk by chunk: tensors of shape (≤ chunk_size) × P, in example order.
 
-    Options (keyword, defaults in `_gradient_blocks`): `loss` ("cross_entropy"), `scope` ("task" or
+    x, y: the inputs and targets (tensors, or mappings of tensors, one entry per example along dim 0).
+    Options (keyword, defaults in `_gradient_blocks`): `loss` (the task's Loss, required), `scope` ("task" or
     "shared"), `chunk_size` (256), `method` ("auto", "vmap" or "loop") and `device`. The model is in eval
     mode while the chunks are produced and back in its previous mode once the iterator is exhausted or
     closed. `method="auto"` uses vmap and falls back to the loop (logging a warning) if vmap raises, e.g.
@@ -102,12 +103,12 @@ def per_example_gradient_chunks(
             yield blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
 
-def per_example_gradients(model: nn.Module, task: str, x: torch.Tensor, y: torch.Tensor, **options) -> torch.Tensor:
+def per_example_gradients(model: nn.Module, task: str, x, y, **options) -> torch.Tensor:
     """All per-example gradients as one N × P tensor (memory N·P floats; prefer the chunks or norms)."""
     return torch.cat(list(per_example_gradient_chunks(model, task, x, y, **options)))
 
 
-def per_example_squared_norms(model: nn.Module, task: str, x: torch.Tensor, y: torch.Tensor, **options) -> torch.Tensor:
+def per_example_squared_norms(model: nn.Module, task: str, x, y, **options) -> torch.Tensor:
     """‖∇_w ℓ(f(x_i), y_i)‖² for every example (shape N), without holding all gradients at once."""
     # Summed block by block: concatenating the vmap blocks into one n × P tensor first cost 6-15% more time.
     with closing(_gradient_blocks(model, task, x, y, **options)) as chunks:

@@ -1,4 +1,4 @@
-"""Worst-case elementwise-adaptive ℓ∞ m-sharpness (Andriushchenko et al. 2023; REFERENCE §1.3, Eq. 3).
+"""Worst-case elementwise-adaptive ℓ∞ m-sharpness (Andriushchenko et al. 2023; paper A, Eq. 3).
 
 S = mean over batches B of max_{|ε| ≤ ρ|w| elementwise} [L^B(w + ε) − L^B(w)], w = the parameters the
 task's loss depends on (encoder + the task's head). The inner maximum is approximated as in the
@@ -18,13 +18,8 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from mtlcore.metrics.common import (
-    check_examples,
-    evaluation_mode,
-    mean_loss,
-    model_device,
-    task_named_parameters,
-)
+from mtlcore.metrics.common import check_examples, evaluation_mode, model_device, task_named_parameters
+from mtlcore.settings.base import Loss, take, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +44,9 @@ class WorstCasePerturbation:
     perturbation: dict[str, torch.Tensor]  # ε at the worst loss seen, name → tensor like the parameter
 
 
-def _loss_at(model, task, parameters, perturbation, x, y, loss) -> torch.Tensor:
+def _loss_at(model, task, parameters, perturbation, x, y, loss: Loss) -> torch.Tensor:
     shifted = {name: parameters[name] + perturbation[name] for name in parameters}
-    return mean_loss(functional_call(model, shifted, (x, task)), y, loss)
+    return loss.mean(functional_call(model, shifted, (x, task)), y)
 
 
 def _uniform_like(tensor: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -63,9 +58,10 @@ def _uniform_like(tensor: torch.Tensor, generator: torch.Generator | None) -> to
 def worst_case_perturbation(
     model: nn.Module,
     task: str,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x,
+    y,
     *,
+    loss: Loss,
     rho: float = 1e-3,
     steps: int = 20,
     step_size: float | None = None,
@@ -73,11 +69,10 @@ def worst_case_perturbation(
     halving_checkpoints: tuple[int, ...] | None = None,
     min_update_ratio: float = 0.75,
     random_init: bool = False,
-    loss: str = "cross_entropy",
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> WorstCasePerturbation:
-    """Maximise L(w + ε) over |ε| ≤ ρ|w| on one batch (x, y), in eval mode (the mode is restored).
+    """Maximise L(w + ε) over |ε| ≤ ρ|w| on one batch (x, y) of the task's `loss`, in eval mode (restored after).
 
     step_size: the ascent step relative to |w| (None → 2ρ, the reference's). Momentum as in the
     reference: ε_{k+1} = momentum·z_{k+1} + (1 − momentum)·ε_{k−1}, z_{k+1} = clip(ε_k + step·|w|·sign ∇),
@@ -96,7 +91,7 @@ def worst_case_perturbation(
     if halving_checkpoints is None:
         halving_checkpoints = apgd_checkpoints(steps)
     device = model_device(model, device)
-    x, y = x.to(device), y.to(device)
+    x, y = to_device(x, device), to_device(y, device)
     parameters = {name: p.detach() for name, p in task_named_parameters(model, task).items()}
     radius = {name: rho * w.abs() for name, w in parameters.items()}
     zeros = {name: torch.zeros_like(w) for name, w in parameters.items()}
@@ -154,12 +149,12 @@ def worst_case_perturbation(
 def sharpness(
     model: nn.Module,
     task: str,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x,
+    y,
     *,
+    loss: Loss,
     rho: float = 1e-3,
     batch_size: int = 128,
-    loss: str = "cross_entropy",
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
@@ -176,7 +171,8 @@ def sharpness(
     for start in tqdm(range(0, n, batch_size), desc=f"sharpness {task}", disable=not progress, leave=False):
         batch = slice(start, start + batch_size)
         result = worst_case_perturbation(
-            model, task, x[batch], y[batch], rho=rho, loss=loss, generator=generator, device=device, **ascent_options
+            model, task, take(x, batch), take(y, batch), rho=rho, loss=loss, generator=generator, device=device,
+            **ascent_options
         )
         increases.append(result.worst_loss - result.clean_loss)
     logger.debug("sharpness of %s per batch: %s", task, increases)

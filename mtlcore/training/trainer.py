@@ -1,9 +1,11 @@
-"""The training loop: STL or MTL with the uniform multi-task gradient (or an aggregator) → run dataset.
+"""The training loop of any setting: STL or MTL under an update rule → the run dataset.
 
-`run(config)` trains for `epochs` epochs of `ceil(largest task's train size / batch_size)` steps, the same
-for STL and MTL; every step draws one batch per task (the multi-input regime). At epoch 0 and after every
-epoch it records, per task, the full training loss and the validation and test loss and score. A run is
-bit-for-bit reproducible from `seed` on the CPU, and a killed run resumes from its last finished epoch.
+`run(config)` trains for `epochs` epochs of `ceil(setting.train_size / batch_size)` steps, the same for STL and
+MTL. A step draws one batch per task (multi-input settings) or one batch carrying every task's target
+(single-input settings) and puts it through the encoder in one forward, whatever the update rule, so that every
+method trains the same model (batch statistics included). At epoch 0 and after every epoch it records, per task,
+the full training loss and the validation and test loss and scores. A run is bit-for-bit reproducible from `seed`
+on the CPU, and a killed run resumes from its last finished epoch.
 """
 from __future__ import annotations
 
@@ -13,24 +15,22 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import xarray as xr
 from tqdm import tqdm
 
-from mtlcore import __version__
+from mtlcore import __version__, settings
 from mtlcore._seeding import derive_seed, torch_generator
-from mtlcore.config import RunConfig
-from mtlcore.data import Setting, load_setting
-from mtlcore.metrics.common import mean_loss
-from mtlcore.metrics.schedule import FactorSchedule, applied_update
+from mtlcore.metrics.schedule import FactorSchedule
 from mtlcore.metrics.scores import evaluate
-from mtlcore.models import MultiTaskModel, build_model
-from mtlcore.models.fused import kernel_name
-from mtlcore.results import load_run, new_run_dataset, save_atomic
+from mtlcore.settings.base import MultiTaskModel, Setting, SettingData, count
+from mtlcore.training.config import RunConfig
+from mtlcore.training.results import load_run, new_run_dataset, save_atomic
+from mtlcore.training.updates import Step, make_update
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,12 @@ def seeded_reset(module: torch.nn.Module, seed: int) -> None:
 
 
 def make_model(config: RunConfig, setting: Setting) -> MultiTaskModel:
-    """The encoder and every head are seeded by (seed, name): STL and MTL runs of one seed start alike."""
-    model = build_model(setting.encoder, {t: setting.tasks[t].num_classes for t in config.tasks},
-                        dropout=config.dropout)
-    seeded_reset(model.encoder, derive_seed(config.seed, "init", "encoder"))
+    """The run's model, seeded by (seed, name) for the encoder and each head, so that STL and MTL runs of one seed
+    start alike. A pretrained encoder keeps its weights."""
+    resolved = config.resolved()
+    model = setting.build_model(resolved["model"], config.tasks, resolved["model_options"])
+    if not model.pretrained_encoder:
+        seeded_reset(model.encoder, derive_seed(config.seed, "init", "encoder"))
     for task in config.tasks:
         seeded_reset(model.heads[task], derive_seed(config.seed, "init", "head", task))
     return model
@@ -109,36 +111,6 @@ def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay, **fused)
 
 
-@dataclass
-class StepLosses:
-    """One step's task losses: stacked (K,), as the K scalars they were computed as, and the features."""
-
-    losses: torch.Tensor
-    parts: list[torch.Tensor]
-    features: torch.Tensor | None = None
-
-
-def multitask_losses(model: MultiTaskModel, batches: list[tuple[str, torch.Tensor, torch.Tensor]],
-                     kinds: dict[str, str]) -> StepLosses:
-    """The K task losses of one step and the shared features; the tasks' batches go through the encoder
-    together (one forward), which equals separate forwards for encoders without batch statistics."""
-    features = model.encoder(torch.cat([x for _, x, _ in batches]))
-    losses, start = [], 0
-    for task, x, y in batches:
-        z = features[start : start + len(x)]
-        start += len(x)
-        losses.append(mean_loss(model.heads[task](z), y, kinds[task]))
-    return StepLosses(torch.stack(losses), losses, features)
-
-
-def per_task_losses(model: MultiTaskModel, batches: list[tuple[str, torch.Tensor, torch.Tensor]],
-                    kinds: dict[str, str]) -> StepLosses:
-    """The K task losses with one forward (and so one graph) per task: the gradient of one of `parts`
-    then costs one backward through its own batch only, instead of through every task's batch."""
-    losses = [mean_loss(model(x, task), y, kinds[task]) for task, x, y in batches]
-    return StepLosses(torch.stack(losses), losses)
-
-
 class Diverged(FloatingPointError):
     pass
 
@@ -146,23 +118,26 @@ class Diverged(FloatingPointError):
 class Trainer:
     """One run's state; `fit()` runs the remaining epochs and returns the run dataset."""
 
-    def __init__(self, config: RunConfig, setting: Setting, device: torch.device):
-        self.config, self.device = config, device
+    def __init__(self, config: RunConfig, setting: Setting, data: SettingData, device: torch.device):
+        self.config, self.setting, self.device = config, setting, device
         use_deterministic_kernels(device)
-        self.setting = setting.to(device)
+        self.data = data.to(device)
         self.tasks = list(config.tasks)
-        self.kinds = {t: self.setting.tasks[t].loss for t in self.tasks}  # loss name per task
-        # channels-last makes oneDNN's small-channel convolutions about twice as fast on the CPU.
-        self.model = make_model(config, setting).to(device, memory_format=torch.channels_last)
-        self.scale = 1.0 if config.loss_scale == "sum" else float(len(self.tasks))
-        self.aggregator = self._make_aggregator()
-        extra = list(self.aggregator.parameters()) if self.aggregator is not None else []
-        self.optimizer = make_optimizer(config, list(self.model.parameters()) + extra)
-        sizes = [len(self.setting.tasks[t].train) for t in self.tasks]
-        self.steps_per_epoch = math.ceil(max(sizes) / config.batch_size)
-        self._choose_step_path()
-        self.samplers = {t: BatchSampler(len(self.setting.tasks[t].train), config.batch_size,
-                                         torch_generator(config.seed, "batches", t)) for t in self.tasks}
+        self.specs = {t: setting.task(t) for t in self.tasks}
+        model = make_model(config, setting)
+        self.model = model.to(device, memory_format=getattr(model, "memory_format", torch.preserve_format))
+        self.update = make_update(config.aggregator, config.aggregator_options, self.model, self.tasks,
+                                  loss_scale=config.loss_scale, head_update=config.head_update, seed=config.seed,
+                                  device=device)
+        self.optimizer = make_optimizer(config, list(self.model.parameters()) + self.update.parameters())
+        options = setting.resolve_options(config.setting_options)
+        self.steps_per_epoch = math.ceil(setting.train_size(options) / config.batch_size)
+        if self.data.joint is not None:  # single input: one batch carries every task's target
+            self.samplers = {"joint": BatchSampler(len(self.data.joint["train"]), config.batch_size,
+                                                   torch_generator(config.seed, "batches"))}
+        else:
+            self.samplers = {t: BatchSampler(len(self.data.examples["train"][t]), config.batch_size,
+                                             torch_generator(config.seed, "batches", t)) for t in self.tasks}
         torch.manual_seed(derive_seed(config.seed, "dropout"))
         self.factors = FactorSchedule(config.metrics, config.seed, config.batch_size, config.loss_scale)
         self.epoch, self.step = 0, 0
@@ -170,92 +145,42 @@ class Trainer:
         self.weight_count = 0
         self.status = "complete"
         self.message = ""
-        self.ds = new_run_dataset(self.tasks, config.epochs, self._attrs())
+        self.ds = new_run_dataset(self.tasks, config.epochs, {t: self.specs[t].scores for t in self.tasks},
+                                  self._attrs())
 
-    # -- aggregation ----------------------------------------------------------------------------------
-    def _choose_step_path(self) -> None:
-        # Methods that need J of the shared parameters get one graph per task (see per_task_losses) and K
-        # backward passes. A joint forward with one batched backward was 1.2x faster on a GPU for LeNet but
-        # 1.2x slower for ResNet18 with 20 tasks (benchmarks/README.md), so both devices take this path.
-        # The two forwards agree for encoders without batch statistics, such as LeNet.
-        needs_jacobian = self.aggregator is not None and self.aggregator.kind == "gradient" \
-            and self.aggregator.jacobian_of == "shared"
-        self._forward = per_task_losses if needs_jacobian else multitask_losses
+    # -- one step ---------------------------------------------------------------------------------------
+    def _batch(self) -> tuple[Any, list[Any], list[int]]:
+        """The step's encoder input, each task's targets, and each task's number of examples in the input."""
+        if self.data.joint is not None:
+            inputs, targets = self.data.joint["train"].take(self.samplers["joint"].next().to(self.device))
+            return inputs, [targets[t] for t in self.tasks], [count(inputs)] * len(self.tasks)
+        batches = [self.data.examples["train"][t].take(self.samplers[t].next().to(self.device)) for t in self.tasks]
+        inputs = self.setting.join_inputs([x for x, _ in batches])
+        return inputs, [y for _, y in batches], [count(x) for x, _ in batches]
 
-    def _make_aggregator(self):
-        if self.config.aggregator == "uniform" and not self.config.aggregator_options:
-            return None  # the fast path: one backward of Σ L_k / C
-        from mtlcore import aggregators
-
-        aggregator = aggregators.get(self.config.aggregator, **self.config.aggregator_options)
-        aggregator.reset(len(self.tasks), self.device)
-        if aggregator.randomised:
-            aggregator.set_generator(torch_generator(self.config.seed, "aggregator",
-                                                     device=aggregator.generator_device(self.device)))
-        return aggregator
-
-    def _update(self, step: StepLosses) -> torch.Tensor:
-        """Set every parameter's .grad for this step; return the task weights applied to the shared part."""
-        losses = step.losses
-        if self.aggregator is None:
-            (losses.sum() / self.scale).backward()
-            if self.config.head_update == "own" and self.scale != 1.0:
-                for task in self.tasks:
-                    for p in self.model.task_parameters(task):
-                        p.grad.mul_(self.scale)
-            return torch.full((len(self.tasks),), 1.0 / self.scale)
-        return self._aggregated_update(step)
-
-    def _aggregated_update(self, step: StepLosses) -> torch.Tensor:
-        from mtlcore.aggregators import set_grad, task_jacobian, unflatten_into_grads
-
-        agg, model, losses = self.aggregator, self.model, step.losses
-        shared = model.shared_parameters()
-        heads = [p for task in self.tasks for p in model.task_parameters(task)]
-        own_heads = self.config.head_update == "own"
-        if agg.kind == "loss":
-            last = model.last_shared_layer() if agg.needs_last_shared else None
-            agg.combine(losses, last_shared=last).backward(retain_graph=own_heads)
-        elif agg.jacobian_of == "representation":  # MGDA-UB: weights from the gradients w.r.t. the features
-            w = agg.weights_from(task_jacobian(losses, [step.features]), losses.detach())
-            grads = torch.autograd.grad((w.to(losses) * losses).sum(), shared, retain_graph=True)
-            for p, g in zip(shared, grads):
-                set_grad(p, g)
-        else:
-            jacobian = task_jacobian(step.parts, shared, method="loop")
-            unflatten_into_grads(agg(jacobian, losses.detach()), shared)
-        weights = agg.weights.to(torch.float64)
-        if agg.kind == "gradient" or own_heads:
-            # Heads see only their own task's loss: unweighted ("own"), or as the method weighs it.
-            head_weights = torch.ones_like(losses) if own_heads else agg.head_weights(losses.detach())
-            for p, g in zip(heads, torch.autograd.grad((head_weights * losses).sum(), heads)):
-                set_grad(p, g)
-        return weights
-
-    # -- one epoch ------------------------------------------------------------------------------------
-    def _batches(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        out = []
-        for task in self.tasks:
-            index = self.samplers[task].next().to(self.device)
-            train = self.setting.tasks[task].train
-            out.append((task, train.x[index], train.y[index]))
-        return out
+    def _losses(self, inputs: Any, targets: list[Any], sizes: list[int]) -> Step:
+        """One forward of the encoder; each head on its task's rows of the features (all rows, single input)."""
+        features = self.model.encoder(inputs)
+        losses, start = [], 0
+        for task, y, n in zip(self.tasks, targets, sizes):
+            rows = features if self.data.joint is not None else features[start : start + n]
+            start += n
+            losses.append(self.specs[task].loss.mean(self.model.heads[task](rows), y))
+        return Step(torch.stack(losses), losses, features)
 
     def _train_epoch(self, bar: tqdm) -> None:
         self.model.train()
         epoch_losses = torch.zeros(len(self.tasks), dtype=torch.float64)
         for _ in range(self.steps_per_epoch):
             self.optimizer.zero_grad(set_to_none=True)
-            batches = self._batches()
-            step = self._forward(self.model, batches, self.kinds)
+            batch = self._batch()
+            step = self._losses(*batch)
             losses = step.losses
             if not torch.isfinite(losses).all():
                 raise Diverged(f"non-finite training loss {losses.tolist()} at step {self.step + 1}")
-            weights = self._update(step)
+            weights = self.update.apply(step)
             self.optimizer.step()
-            if self.aggregator is not None and self.aggregator.needs_losses_after:
-                with torch.no_grad():  # FAMO learns from the loss change on the same batch
-                    self.aggregator.after_step(multitask_losses(self.model, batches, self.kinds).losses)
+            self.update.after_step(lambda: self._losses(*batch).losses)
             epoch_losses += losses.detach().double().cpu()
             self.weight_sum += weights.detach().double().cpu()
             self.weight_count += 1
@@ -263,19 +188,19 @@ class Trainer:
             bar.update(1)
             if self.step % 50 == 0:
                 bar.set_postfix(loss=f"{float(losses.detach().sum()):.3g}", refresh=False)
-        if self.aggregator is not None:
-            self.aggregator.end_epoch(epoch_losses / self.steps_per_epoch)  # DWA's loss history
+        self.update.end_epoch(epoch_losses / self.steps_per_epoch)
 
     def _record(self) -> None:
         e = self.epoch
-        for i, task in enumerate(self.tasks):
-            data = self.setting.tasks[task]
-            for split_name in ("train", "val", "test"):
-                split = getattr(data, split_name)
-                loss, score = evaluate(self.model, task, split.x, split.y, self.config.eval_batch_size, loss=data.loss)
-                self.ds[f"{split_name}_loss"][e, i] = loss
-                if split_name != "train":
-                    self.ds[f"{split_name}_score"][e, i] = score
+        for split in ("train", "val", "test"):
+            results = evaluate(self.model, self.specs, self.data, split, self.config.eval_batch_size)
+            for i, task in enumerate(self.tasks):
+                self.ds[f"{split}_loss"][e, i] = results[task].loss
+                if split != "train":
+                    scores = results[task].scores
+                    self.ds[f"{split}_score"][e, i] = scores[self.specs[task].primary.name]
+                    for name, value in scores.items():
+                        self.ds[f"{split}_scores"].loc[{"epoch": e, "task": task, "score": name}] = value
         if self.weight_count:
             self.ds["task_weight"][e, :] = (self.weight_sum / self.weight_count).numpy()
             self.weight_sum.zero_()
@@ -284,8 +209,8 @@ class Trainer:
         if not np.isfinite(self.ds["train_loss"][e].values).all():
             raise Diverged(f"non-finite full training loss at epoch {e}")
         if self.factors.due(e):
-            update = applied_update(self.aggregator, self.config.loss_scale, len(self.tasks))
-            for name, values in self.factors.measure(self.model, self.setting, self.tasks, e, update).items():
+            for name, values in self.factors.measure(self.model, self.data, self.specs, e,
+                                                     self.update.direction()).items():
                 self.ds[name][e] = values
             self.ds.attrs["metrics_seconds"] = self.factors.spent
 
@@ -297,7 +222,7 @@ class Trainer:
             "samplers": {t: s.state_dict() for t, s in self.samplers.items()},
             "torch_rng": torch.random.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
-            "aggregator": self.aggregator.state_dict() if self.aggregator is not None else None,
+            "update": self.update.state_dict(),
             "trajectory": {name: self.ds[name].values.copy() for name in self.ds.data_vars},
             "steps": self.ds["step"].values.copy(),
             "wall_seconds": self.ds.attrs.get("wall_seconds", 0.0),
@@ -313,8 +238,8 @@ class Trainer:
         torch.random.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if self.aggregator is not None and state["aggregator"] is not None:
-            self.aggregator.load_state_dict(state["aggregator"])
+        if state["update"] is not None:
+            self.update.load_state_dict(state["update"])
         for name, values in state["trajectory"].items():
             self.ds[name].values[:] = values
         self.ds["step"].values[:] = state["steps"]
@@ -324,26 +249,17 @@ class Trainer:
     # -- the run --------------------------------------------------------------------------------------
     def _attrs(self) -> dict:
         c = self.config
+        resolved = c.resolved()
         return {
             "run_id": c.content_hash(), "setting": c.setting, "mode": c.mode, "aggregator": c.aggregator,
-            "seed": c.seed, "tasks": json.dumps(list(c.tasks)), "config": json.dumps(c.resolved(), sort_keys=True),
-            "status": "running", "message": "", "steps_per_epoch": 0, "device": str(self.device),
+            "model": resolved["model"], "seed": c.seed, "tasks": json.dumps(list(c.tasks)),
+            "config": json.dumps(resolved, sort_keys=True), "status": "running", "message": "", "steps_per_epoch": 0,
+            "regime": self.setting.regime, "device": str(self.device),
             "mtlcore_version": __version__, "torch_version": torch.__version__, "numpy_version": np.__version__,
-            "lenet_block_kernel": kernel_name() if self.device.type == "cpu" else "pytorch",
-            "jacobian_kernels": self._jacobian_kernels(),
+            "model_info": json.dumps(getattr(self.model, "info", {}), sort_keys=True),
             "python_version": platform.python_version(),
-            "host": platform.node(), "data_info": json.dumps(self.setting.info, sort_keys=True), "wall_seconds": 0.0,
+            "host": platform.node(), "data_info": json.dumps(self.data.info, sort_keys=True), "wall_seconds": 0.0,
         }
-
-    def _jacobian_kernels(self) -> str:
-        """What forms J Jᵀ and Jᵀw (recorded: their sums round in another order): "none" for the methods that form
-        neither (loss-level ones, GradDrop), so that their runs do not build the kernels."""
-        from mtlcore.aggregators.base import jacobian_kernels
-
-        if not getattr(self.aggregator, "uses_jacobian_kernels", False):
-            return "none"
-        shared = sum(p.numel() for p in self.model.shared_parameters())  # J's columns: the GPU probe's shape
-        return jacobian_kernels(self.device, len(self.tasks), shared)
 
     def fit(self, checkpoint: Path | None = None, progress: bool = True) -> xr.Dataset:
         self.ds.attrs["steps_per_epoch"] = self.steps_per_epoch
@@ -366,9 +282,8 @@ class Trainer:
                 log.warning("run %s diverged: %s (trajectory so far is kept)", self.ds.attrs["run_id"], error)
         self.ds.attrs.update(status=self.status, message=self.message, wall_seconds=time.perf_counter() - started,
                              finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), epochs_done=self.epoch)
-        if self.aggregator is not None:
-            state = self.aggregator.state_dict()
-            state.pop("generator", None)  # RNG bytes for resuming (in the checkpoint), not a result
+        state = self.update.final_state()
+        if state:
             self.ds.attrs["aggregator_state"] = json.dumps(_jsonable(state))
         return self.ds
 
@@ -397,11 +312,12 @@ def run_path(config: RunConfig, results_dir: str | Path) -> Path:
 
 
 def run(config: RunConfig | dict, *, data_root: str | Path | None = None, results_dir: str | Path | None = None,
-        progress: bool = True, setting: Setting | None = None) -> xr.Dataset:
+        progress: bool = True, data: SettingData | None = None) -> xr.Dataset:
     """Train one run and return its dataset.
 
     With `results_dir`, the dataset is saved to `results_dir/runs/<hash>.nc` (atomically); a finished run
     already there is loaded instead of retrained, and a killed run resumes from its last epoch checkpoint.
+    `data`: the setting's loaded data for the run's tasks, where the caller has it already.
     """
     if isinstance(config, dict):
         config = RunConfig.from_dict(config)
@@ -409,9 +325,10 @@ def run(config: RunConfig | dict, *, data_root: str | Path | None = None, result
     if path is not None and path.exists():
         return load_run(path)
     device = resolve_device(config.device)
-    if setting is None:
-        setting = load_setting(config.setting, list(config.tasks), config.setting_options, root=data_root)
-    trainer = Trainer(config, setting, device)
+    setting = settings.get(config.setting)
+    if data is None:
+        data = setting.load(config.tasks, config.setting_options, root=data_root)
+    trainer = Trainer(config, setting, data, device)
     checkpoint = path.with_suffix(".partial.pt") if path is not None else None
     if checkpoint is not None and checkpoint.exists():
         trainer.load_state_dict(torch.load(checkpoint, weights_only=False))

@@ -9,20 +9,16 @@ from pathlib import Path
 import xarray as xr
 from tqdm import tqdm
 
-from mtlcore.config import RunConfig
-from mtlcore.results import combine_runs, load_run
+from mtlcore.training.config import RunConfig
+from mtlcore.training.results import combine_runs, load_run
 
 log = logging.getLogger(__name__)
 
 
-# The run-config keys a section notebook takes as parameters (the rest say what to compare).
-RUN_PARAMETERS = ("setting", "setting_options", "epochs", "optimizer", "lr", "batch_size", "loss_scale", "dropout",
-                  "device", "metrics")
-
-
 def base_config(parameters: dict) -> dict:
-    """The run-config part of a notebook's parameters (pass `globals()` from a notebook)."""
-    return {key: parameters[key] for key in RUN_PARAMETERS if key in parameters}
+    """The run-config part of a notebook's parameters (pass `globals()` from a notebook): every key that is a
+    field of `RunConfig`, so a new field needs no list to be updated here."""
+    return {key: parameters[key] for key in RunConfig.fields() if key in parameters}
 
 
 def grid(base: dict, **axes: Iterable) -> list[RunConfig]:
@@ -39,10 +35,10 @@ def grid(base: dict, **axes: Iterable) -> list[RunConfig]:
 
 
 def _run_one(config: RunConfig, results_dir: str, data_root: str | None, progress: bool) -> str:
-    from mtlcore import train  # imported in the worker process
+    from mtlcore.training import trainer  # imported in the worker process
 
-    train.run(config, data_root=data_root, results_dir=results_dir, progress=progress)
-    return str(train.run_path(config, results_dir))
+    trainer.run(config, data_root=data_root, results_dir=results_dir, progress=progress)
+    return str(trainer.run_path(config, results_dir))
 
 
 def ensure_runs(configs: Iterable[RunConfig], results_dir: str | Path, *, data_root: str | Path | None = None,
@@ -54,7 +50,7 @@ def ensure_runs(configs: Iterable[RunConfig], results_dir: str | Path, *, data_r
     run (same content hash, e.g. `seed: [0, 0]` or `lr: [0.01, 1.0e-2]`) are trained and returned once,
     so a repeated value never counts as two seeds.
     """
-    from mtlcore.train import run_path
+    from mtlcore.training.trainer import run_path
 
     results_dir = str(results_dir)
     root = None if data_root is None else str(data_root)
@@ -96,4 +92,4 @@ def diverged_runs(combined: xr.Dataset) -> list[str]:
     return [str(r) for r, s in zip(combined["run"].values, combined["status"].values) if s != "complete"]
 
 
-__all__ = ["RUN_PARAMETERS", "base_config", "grid", "ensure_runs", "load_runs", "load_run", "diverged_runs"]
+__all__ = ["base_config", "grid", "ensure_runs", "load_runs", "load_run", "diverged_runs"]

@@ -1,10 +1,16 @@
-"""The run dataset (DESIGN.md's contract between training and analysis): build, validate, save, combine."""
+"""The run dataset (the contract between training and analysis): build, validate, save, combine.
+
+Dims `epoch` (0 = before training), `task` and `score`. Per (epoch, task): the losses, the primary score of each
+task (`val_score`, `test_score`; its name and direction are the task coordinates `primary_score` and
+`higher_is_better`), the trajectory factors and the task weights; per (epoch, task, score): every score of the
+task (`val_scores`, `test_scores`; NaN for a score the task does not have).
+"""
 from __future__ import annotations
 
 import json
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +21,29 @@ VARIABLES = ("train_loss", "val_loss", "test_loss", "val_score", "test_score", "
              "grad_cov_trace", "grad_norm_sq", "conflict", "task_weight")
 # Per-epoch variables of the multi-task gradient (MTL runs with the coherence factor).
 EPOCH_VARIABLES = ("multitask_grad_cov_trace", "multitask_grad_norm_sq")
+# Per (epoch, task, score): every score of every task.
+SCORE_VARIABLES = ("val_scores", "test_scores")
 REQUIRED_ATTRS = ("run_id", "setting", "mode", "aggregator", "seed", "tasks", "config", "status")
 STATUSES = ("complete", "diverged")
 ENGINE = "h5netcdf"
 
 
-def new_run_dataset(tasks: list[str], epochs: int, attrs: dict) -> xr.Dataset:
-    """An all-NaN run dataset for epochs 0..`epochs` (0 = before training)."""
+def new_run_dataset(tasks: list[str], epochs: int, scores: dict[str, Sequence], attrs: dict) -> xr.Dataset:
+    """An all-NaN run dataset for epochs 0..`epochs` (0 = before training); `scores[task]`: the task's `Score`s,
+    its primary one first."""
     shape = (epochs + 1, len(tasks))
+    names = list(dict.fromkeys(score.name for task in tasks for score in scores[task]))
     data = {name: (("epoch", "task"), np.full(shape, np.nan)) for name in VARIABLES}
     data.update({name: (("epoch",), np.full(epochs + 1, np.nan)) for name in EPOCH_VARIABLES})
-    coords = {"epoch": np.arange(epochs + 1), "task": list(tasks), "step": ("epoch", np.zeros(epochs + 1, dtype=np.int64))}
-    return xr.Dataset(data, coords=coords, attrs=_netcdf_attrs(attrs))
+    data.update({name: (("epoch", "task", "score"), np.full((*shape, len(names)), np.nan)) for name in SCORE_VARIABLES})
+    coords = {"epoch": np.arange(epochs + 1), "task": list(tasks), "score": names,
+              "step": ("epoch", np.zeros(epochs + 1, dtype=np.int64)),
+              "primary_score": ("task", [scores[t][0].name for t in tasks]),
+              "higher_is_better": ("task", np.array([int(scores[t][0].higher_is_better) for t in tasks]))}
+    ds = xr.Dataset(data, coords=coords, attrs=_netcdf_attrs(attrs))
+    for name in ("val_score", "test_score"):
+        ds[name].attrs["long_name"] = f"primary score ({name.split('_')[0]}); direction in `higher_is_better`"
+    return ds
 
 
 def _netcdf_attrs(attrs: dict) -> dict:
@@ -49,16 +66,17 @@ def _netcdf_attrs(attrs: dict) -> dict:
 def validate_run(ds: xr.Dataset) -> None:
     """Raise ValueError if `ds` does not follow the run schema."""
     problems = []
-    if set(ds.dims) != {"epoch", "task"}:
-        problems.append(f"dims are {sorted(ds.dims)}, expected ['epoch', 'task']")
-    missing = [v for v in VARIABLES if v not in ds.data_vars]
+    if set(ds.dims) != {"epoch", "task", "score"}:
+        problems.append(f"dims are {sorted(ds.dims)}, expected ['epoch', 'score', 'task']")
+    missing = [v for v in (*VARIABLES, *SCORE_VARIABLES) if v not in ds.data_vars]
     if missing:
         problems.append(f"missing variables {missing}")
     missing_attrs = [a for a in REQUIRED_ATTRS if a not in ds.attrs]
     if missing_attrs:
         problems.append(f"missing attrs {missing_attrs}")
-    if "step" not in ds.coords:
-        problems.append("missing coordinate 'step'")
+    missing_coords = [c for c in ("step", "primary_score", "higher_is_better") if c not in ds.coords]
+    if missing_coords:
+        problems.append(f"missing coordinate(s) {missing_coords}")
     if ds.attrs.get("status") not in STATUSES:
         problems.append(f"status={ds.attrs.get('status')!r}, expected one of {list(STATUSES)}")
     if problems:

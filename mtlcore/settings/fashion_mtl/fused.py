@@ -1,4 +1,5 @@
-"""LeNet's two conv blocks on the CPU as C++/AVX2 kernels (lenet_cpu.cpp), with PyTorch's ops as the fallback.
+"""The `lenet_fused` model's kernels: LeNet's two conv blocks on the CPU in C++/AVX2 (lenet_cpu.cpp), with
+PyTorch's ops as the fallback.
 
 Block 1, ReLU(max-pool₂(conv₅ₓ₅(x))) on 1-channel 28×28 images, runs as one kernel, forward and backward. Block 2,
 ReLU(max-pool₂(Dropout2d(conv₅ₓ₅(h)))) on 12×12 maps, keeps PyTorch's forward and gets a backward that uses the
@@ -8,7 +9,7 @@ masks, and weight gradients that do not depend on the thread count.
 
 They are compiled on first use with the machine's C++ compiler (torch.utils.cpp_extension, ~50 s, cached under
 ~/.cache/torch_extensions). Where that fails (no compiler, no AVX2) the encoder uses PyTorch's ops and says so
-once. `MTLCORE_FUSED_LENET=0` turns them off. They are used only where they apply: on the CPU, float32, plain 5×5
+once. They are used only where they apply: on the CPU, float32, plain 5×5
 convolutions (stride 1, no padding, dilation or groups), outside autocast, torch.func transforms and forward-mode
 AD (vmap'd per-example gradients take PyTorch's path), block 1 only for inputs that need no gradient, block 2
 only while gradients are recorded (evaluation has nothing to gain). Under create_graph (second derivatives) the
@@ -17,30 +18,61 @@ gradients have NaN in other entries than PyTorch's dense backward gives (the run
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import platform
 from pathlib import Path
 
 import torch
 from torch.autograd import forward_ad
 
-from mtlcore._cpu_kernels import build
-
 log = logging.getLogger(__name__)
 
 EXTENSION = "mtlcore_lenet_cpu"
-_SOURCE = Path(__file__).with_name("lenet_cpu.cpp")  # built once: the lookup runs in every forward
+_SOURCE = Path(__file__).with_name("lenet_cpu.cpp")
+modules: dict[str, object] = {}  # built once per process: the compiled module, or None where it could not be built
 
 
 def extension():
     """The compiled kernel module, or None where it cannot be built (logged once)."""
-    return build(EXTENSION, _SOURCE, "MTLCORE_FUSED_LENET",
-                 "the fused LeNet CPU kernel", "using PyTorch's kernels (about 2.4x slower training on the CPU, other "
-                 "rounding)", log)
+    if EXTENSION not in modules:
+        modules[EXTENSION] = _compile(EXTENSION, _SOURCE)
+    return modules[EXTENSION]
 
 
 def kernel_name() -> str:
-    """What computes LeNet's conv blocks on the CPU: recorded with every run (the rounding differs)."""
+    """What computes LeNet's conv blocks on the CPU: recorded with every run of `lenet_fused` (the rounding of the
+    kernel and of PyTorch's fallback differ)."""
     return "fused-avx2" if extension() is not None else "pytorch"
+
+
+def cpu_id(cpuinfo: str | None = None) -> str:
+    """A digest of this CPU's model and instruction-set flags (from /proc/cpuinfo, else the platform's name).
+
+    It ends the compiled module's name, so that each CPU gets its own build folder: a cache shared between machines
+    (a home directory on NFS, a copied ~/.cache) would otherwise load -march=native code built for another CPU,
+    which can die of SIGILL (torch's cache is keyed by name, source and flags, and the flag says "native")."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = f"{platform.processor()} {platform.machine()}"
+    lines = sorted({line.strip() for line in cpuinfo.splitlines() if line.startswith(("model name", "flags"))})
+    return hashlib.sha256("\n".join(lines or [cpuinfo]).encode()).hexdigest()[:12]
+
+
+def _compile(name: str, source: Path):
+    try:
+        # importing it warns that no CUDA runtime was found, which does not matter for a CPU kernel
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        from torch.utils.cpp_extension import load
+
+        return load(f"{name}_{cpu_id()}", [str(source)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)  # torch's libgomp: one thread pool
+    except Exception as error:
+        log.warning("the fused LeNet CPU kernel could not be built (%s); using PyTorch's kernels (slower training on "
+                    "the CPU, other rounding)", str(error).splitlines()[0][:200])
+        return None
 
 
 def _plain(*tensors: torch.Tensor) -> bool:

@@ -1,4 +1,4 @@
-"""The FashionMTL setting (REFERENCE §1.1): Fashion1, Fashion2, NoisyFashion, NotMNIST.
+"""FashionMTL's data (paper A, Appendix A): Fashion1, Fashion2, NoisyFashion, NotMNIST.
 
 Fashion1 and Fashion2 are disjoint parts of Fashion-MNIST's training split (validation sets too) and of
 its test split; NoisyFashion is Fashion2's images with their labels shuffled by a seeded permutation (pure
@@ -15,13 +15,12 @@ import numpy as np
 import torch
 
 from mtlcore._seeding import numpy_rng
-from mtlcore.data.base import Setting, Split, TaskData
-from mtlcore.data.locate import DataNotFoundError, data_root, find_files, missing_data_message, read_idx_and_md5
+from mtlcore.settings.base import Examples, SettingData
+from mtlcore.settings.locate import DataNotFoundError, data_root, find_files, missing_data_message, read_idx_and_md5
 
 log = logging.getLogger(__name__)
 
 TASKS = ("fashion1", "fashion2", "noisy_fashion", "notmnist")
-DEFAULTS = {"train_size": 25_000, "val_size": 5_000, "test_size": 5_000, "data_seed": 0}
 
 FASHION_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
@@ -192,20 +191,21 @@ def _standardise(images: list[np.ndarray]) -> tuple[list[torch.Tensor], tuple[fl
     return [(im - mean) / std for im in scaled], (float(mean), float(std))
 
 
-def _task(name: str, images: list[np.ndarray], labels: list[np.ndarray], num_classes: int) -> TaskData:
-    xs, normalization = _standardise(images)
-    splits = [Split(x, torch.from_numpy(np.ascontiguousarray(y))) for x, y in zip(xs, labels)]
-    return TaskData(name, *splits, num_classes=num_classes, normalization=normalization)
+def _task(images: list[np.ndarray], labels: list[np.ndarray]) -> dict[str, Examples]:
+    """The train, val and test examples of one task, standardised by its training images."""
+    xs, _ = _standardise(images)
+    return {split: Examples(x, torch.from_numpy(np.ascontiguousarray(y)))
+            for split, x, y in zip(("train", "val", "test"), xs, labels)}
 
 
 def load(tasks: list[str], train_size: int = 25_000, val_size: int = 5_000, test_size: int = 5_000,
-         data_seed: int = 0, root: str | Path | None = None, download: bool = True) -> Setting:
+         data_seed: int = 0, root: str | Path | None = None, download: bool = True) -> SettingData:
     """Load the FashionMTL tasks in `tasks` (any of TASKS) with `*_size` examples per task and split."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown FashionMTL task(s) {unknown}; valid tasks: {list(TASKS)}")
     root = data_root(root)
-    out: dict[str, TaskData] = {}
+    out: dict[str, dict[str, Examples]] = {}
     files_md5: dict[str, str] = {}
     if any(t != "notmnist" for t in tasks):
         folder = fashion_mnist_folder(root, download)
@@ -227,7 +227,7 @@ def load(tasks: list[str], train_size: int = 25_000, val_size: int = 5_000, test
                 # Shuffle labels across examples: the images keep no information about their labels.
                 labels = [lab[numpy_rng(data_seed, "noisy-labels", split).permutation(len(lab))]
                           for lab, split in zip(labels, ("train", "val", "test"))]
-            out[task] = _task(task, images, labels, 10)
+            out[task] = _task(images, labels)
     info = {"train_size": train_size, "val_size": val_size, "test_size": test_size, "data_seed": data_seed,
             "data_root": str(root)}
     if "notmnist" in tasks:
@@ -236,7 +236,7 @@ def load(tasks: list[str], train_size: int = 25_000, val_size: int = 5_000, test
         files_md5.update(md5)
         train, val, test = _take(len(x_pool), [train_size, val_size, test_size],
                                  numpy_rng(data_seed, "notmnist-split"), f"notMNIST (found under {root})")
-        out["notmnist"] = _task("notmnist", [x_pool[train], x_pool[val], x_pool[test]],
-                                [y_pool[train], y_pool[val], y_pool[test]], 10)
+        out["notmnist"] = _task([x_pool[train], x_pool[val], x_pool[test]], [y_pool[train], y_pool[val], y_pool[test]])
     info["files_md5"] = files_md5  # provenance: a run file records exactly which data it was trained on
-    return Setting("fashion_mtl", {t: out[t] for t in tasks}, encoder="lenet", info=info)
+    examples = {split: {t: out[t][split] for t in tasks} for split in ("train", "val", "test")}
+    return SettingData(list(tasks), examples, info=info)

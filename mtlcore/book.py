@@ -7,7 +7,7 @@ import logging
 import subprocess
 from pathlib import Path
 
-from mtlcore.config import load_yaml
+from mtlcore.training.config import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def run_batch(profile: str, *, notebooks: list[str] | None = None, data_root: st
     import jupytext
     import papermill
 
-    from mtlcore.data import data_root as resolve_data_root
+    from mtlcore.settings import data_root as resolve_data_root
 
     parameters = profile_parameters(profile)
     chosen = notebooks or list(NOTEBOOKS)
@@ -97,7 +97,7 @@ def write_run_info(profile: str, parameters: dict[str, dict], data_root: str, bo
     for name, p in parameters.items():
         sizes = p.get("setting_options", {})
         lines.append(
-            f"| {name} | {p.get('setting', 'fashion_mtl')} | {sizes.get('train_size', '?')} / {sizes.get('val_size', '?')} / "
+            f"| {name} | {p.get('setting', '?')} | {sizes.get('train_size', '?')} / {sizes.get('val_size', '?')} / "
             f"{sizes.get('test_size', '?')} | {', '.join(map(str, p.get('seeds', [])))} | {p.get('epochs', '?')} | "
             f"{p.get('optimizer', '?')} | {p.get('lr', '?')} | {p.get('batch_size', '?')} |")
     lines += ["", "<details><summary>All parameters</summary>", "", "```json",
