@@ -7,7 +7,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
-from mtlcore import plots  # noqa: E402
+from mtlcore.analysis import plots  # noqa: E402
 
 
 def _runs():
@@ -128,3 +128,11 @@ def test_quadrant_plot_points_colours_and_shading():
     shades = [c for c in ax.collections if isinstance(c, PolyCollection)]
     green, red = (s.get_paths()[0].get_extents() for s in shades)
     assert green.x1 <= 0 <= green.y0 and red.x0 >= 0 >= red.y1  # top-left and bottom-right
+
+
+def test_ylabel_defaults_to_the_long_name():
+    runs = _runs()
+    runs["test_score"].attrs["long_name"] = "test depth error"
+    assert plots.generalization_vs_loss(runs, group="configuration").axes[0].get_ylabel() == "test depth error"
+    del runs["test_score"].attrs["long_name"]
+    assert plots.generalization_vs_loss(runs, group="configuration").axes[0].get_ylabel() == "test score"

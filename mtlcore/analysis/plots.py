@@ -1,4 +1,5 @@
-"""Figure functions the notebooks call. Each returns its matplotlib Figure."""
+"""The paper's figures (Figures 1, 3 and 4) drawn from run datasets and comparison tables. Each function
+returns its matplotlib Figure; titles and labels come from the caller or from the variables' attrs."""
 from __future__ import annotations
 
 import itertools
@@ -44,6 +45,11 @@ def _seed_count(runs: xr.Dataset) -> str:
     return f"n={n}" if complete == n else f"n={complete} of {n}"
 
 
+def variable_label(values: xr.DataArray) -> str:
+    """A variable's axis label: its `long_name` attr (xarray's convention), else its name without underscores."""
+    return str(values.attrs.get("long_name") or (values.name or "").replace("_", " "))
+
+
 def _zoom(ax: plt.Axes, xs: np.ndarray, ys: np.ndarray, yscale: str) -> None:
     """Limit `ax` to the finite points (xs, ys), with a margin; log axes keep only positive values."""
     xs = xs[np.isfinite(xs) & (xs > 0)]  # the x axis (loss) is always logarithmic
@@ -79,7 +85,8 @@ def generalization_vs_loss(runs: xr.Dataset, *, group: str, order: Sequence[str]
     per `group` value, mean ± 2 std over the runs of the group; unmeasured epochs are skipped.
 
     zoom_last: limit the axes to the bands of the last `zoom_last` fraction of the epochs (e.g. 0.5), where
-    the curves of a whole-trajectory plot sit on top of each other. ylabel: the y axis label (default: `score`).
+    the curves of a whole-trajectory plot sit on top of each other. ylabel: the y axis label (default:
+    `variable_label` of `score`).
     Runs that did not complete are drawn up to where they stopped; the legend's n counts the complete ones.
     """
     labels = list(order) if order is not None else sorted(set(runs[group].values))
@@ -110,7 +117,7 @@ def generalization_vs_loss(runs: xr.Dataset, *, group: str, order: Sequence[str]
     if not ax.xaxis_inverted():
         ax.invert_xaxis()  # training goes left to right
     ax.set_xlabel(f"{loss.replace('_', ' ')} (log scale, decreasing →)")
-    ax.set_ylabel(ylabel or score.replace("_", " "))
+    ax.set_ylabel(ylabel or variable_label(runs[score]))
     ax.grid(True, which="both", alpha=0.3)
     if legend:
         ax.legend(frameon=False, fontsize="small")
@@ -139,7 +146,8 @@ QUADRANT_COLORS = ["tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pin
 
 def quadrant_plot(changes, factors: Sequence[str], title: str = "") -> plt.Figure:
     """The paper's Figure 4: %Δ factor (x) against %Δ generalization (y) of SMTOs over the uniform
-    gradient, one panel per factor. For every factor lower is better, so the agreeing quadrants
+    gradient, one panel per factor. %Δ generalization is oriented (positive: better, as
+    `comparisons.smto_changes` gives it) and for every factor lower is better, so the agreeing quadrants
     (better optimisation and better generalization; worse and worse) are top-left and bottom-right.
     Marker: the SMTO; colour: the task, and with several groups (task pairs) in `changes` the (group, task).
     Filled markers: the change in generalization is significant (±2 std)."""

@@ -1,4 +1,5 @@
-"""Comparing trajectories (REFERENCE §1.4): loss bins, trajectory summaries, deltas, correlations.
+"""Comparing trajectories (the paper's §3, §4 and Appendix B.4): loss bins, one number per trajectory,
+Δ with its ±2 std significance, %Δ, correlations.
 
 A trajectory is a 1-D sequence of values along `epoch`, paired with the training loss at each
 checkpoint. NaN marks an unmeasured checkpoint and is skipped everywhere: a summary of a trajectory
@@ -130,10 +131,23 @@ def _best_validation_mean(val: np.ndarray, test: np.ndarray, k: int, higher_is_b
     return float(test[order[:k]].mean())
 
 
-def best_validation_mean(val, test, k: int = 10, *, higher_is_better: bool = True, dim: str = "epoch"):
-    """Mean test score at the k checkpoints with the best validation score (fewer if fewer are measured)."""
+def best_validation_mean(val, test, k: int = 10, *, higher_is_better=True, dim: str = "epoch"):
+    """Mean test score at the k checkpoints with the best validation score (fewer if fewer are measured).
+
+    higher_is_better: the score's direction (the best validation score is the largest or the smallest);
+    for DataArrays it may also be a DataArray (e.g. one value per `task`) broadcast against the others.
+    """
     _check_count(k)
-    return _along(_best_validation_mean, val, test, dim=dim, k=k, higher_is_better=higher_is_better)
+    if isinstance(higher_is_better, xr.DataArray):
+        if not isinstance(val, xr.DataArray):
+            raise TypeError("a DataArray higher_is_better needs DataArray val and test scores")
+        return xr.apply_ufunc(
+            lambda v, t, h: _best_validation_mean(v, t, k, bool(h)),
+            val, test, higher_is_better.astype(bool),
+            input_core_dims=[[dim], [dim], []],
+            vectorize=True,
+        )
+    return _along(_best_validation_mean, val, test, dim=dim, k=k, higher_is_better=bool(higher_is_better))
 
 
 def _measured(values: np.ndarray) -> np.ndarray:
@@ -162,6 +176,40 @@ def top_mean(values, k: int = 20, *, dim: str = "epoch"):
     return _along(lambda v: _mean_of_last(np.sort(_measured(v)), k), values, dim=dim)
 
 
+
+# --- reading trajectories at a training loss ----------------------------------------------------------
+
+
+def value_at_loss(loss: np.ndarray, values: np.ndarray, level: float) -> float:
+    """`values` where the trajectory's `loss` first falls to `level` (linear in log loss between epochs).
+
+    NaN when the trajectory never reaches `level`; the first measured value when it starts below it.
+    """
+    loss, values = np.asarray(loss, dtype=float), np.asarray(values, dtype=float)
+    ok = np.isfinite(loss) & np.isfinite(values) & (loss > 0)
+    loss, values = loss[ok], values[ok]
+    below = np.nonzero(loss <= level)[0]
+    if len(below) == 0:
+        return float("nan")
+    i = below[0]
+    if i == 0:
+        return float(values[0])
+    a, b = np.log(loss[i - 1]), np.log(loss[i])
+    t = (a - np.log(level)) / (a - b)
+    return float(values[i - 1] + t * (values[i] - values[i - 1]))
+
+
+def common_loss_levels(loss: np.ndarray, n_levels: int) -> np.ndarray:
+    """`n_levels` geometric levels strictly inside the loss range that every trajectory (row) covers,
+    from the highest down; empty when the trajectories share no range."""
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row: no common range
+        high = np.nanmin(np.nanmax(loss, axis=1))
+        low = np.nanmax(np.nanmin(loss, axis=1))
+    if not (np.isfinite(high) and np.isfinite(low)) or low >= high or low <= 0:
+        return np.array([])
+    return np.geomspace(high, low, n_levels + 2)[1:-1]
+
 # --- comparing trajectories ----------------------------------------------------------------------
 
 
@@ -175,7 +223,7 @@ class Delta(NamedTuple):
 
 
 def delta(mtl_values_per_seed, stl_values_per_seed, *, ddof: int = 1) -> Delta:
-    """Δ = mean(MTL) − mean(STL) over seeds (REFERENCE §1.4, Table 1), NaN seeds left out.
+    """Δ = mean(MTL) − mean(STL) over seeds (the paper's Table 1, §4.1), NaN seeds left out.
 
     Standard deviations are the sample ones (ddof=1), so a single seed gives NaN and never counts as
     significant.
@@ -199,7 +247,7 @@ def _percent_change(smto: np.ndarray, uniform: np.ndarray) -> np.ndarray:
 
 
 def percent_change(smto, uniform):
-    """%Δ = 100 · (SMTO − UMTG)/|UMTG| (REFERENCE §1.4, Fig. 4), elementwise; NaN where UMTG is 0 or unmeasured.
+    """%Δ = 100 · (SMTO − UMTG)/|UMTG| (the paper's §4.2, Figure 4), elementwise; NaN where UMTG is 0 or unmeasured.
 
     Numbers give a float, arrays an array, DataArrays a DataArray (matched by coordinate labels in any
     order; NaN where one side lacks a label).
