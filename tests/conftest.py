@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtlcore.data.locate import write_idx
+from mtlcore.settings.locate import write_idx
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -65,20 +65,14 @@ SMALL = {"train_size": 200, "val_size": 100, "test_size": 100, "data_seed": 0}
 
 @pytest.fixture
 def no_compiler(monkeypatch):
-    """No CPU kernel has been built in this test yet, and building one fails as on a machine without g++."""
+    """The fused LeNet kernel has not been built in this test yet, and building it fails as on a machine without
+    g++."""
     from torch.utils import cpp_extension
 
-    from mtlcore import _cpu_kernels
+    from mtlcore.settings.fashion_mtl import fused
 
     def fail(*args, **kwargs):
         raise RuntimeError("Error building extension: g++ not found")
 
-    monkeypatch.setattr(_cpu_kernels, "modules", {})
+    monkeypatch.setattr(fused, "modules", {})
     monkeypatch.setattr(cpp_extension, "load", fail)
-
-
-def switch_off_kernels(monkeypatch, name: str) -> None:
-    """The compiled extension `name` reads as unavailable: its callers take PyTorch's or numpy's path."""
-    from mtlcore import _cpu_kernels
-
-    monkeypatch.setitem(_cpu_kernels.modules, name, None)

@@ -1,9 +1,9 @@
 """Run configs: validation names the bad key or value and the valid options; the hash is stable."""
 import pytest
 
-from mtlcore.config import ConfigError, RunConfig
+from mtlcore.training import ConfigError, RunConfig
 
-BASE = {"tasks": ["fashion1", "fashion2"]}
+BASE = {"setting": "fashion_mtl", "tasks": ["fashion1", "fashion2"]}
 
 
 @pytest.mark.parametrize("change, pattern", [
@@ -17,9 +17,9 @@ BASE = {"tasks": ["fashion1", "fashion2"]}
     ({"weight_decay": float("nan")}, r"weight_decay=nan must be a number in \[0, inf\)"),
     ({"momentum": "0.9"}, r"momentum='0.9' must be a number in \[0, 1\) \(got the string"),
     ({"seed": True}, r"seed=True must be a non-negative integer"),
-    ({"setting_options": {"train_size": True}}, r"train_size=True must be a positive integer"),
-    ({"setting_options": {"data_seed": 0.5}}, r"data_seed=0.5 must be a non-negative integer"),
-    ({"setting_options": {"data_seed": -1}}, r"data_seed=-1 must be a non-negative integer"),
+    ({"setting_options": {"train_size": True}}, r"setting option train_size=True must be an integer >= 1"),
+    ({"setting_options": {"data_seed": 0.5}}, r"setting option data_seed=0.5 must be an integer >= 0"),
+    ({"setting_options": {"data_seed": -1}}, r"setting option data_seed=-1 must be an integer >= 0"),
     ({"setting_options": [1]}, r"setting_options=\[1\] must be a mapping"),
     ({"tasks": 5}, r"tasks=5 must be a task name or a list of task names"),
     ({"metrics": ["sharpness"]}, r"metrics=\['sharpness'\] must be a mapping"),
@@ -29,10 +29,14 @@ BASE = {"tasks": ["fashion1", "fashion2"]}
     ({"epochs": 2.5}, r"epochs=2.5 must be a positive integer"),
     ({"loss_scale": "max"}, r"loss_scale='max' is not valid"),
     ({"setting_options": {"train_sz": 5}}, r"unknown setting option\(s\) \['train_sz'\]"),
-    ({"setting_options": {"train_size": 0}}, r"train_size=0 must be a positive integer"),
+    ({"setting_options": {"train_size": 0}}, r"train_size=0 must be an integer >= 1"),
     ({"aggregator": "mgdaa"}, r"unknown aggregator 'mgdaa'; valid names: .*mgda"),
     ({"aggregator": "cagrad", "aggregator_options": {"alpha": 1}}, r"cagrad: unknown option\(s\) \['alpha'\]"),
-    ({"dropout": 1.0}, r"dropout=1.0 must be a number in \[0, 1\)"),
+    ({"dropout": 0.5}, r"unknown config key\(s\) 'dropout'"),
+    ({"model_options": {"dropout": 1.0}}, r"model option dropout=1.0 must be a number in \[0, 1\)"),
+    ({"model": "resnet18"}, r"unknown model 'resnet18' for setting 'fashion_mtl'; valid models: \['lenet', 'lenet_fused'\]"),
+    ({"model_options": {"width": 2}}, r"model 'lenet': unknown option\(s\) \['width'\]; valid options \(defaults\): \{'dropout': 0.5\}"),
+    ({"model_options": [0.5]}, r"model_options=\[0.5\] must be a mapping"),
     ({"device": "tpu"}, r"device='tpu'"),
     ({"device": "cudax"}, r"device='cudax'; use 'auto', 'cpu' or 'cuda\[:N\]'"),
     ({"metrics": {"every": True}}, r"metrics.every=True must be a positive integer"),
@@ -47,9 +51,11 @@ def test_a_config_that_is_not_a_mapping():
         RunConfig.from_dict(["tasks", "fashion1"])
 
 
-def test_missing_tasks():
+def test_missing_tasks_and_setting():
     with pytest.raises(ConfigError, match="config needs `tasks`"):
-        RunConfig.from_dict({"lr": 0.1})
+        RunConfig.from_dict({"setting": "fashion_mtl", "lr": 0.1})
+    with pytest.raises(ConfigError, match=r"config needs `setting`: one of \['fashion_mtl'"):
+        RunConfig.from_dict({"tasks": ["fashion1"]})
 
 
 def test_hash_is_stable_and_covers_what_changes_results():
@@ -72,11 +78,15 @@ def test_hash_is_stable_and_covers_what_changes_results():
     assert measured.content_hash() == measured.replace(metrics={"factors": ["fisher_trace"], "conflict": {"num_batches": 5}}).content_hash()
     # uniform with options goes through the aggregator, without them through the fast path: different runs
     assert a.content_hash() != a.replace(aggregator_options={"reduction": "sum"}).content_hash()
+    # the default model spelled out is the same run; its fused variant rounds differently: another run
+    assert a.content_hash() == a.replace(model="lenet", model_options={"dropout": 0.5}).content_hash()
+    assert a.content_hash() != a.replace(model="lenet_fused").content_hash()
+    assert a.content_hash() != a.replace(model_options={"dropout": 0.25}).content_hash()
 
 
 def test_mode_and_yaml(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("tasks: fashion1\nlr: 0.05\n")
+    path.write_text("setting: fashion_mtl\ntasks: fashion1\nlr: 0.05\n")
     config = RunConfig.from_yaml(path)
     assert config.tasks == ("fashion1",) and config.mode == "stl" and config.lr == 0.05
     assert RunConfig.from_dict(BASE).mode == "mtl"
@@ -84,9 +94,27 @@ def test_mode_and_yaml(tmp_path):
 
 def test_yaml_reads_exponent_floats_and_names_a_broken_file(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("tasks: [fashion1]\nlr: 1e-3\nweight_decay: 5E-4\nseed: 3\n")  # YAML 1.1 would give strings
+    path.write_text("setting: fashion_mtl\ntasks: [fashion1]\nlr: 1e-3\nweight_decay: 5E-4\nseed: 3\n")  # YAML 1.1 would give strings
     config = RunConfig.from_yaml(path)
     assert config.lr == 0.001 and config.weight_decay == 0.0005 and config.seed == 3
     path.write_text("tasks: [fashion1\n")
     with pytest.raises(ConfigError, match=f"{path} is not valid YAML"):
         RunConfig.from_yaml(path)
+
+
+def test_the_package_has_no_import_cycle():
+    """Every module imports on its own in a fresh interpreter, in any order (a cycle fails for one of them)."""
+    import pkgutil
+    import subprocess
+    import sys
+
+    import mtlcore
+
+    names = [m.name for m in pkgutil.walk_packages(mtlcore.__path__, "mtlcore.")]
+    script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+    for order in (names, names[::-1]):
+        done = subprocess.run([sys.executable, "-c", script, *order], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    for name in names:  # each alone first: a cycle shows when its module is the first one imported
+        done = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True)
+        assert done.returncode == 0, (name, done.stderr[-2000:])

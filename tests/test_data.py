@@ -5,14 +5,36 @@ import numpy as np
 import pytest
 import torch
 
-from mtlcore.data import DataNotFoundError, data_root, load_setting
-from mtlcore.data.locate import read_idx, write_idx
+from mtlcore import settings
+from mtlcore.settings import DataNotFoundError, data_root
+from mtlcore.settings.locate import read_idx, write_idx
 
 from conftest import SMALL, write_fake_mnist_folder
 
 
+class Split:
+    def __init__(self, examples):
+        self.x, self.y = examples.inputs, examples.targets
+
+    def __len__(self):
+        return len(self.y)
+
+
+class TaskView:
+    """One task of the loaded data, split by split, with the standardisation recorded in the data's info."""
+
+    def __init__(self, data, task):
+        self.train, self.val, self.test = (Split(data.examples[s][task]) for s in ("train", "val", "test"))
+        self.normalization = tuple(data.info["normalization"][task])
+
+
+class Loaded:
+    def __init__(self, data):
+        self.info, self.tasks = data.info, {t: TaskView(data, t) for t in data.tasks}
+
+
 def load(root, tasks=("fashion1", "fashion2", "noisy_fashion", "notmnist"), **options):
-    return load_setting("fashion_mtl", list(tasks), {**SMALL, **options}, root=root, download=False)
+    return Loaded(settings.get("fashion_mtl").load(list(tasks), {**SMALL, **options}, root=root, download=False))
 
 
 def example_ids(task, split: str) -> set[int]:
@@ -58,7 +80,7 @@ def test_sizes_and_classes(fake_data_root):
     s = load(fake_data_root)
     for task in s.tasks.values():
         assert (len(task.train), len(task.val), len(task.test)) == (200, 100, 100)
-        assert task.train.x.shape[1:] == (1, 28, 28) and task.num_classes == 10
+        assert task.train.x.shape[1:] == (1, 28, 28) and sorted(set(task.train.y.tolist())) == list(range(10))
         assert abs(float(task.train.x.mean())) < 1e-4 and abs(float(task.train.x.std()) - 1) < 1e-3
 
 
@@ -163,11 +185,11 @@ def test_idx_round_trip_and_bad_files(tmp_path):
 
 
 def test_runs_record_the_data_files_and_warn_when_they_are_not_the_release(fake_data_root, caplog):
-    from mtlcore.data import fashion
-    from mtlcore.data.locate import read_idx_and_md5
+    from mtlcore.settings.fashion_mtl import data as fashion
+    from mtlcore.settings.locate import read_idx_and_md5
 
     fashion._read_fashion.cache_clear()  # the warning comes once per process, at the first read
-    with caplog.at_level("WARNING", logger="mtlcore.data.fashion"):
+    with caplog.at_level("WARNING", logger="mtlcore.settings.fashion_mtl.data"):
         s = load(fake_data_root, tasks=("fashion1", "notmnist"))
     md5 = s.info["files_md5"]
     assert sorted(md5) == sorted([f"fashion-mnist/{n}" for n in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -186,18 +208,19 @@ def test_real_fashion_mnist_files(real_data_root):
     x = read_idx(real_data_root / "fashion-mnist" / "train-images-idx3-ubyte.gz")
     y = read_idx(real_data_root / "fashion-mnist" / "train-labels-idx1-ubyte.gz")
     assert x.shape == (60000, 28, 28) and np.bincount(y).tolist() == [6000] * 10
-    s = load_setting("fashion_mtl", ["fashion1", "notmnist"], {"train_size": 1000, "val_size": 100, "test_size": 100},
-                     root=real_data_root, download=False)
+    s = Loaded(settings.get("fashion_mtl").load(["fashion1", "notmnist"], {"train_size": 1000, "val_size": 100,
+                                                                          "test_size": 100}, root=real_data_root,
+                                               download=False))
     assert len(s.tasks["notmnist"].train) == 1000
     assert s.info["notmnist_pool"] == "t10k (9804 distinct images)"  # the release repeats 196 of its 10,000
-    from mtlcore.data.fashion import FASHION_MD5
+    from mtlcore.settings.fashion_mtl.data import FASHION_MD5
     assert all(s.info["files_md5"][f"fashion-mnist/{name}"] == md5 for name, md5 in FASHION_MD5.items())
 
 
 def test_standardisation_does_not_depend_on_the_thread_count():
     """A float32 sum split over threads rounds differently per thread count (seen with 16 threads at the paper's
     sizes), which made a run's inputs depend on the machine. The statistics must be the float64 ones, rounded once."""
-    from mtlcore.data.fashion import _standardise
+    from mtlcore.settings.fashion_mtl.data import _standardise
 
     images = np.random.default_rng(0).integers(0, 256, size=(12000, 28, 28), dtype=np.uint8)
     threads = torch.get_num_threads()

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtlcore import train
-from mtlcore.config import ConfigError, RunConfig
+from mtlcore.training import ConfigError, RunConfig
+from mtlcore.training import trainer as train
 
 from conftest import SMALL
 
@@ -15,7 +15,7 @@ FAST = {"factors": ["sharpness", "fisher_trace", "coherence", "conflict"], "exam
 
 
 def config(tasks=("fashion1", "fashion2"), **changes) -> RunConfig:
-    return RunConfig.from_dict({"setting_options": SMALL, "epochs": 3, "batch_size": 32, "device": "cpu",
+    return RunConfig.from_dict({"setting": "fashion_mtl", "setting_options": SMALL, "epochs": 3, "batch_size": 32, "device": "cpu",
                                 "tasks": list(tasks), **changes})
 
 
@@ -59,9 +59,11 @@ def test_bad_metrics_config_is_refused(metrics, pattern):
         config(metrics=metrics)
 
 
-@pytest.mark.parametrize("aggregator, options", [("dbmtl", {}), ("mgda", {"normalization": "loss+"}), ("pcgrad", {})])
+@pytest.mark.parametrize("aggregator, options", [("dbmtl", {}), ("mgda", {"normalization": "loss+"}), ("pcgrad", {}),
+                                                 ("uncertainty", {}), ("dwa", {}), ("gradnorm", {}), ("rlw", {})])
 def test_conflict_is_measured_for_methods_that_read_the_losses(fake_data_root, aggregator, options):
-    """Eq. 6's d is the run's own update rule; DB-MTL and loss-normalised MGDA also need each batch's losses."""
+    """Eq. 6's d is the run's own update rule; DB-MTL and loss-normalised MGDA also need each batch's losses, and
+    loss-level methods have a direction before their first step (epoch 0)."""
     metrics = {"factors": ["conflict"], "examples": 64, "every": 1, "conflict": {"num_batches": 2}}
     ds = train.run(config(epochs=1, aggregator=aggregator, aggregator_options=options, metrics=metrics),
                    data_root=fake_data_root, progress=False)

@@ -10,14 +10,14 @@ import pytest
 import torch
 import xarray as xr
 
-from mtlcore import train
-from mtlcore.config import RunConfig
-from mtlcore.results import VARIABLES, combine_runs, load_run, validate_run
-from mtlcore.runner import ensure_runs
+from mtlcore import settings
+from mtlcore.training import RunConfig, ensure_runs, trainer as train
+from mtlcore.training.results import SCORE_VARIABLES, VARIABLES, combine_runs, load_run, validate_run
+from mtlcore.training.updates import UniformUpdate
 
 from conftest import SMALL
 
-BASE = {"setting_options": SMALL, "epochs": 3, "batch_size": 32, "lr": 0.05, "optimizer": "momentum", "device": "cpu"}
+BASE = {"setting": "fashion_mtl", "setting_options": SMALL, "epochs": 3, "batch_size": 32, "lr": 0.05, "optimizer": "momentum", "device": "cpu"}
 
 
 def config(tasks=("fashion1",), **changes) -> RunConfig:
@@ -25,7 +25,7 @@ def config(tasks=("fashion1",), **changes) -> RunConfig:
 
 
 def assert_identical(a: xr.Dataset, b: xr.Dataset) -> None:
-    for name in VARIABLES:
+    for name in (*VARIABLES, *SCORE_VARIABLES):
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)  # NaN == NaN here
     np.testing.assert_array_equal(a["step"].values, b["step"].values)
 
@@ -104,7 +104,7 @@ def test_a_checkpoint_from_another_device_type_resumes(fake_data_root, tmp_path,
     cfg = config(("fashion1", "fashion2", "noisy_fashion"), epochs=3, aggregator="pcgrad")
 
     def as_if_from_cuda(state):
-        state["aggregator"]["generator"] = {"device": "cuda", "state": torch.zeros(16, dtype=torch.uint8)}
+        state["update"]["generator"] = {"device": "cuda", "state": torch.zeros(16, dtype=torch.uint8)}
         return state
 
     resumed = _kill_and_resume(cfg, fake_data_root, tmp_path, monkeypatch, edit_checkpoint=as_if_from_cuda)
@@ -160,7 +160,7 @@ def test_combine_outer_joins_tasks(fake_data_root):
     stl = train.run(config(epochs=1), data_root=fake_data_root, progress=False)
     mtl = train.run(config(("fashion1", "notmnist"), epochs=1), data_root=fake_data_root, progress=False)
     combined = combine_runs([stl, mtl])
-    assert combined.sizes == {"run": 2, "epoch": 2, "task": 2}
+    assert combined.sizes == {"run": 2, "epoch": 2, "task": 2, "score": 1}
     assert np.isnan(combined["train_loss"].sel(task="notmnist").values[0]).all()
     assert list(combined["mode"].values) == ["stl", "mtl"]
     # every run attribute is a coordinate along run: runs of a sweep can be told apart by their config
@@ -171,7 +171,7 @@ def test_combine_outer_joins_tasks(fake_data_root):
 def test_a_repeated_config_is_trained_and_counted_once(fake_data_root, tmp_path, caplog):
     configs = [config(epochs=1), config(epochs=1), config(epochs=1, seed=1), config(epochs=1, lr=5.0e-2)]
     assert configs[3].lr == configs[0].lr  # BASE's lr 0.05 written another way: the same run
-    with caplog.at_level("WARNING", logger="mtlcore.runner"):
+    with caplog.at_level("WARNING", logger="mtlcore.training.runner"):
         paths = ensure_runs(configs, tmp_path, data_root=fake_data_root, progress=False)
     assert len(paths) == 2 == len(set(paths)) and "2 of the 4 configs repeat" in caplog.text
     assert [ds.attrs["seed"] for ds in map(load_run, paths)] == [0, 1]
@@ -183,10 +183,6 @@ def test_aggregators_train_and_record_weights(fake_data_root, name, options):
     ds = train.run(config(("fashion1", "fashion2"), epochs=2, aggregator=name, aggregator_options=options),
                    data_root=fake_data_root, progress=False)
     assert ds.attrs["status"] == "complete" and ds.attrs["aggregator"] == name
-    # what formed J Jᵀ and Jᵀw is recorded (their sums round differently), "none" where neither is formed
-    from mtlcore.aggregators.base import jacobian_kernels
-
-    assert ds.attrs["jacobian_kernels"] == (jacobian_kernels() if name in ("mgda", "pcgrad", "mgda_ub") else "none")
     weights = ds["task_weight"].values[1:]
     assert np.isfinite(weights).all() and (weights > 0).all()
     loss = ds["train_loss"].sel(task="fashion1").values
@@ -212,19 +208,18 @@ def test_dask_executor_trains_the_missing_runs(fake_data_root, tmp_path):
 
 def trainer_after_updates(cfg: RunConfig, data_root, steps: int = 1) -> train.Trainer:
     """A Trainer for `cfg` after `steps` optimisation steps (the inner loop of Trainer._train_epoch)."""
-    from mtlcore.data import load_setting
-
-    setting = load_setting(cfg.setting, list(cfg.tasks), cfg.setting_options, root=data_root)
-    trainer = train.Trainer(cfg, setting, train.resolve_device(cfg.device))
+    setting = settings.get(cfg.setting)
+    data = setting.load(cfg.tasks, cfg.setting_options, root=data_root)
+    trainer = train.Trainer(cfg, setting, data, train.resolve_device(cfg.device))
     for _ in range(steps):
         trainer.optimizer.zero_grad(set_to_none=True)
-        trainer._update(trainer._forward(trainer.model, trainer._batches(), trainer.kinds))
+        trainer.update.apply(trainer._losses(*trainer._batch()))
         trainer.optimizer.step()
     return trainer
 
 
 def assert_grads_in_parameter_layout(trainer: train.Trainer) -> None:
-    trainer._update(trainer._forward(trainer.model, trainer._batches(), trainer.kinds))
+    trainer.update.apply(trainer._losses(*trainer._batch()))
     for name, p in trainer.model.named_parameters():
         assert p.grad is not None and p.grad.stride() == p.stride(), name
 
@@ -236,9 +231,10 @@ def test_the_jacobian_path_applies_the_same_update_as_the_fast_path(fake_data_ro
     (channels-last) parameter once made the fused optimizers apply it to the wrong entries."""
     moved = {}
     for label, options in (("fast", {}), ("jacobian", {"reduction": "sum"})):
-        cfg = config(("fashion1", "fashion2"), optimizer=optimizer, dropout=0.0, aggregator_options=options)
+        cfg = config(("fashion1", "fashion2"), optimizer=optimizer, model_options={"dropout": 0.0},
+                     aggregator_options=options)
         trainer = trainer_after_updates(cfg, fake_data_root, steps=3)
-        assert (trainer.aggregator is None) == (label == "fast")
+        assert isinstance(trainer.update, UniformUpdate) == (label == "fast")
         moved[label] = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     for name, value in moved["fast"].items():
         np.testing.assert_allclose(moved["jacobian"][name].numpy(), value.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
@@ -255,18 +251,15 @@ def test_every_gradient_has_its_parameters_memory_layout(fake_data_root, aggrega
 def test_heads_get_their_own_task_gradient_weighted_as_documented(fake_data_root, aggregator, head_update):
     """Each head's gradient is c_k ∇L_k (its own task's loss only): c_k = 1 under "own"; under "weighted" the
     step's weight w_k, 1 for GradDrop (no weights), and 1/(L_k + ε) for DB-MTL (∇log(L_k + ε), as the authors)."""
-    from mtlcore.aggregators.base import jacobian_kernels
-
-    cfg = config(("fashion1", "fashion2"), aggregator=aggregator, head_update=head_update, dropout=0.0)
+    cfg = config(("fashion1", "fashion2"), aggregator=aggregator, head_update=head_update,
+                 model_options={"dropout": 0.0})
     trainer = trainer_after_updates(cfg, fake_data_root, steps=0)
-    step = trainer._forward(trainer.model, trainer._batches(), trainer.kinds)
+    step = trainer._losses(*trainer._batch())
     plain = [torch.autograd.grad(step.losses[k], trainer.model.task_parameters(task), retain_graph=True)
              for k, task in enumerate(trainer.tasks)]
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer._update(step)
-    losses, weights = step.losses.detach(), trainer.aggregator.weights
-    # DB-MTL's norms come from G's diagonal: the path that formed it is recorded; GradDrop forms neither product
-    assert trainer.ds.attrs["jacobian_kernels"] == ("none" if aggregator == "graddrop" else jacobian_kernels())
+    trainer.update.apply(step)
+    losses, weights = step.losses.detach(), trainer.update.aggregator.weights
     for k, task in enumerate(trainer.tasks):
         head = trainer.model.task_parameters(task)
         if head_update == "own" or aggregator == "graddrop":
@@ -285,6 +278,7 @@ def test_methods_that_use_their_draws_on_the_host_get_a_cpu_generator_in_a_gpu_r
     device when it builds the aggregator."""
     from mtlcore import aggregators
     from mtlcore._seeding import torch_generator
+    from mtlcore.training.updates import make_update
 
     built = {name: aggregators.get(name, **({"weights": [1.0]} if name == "fixed" else {}))
              for name in aggregators.available()}
@@ -292,10 +286,9 @@ def test_methods_that_use_their_draws_on_the_host_get_a_cpu_generator_in_a_gpu_r
     on_host = {name for name in randomised if built[name].generator_device("cuda").type == "cpu"}
     assert on_host == {"pcgrad", "gradvac", "rlw"} and randomised - on_host == {"graddrop"}
     for name in sorted(on_host):
-        trainer = object.__new__(train.Trainer)  # _make_aggregator reads only the config, the tasks and the device
-        trainer.config = RunConfig.from_dict({"tasks": ["fashion1", "fashion2"], "aggregator": name, "seed": 3})
-        trainer.tasks, trainer.device = list(trainer.config.tasks), torch.device("cuda")
-        generator = trainer._make_aggregator().generator
+        model = settings.get("fashion_mtl").build_model("lenet", ["fashion1", "fashion2"])
+        generator = make_update(name, {}, model, ["fashion1", "fashion2"], loss_scale="sum", head_update="own", seed=3,
+                                device=torch.device("cuda")).aggregator.generator
         assert generator.device.type == "cpu"
         # the seed a CPU run of the method has always had
         assert torch.equal(generator.get_state(), torch_generator(3, "aggregator").get_state())

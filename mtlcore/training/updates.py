@@ -118,9 +118,6 @@ class _MethodUpdate(Update):
         state.pop("generator", None)  # RNG bytes for resuming (in the checkpoint), not a result
         return state
 
-    def _current_weights_direction(self) -> Direction:
-        weights = self.aggregator.weights.clone()
-        return lambda jacobian, losses: weights.to(jacobian) @ jacobian
 
 
 class LossLevelUpdate(_MethodUpdate):
@@ -138,7 +135,10 @@ class LossLevelUpdate(_MethodUpdate):
                 self.aggregator.after_step(losses_after())
 
     def direction(self) -> Direction:
-        return self._current_weights_direction()
+        """Σ_k w_k g_k with the weights the method would give these losses now (a copy of it computes them, so the
+        run's state and random draws are untouched)."""
+        frozen = copy.deepcopy(self.aggregator)
+        return lambda jacobian, losses: frozen.preview_weights(losses).to(jacobian) @ jacobian
 
 
 class JacobianUpdate(_MethodUpdate):
@@ -158,8 +158,9 @@ class JacobianUpdate(_MethodUpdate):
         return agg.weights.to(torch.float64)
 
     def direction(self) -> Direction:
-        if self.aggregator.jacobian_of == "representation":
-            return self._current_weights_direction()
+        if self.aggregator.jacobian_of == "representation":  # its last step's weights on the shared parameters
+            weights = self.aggregator.weights.clone()
+            return lambda jacobian, losses: weights.to(jacobian) @ jacobian
         frozen = copy.deepcopy(self.aggregator)  # measuring leaves the run's aggregator and its state untouched
         return lambda jacobian, losses: frozen(jacobian, losses)
 

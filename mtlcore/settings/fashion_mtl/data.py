@@ -191,11 +191,11 @@ def _standardise(images: list[np.ndarray]) -> tuple[list[torch.Tensor], tuple[fl
     return [(im - mean) / std for im in scaled], (float(mean), float(std))
 
 
-def _task(images: list[np.ndarray], labels: list[np.ndarray]) -> dict[str, Examples]:
-    """The train, val and test examples of one task, standardised by its training images."""
-    xs, _ = _standardise(images)
+def _task(images: list[np.ndarray], labels: list[np.ndarray]) -> tuple[dict[str, Examples], tuple[float, float]]:
+    """The train, val and test examples of one task, standardised by its training images, and the (mean, std) used."""
+    xs, normalization = _standardise(images)
     return {split: Examples(x, torch.from_numpy(np.ascontiguousarray(y)))
-            for split, x, y in zip(("train", "val", "test"), xs, labels)}
+            for split, x, y in zip(("train", "val", "test"), xs, labels)}, normalization
 
 
 def load(tasks: list[str], train_size: int = 25_000, val_size: int = 5_000, test_size: int = 5_000,
@@ -205,7 +205,7 @@ def load(tasks: list[str], train_size: int = 25_000, val_size: int = 5_000, test
     if unknown:
         raise ValueError(f"unknown FashionMTL task(s) {unknown}; valid tasks: {list(TASKS)}")
     root = data_root(root)
-    out: dict[str, dict[str, Examples]] = {}
+    out: dict[str, tuple[dict[str, Examples], tuple[float, float]]] = {}
     files_md5: dict[str, str] = {}
     if any(t != "notmnist" for t in tasks):
         folder = fashion_mnist_folder(root, download)
@@ -238,5 +238,6 @@ def load(tasks: list[str], train_size: int = 25_000, val_size: int = 5_000, test
                                  numpy_rng(data_seed, "notmnist-split"), f"notMNIST (found under {root})")
         out["notmnist"] = _task([x_pool[train], x_pool[val], x_pool[test]], [y_pool[train], y_pool[val], y_pool[test]])
     info["files_md5"] = files_md5  # provenance: a run file records exactly which data it was trained on
-    examples = {split: {t: out[t][split] for t in tasks} for split in ("train", "val", "test")}
+    info["normalization"] = {t: out[t][1] for t in tasks}  # inputs are (raw/255 - mean) / std
+    examples = {split: {t: out[t][0][split] for t in tasks} for split in ("train", "val", "test")}
     return SettingData(list(tasks), examples, info=info)
