@@ -4,27 +4,34 @@ VENV ?= .venv
 PROFILE ?= quick
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The venv's tools first: torch compiles lenet_fused's kernel with the `ninja` that pip installs there.
+export PATH := $(abspath $(BIN)):$(PATH)
 # The data root: DATA_DIR=... on the command line, else $MTLCORE_DATA_DIR, else the user cache (mtlcore decides).
 ifdef DATA_DIR
 export MTLCORE_DATA_DIR := $(abspath $(DATA_DIR))
 endif
 
-.PHONY: book test venv bench clean-book clean
+.PHONY: book html test venv bench clean-book clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "mtlcore needs Python >= 3.11 and '$(PYTHON)' is older: run make with PYTHON=python3.11 (or newer)" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,dask]'
-	@# compile the CPU kernels now (~1 min, side by side, cached under ~/.cache/torch_extensions) rather than in the first run
-	$(BIN)/python -c "from mtlcore.models import fused; print('LeNet CPU kernels:', fused.kernel_name())" & pid=$$!; \
-	$(BIN)/python -c "from mtlcore.aggregators import base; print('Jacobian CPU kernels:', base.jacobian_kernels())" \
-	&& wait $$pid
+	@# compile lenet_fused's CPU kernel now (cached under ~/.cache/torch_extensions) rather than in the first run
+	$(BIN)/python -c "from mtlcore.settings.fashion_mtl import fused; print('lenet_fused CPU kernel:', fused.kernel_name())"
 	touch $(STAMP)
 
+# Execute the notebooks of a profile (training the runs they need), then render them.
 book: $(STAMP)
 	$(BIN)/mtlcore batch --profile $(PROFILE)
+	@$(MAKE) --no-print-directory html
+
+# Render the notebooks already executed into book/ (on a fresh clone there are none: the build stops and says so).
+html: $(STAMP)
 	rm -rf book/_build
 	$(BIN)/jupyter-book build book --warningiserror --keep-going
 	@echo "book: $(CURDIR)/book/_build/html/index.html"

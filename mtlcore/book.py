@@ -78,6 +78,30 @@ def run_batch(profile: str, *, notebooks: list[str] | None = None, data_root: st
     return executed
 
 
+def missing_chapters(book_dir: Path = PROJECT_ROOT / "book") -> list[str]:
+    """What `mtlcore batch` writes into the book folder and is not there: the executed notebooks and the intro's
+    provenance block."""
+    wanted = [f"{name}.ipynb" for name in NOTEBOOKS] + ["_generated/run_info.md"]
+    return [name for name in wanted if not (Path(book_dir) / name).is_file()]
+
+
+def setup(app):
+    """A Sphinx extension (book/_config.yml lists it): `jupyter-book build book` on notebooks that were never
+    executed stops here, saying what to run, instead of failing on a missing table-of-contents entry."""
+    from sphinx.errors import ConfigError as SphinxConfigError
+
+    def check(app, config):
+        missing = missing_chapters(Path(app.srcdir))
+        if missing:
+            raise SphinxConfigError(
+                f"the book has not been executed yet (missing in {app.srcdir}: {', '.join(missing)}). Run "
+                "`mtlcore batch --profile quick` (or `make book`, which also renders it) first: it executes the "
+                "section notebooks into book/.")
+
+    app.connect("config-inited", check)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
 def write_run_info(profile: str, parameters: dict[str, dict], data_root: str, book_dir: Path) -> Path:
     """The provenance block the book's first page includes: profile, sizes, seeds, commit."""
     import torch

@@ -32,10 +32,10 @@ def _sweep(args) -> int:
 
     spec = load_yaml(args.grid)
     if not isinstance(spec, dict) or not all(isinstance(spec.get(k, {}), dict) for k in ("base", "grid")):
-        raise SystemExit(f"sweep file {args.grid}: expected `base:` (a run config) and `grid:` (key -> list of values)")
+        raise ValueError(f"sweep file {args.grid}: expected `base:` (a run config) and `grid:` (key -> list of values)")
     unknown = sorted(set(spec) - {"base", "grid"})
     if unknown:
-        raise SystemExit(f"sweep file {args.grid}: unknown top-level key(s) {unknown}; valid: ['base', 'grid']")
+        raise ValueError(f"sweep file {args.grid}: unknown top-level key(s) {unknown}; valid: ['base', 'grid']")
     configs = grid(spec.get("base", {}), **spec.get("grid", {}))
     client = None
     if args.dask:

@@ -4,7 +4,7 @@ import ast
 import jupytext
 import pytest
 
-from mtlcore.batch import NOTEBOOKS, PROJECT_ROOT, profile_parameters, profiles
+from mtlcore.book import NOTEBOOKS, PROJECT_ROOT, profile_parameters, profiles
 
 
 def notebook_parameters(name: str) -> dict:
@@ -33,8 +33,7 @@ def test_profile_keys_are_notebook_parameters(profile):
 @pytest.mark.parametrize("profile", ["smoke", "quick", "paper"])
 def test_profile_runs_are_valid_configs(profile):
     """Every run a profile will ask for passes validation before anything trains."""
-    from mtlcore.config import RunConfig
-    from mtlcore.runner import base_config
+    from mtlcore.training import RunConfig, base_config
 
     for name, params in profile_parameters(profile).items():
         p = {**notebook_parameters(name), **params}
@@ -63,7 +62,8 @@ def test_cli_reports_bad_input_without_a_traceback(capsys):
 @pytest.mark.parametrize("text, message", [
     ("tasks: [fashion1\n", "is not valid YAML"),
     ("- tasks\n- lr\n", "a run config is a mapping"),
-    ("tasks: [fashion1]\ndevice: cuda:7\n", "device="),  # no such GPU here (or no GPU at all)
+    ("setting: fashion_mtl\ntasks: [fashion1]\ndevice: cuda:7\n", "device="),  # no such GPU here (or no GPU at all)
+    ("tasks: [fashion1]\n", "config needs `setting`: one of ['fashion_mtl'"),
 ])
 def test_cli_run_reports_bad_files_without_a_traceback(tmp_path, capsys, text, message):
     from mtlcore.cli import main
@@ -74,14 +74,14 @@ def test_cli_run_reports_bad_files_without_a_traceback(tmp_path, capsys, text, m
 
 
 def test_cli_interrupt_says_how_to_resume(tmp_path, capsys, monkeypatch):
-    from mtlcore import train
+    from mtlcore import training
     from mtlcore.cli import main
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "run", interrupted)
-    (tmp_path / "c.yaml").write_text("tasks: [fashion1]\n")
+    monkeypatch.setattr(training, "run", interrupted)
+    (tmp_path / "c.yaml").write_text("setting: fashion_mtl\ntasks: [fashion1]\n")
     assert main(["run", str(tmp_path / "c.yaml"), "--results-dir", str(tmp_path / "out")]) == 130
     assert "the same command resumes" in capsys.readouterr().err
 
@@ -94,15 +94,15 @@ def test_cli_interrupt_says_how_to_resume(tmp_path, capsys, monkeypatch):
 def test_cli_sweep_refuses_grid_values_that_are_not_lists(tmp_path, capsys, grid, message):
     from mtlcore.cli import main
 
-    (tmp_path / "g.yaml").write_text(f"base: {{tasks: [fashion1]}}\ngrid: {grid}\n")
+    (tmp_path / "g.yaml").write_text(f"base: {{setting: fashion_mtl, tasks: [fashion1]}}\ngrid: {grid}\n")
     assert main(["sweep", str(tmp_path / "g.yaml"), "--results-dir", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_grid_takes_any_iterable_of_values():
-    from mtlcore.runner import grid
+    from mtlcore.training import grid
 
-    configs = grid({"tasks": ["fashion1"]}, seed=range(2), lr=(0.1,))
+    configs = grid({"setting": "fashion_mtl", "tasks": ["fashion1"]}, seed=range(2), lr=(0.1,))
     assert [(c.seed, c.lr) for c in configs] == [(0, 0.1), (1, 0.1)]
 
 
@@ -131,3 +131,33 @@ def test_cli_data_names_the_optional_files_it_lacks(fake_data_root, tmp_path, ca
     write_fake_mnist_folder(tmp_path / "notmnist", 100, 600, seed=2, with_train=True)
     assert main(["data", "fashion_mtl", "--data-root", str(tmp_path)]) == 0
     assert "missing" not in capsys.readouterr().out
+
+
+def test_base_config_takes_every_run_config_key():
+    """A notebook parameter that is a run-config key reaches the runs (no hand-kept list that drops a new key)."""
+    from mtlcore.training import RunConfig, base_config
+
+    parameters = {"setting": "fashion_mtl", "model": "lenet_fused", "model_options": {"dropout": 0.25},
+                  "head_update": "weighted", "target": "fashion1", "partners": ["fashion2"], "profile": "quick"}
+    assert base_config(parameters) == {k: v for k, v in parameters.items() if k in RunConfig.fields()}
+    assert set(base_config(parameters)) == {"setting", "model", "model_options", "head_update"}
+
+
+def test_cli_data_lists_the_settings(capsys):
+    from mtlcore.cli import main
+
+    assert main(["data", "--list"]) == 0
+    assert "fashion_mtl: FashionMTL, tasks fashion1, fashion2, noisy_fashion, notmnist" in capsys.readouterr().out
+    assert main(["data", "cifar"]) == 2
+    assert "unknown setting 'cifar'; valid settings: ['fashion_mtl'" in capsys.readouterr().err
+
+
+def test_an_unexecuted_book_names_what_is_missing(tmp_path):
+    """The Sphinx hook behind `jupyter-book build book` stops on this list (a fresh clone has every entry)."""
+    from mtlcore.book import missing_chapters
+
+    assert missing_chapters(tmp_path) == [f"{n}.ipynb" for n in NOTEBOOKS] + ["_generated/run_info.md"]
+    for name in missing_chapters(tmp_path):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    assert missing_chapters(tmp_path) == []

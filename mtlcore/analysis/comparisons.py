@@ -7,7 +7,7 @@ and the `higher_is_better` coordinate along `task` that gives each task's primar
 (absent: higher is better).
 
 Direction: every Δ and %Δ of a score (generalization, the score at a training-loss level) is oriented so
-that a positive value means better, i.e. MTL − STL for a higher-is-better score (accuracy) and STL − MTL
+that a positive value means better, i.e. MTL − STL for a higher-is-better score (a rate of correct answers) and STL − MTL
 for a lower-is-better one (an error): "positive transfer" reads the same in every table and verdict.
 Means and standard deviations stay in the score's own units. The trajectory factors are lower-is-better
 by definition (§4) and their Δ stays MTL − STL, as in the paper's Table 1.

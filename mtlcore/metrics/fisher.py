@@ -1,8 +1,8 @@
 """Trace of the Fisher information matrix (paper A, Eq. 5).
 
 tr F = E_x E_{ŷ∼p_θ(·|x)} ‖∇_w −log p_θ(ŷ|x)‖², w = the parameters the task's loss depends on. The task's
-`Loss` gives p_θ: `loss.sample(outputs)` draws ŷ (a softmax for the cross-entropy, a Gaussian around the output for a
-squared error), and `loss.fisher_scale` turns squared gradients of the loss into those of −log p_θ. With
+`Loss` gives p_θ: `loss.sample(outputs)` draws ŷ (a softmax for a categorical likelihood, a Gaussian around the output for
+a squared error), and `loss.fisher_scale` turns squared gradients of the loss into those of −log p_θ. With
 `empirical=True` the true targets replace ŷ (the empirical Fisher).
 """
 from __future__ import annotations

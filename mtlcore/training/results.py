@@ -130,6 +130,11 @@ def combine_runs(runs: Iterable[xr.Dataset | str | Path]) -> xr.Dataset:
                          coords="minimal", compat="override")
     names = list(dict.fromkeys([*RUN_COORDS, *(name for ds in datasets for name in ds.attrs)]))
     coords = {name: ("run", _attr_column(datasets, name)) for name in names}
+    # each task's primary score and direction, from whichever run has the task (the outer join left NaN elsewhere)
+    for name in ("primary_score", "higher_is_better"):
+        if name in combined.coords:
+            found = {t: v for ds in datasets if name in ds.coords for t, v in zip(ds["task"].values, ds[name].values)}
+            coords[name] = ("task", np.array([found[t] for t in combined["task"].values]))
     return combined.assign_coords(coords).assign_coords(run=[ds.attrs["run_id"] for ds in datasets])
 
 

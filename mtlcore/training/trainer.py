@@ -102,8 +102,7 @@ def use_deterministic_kernels(device: torch.device) -> None:
 def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
     params = list(params)
     tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
-    # The fused kernels (CPU and CUDA) update every tensor in one pass: on the quick profile's LeNet step,
-    # Adam's update went from 1.7 ms (per-tensor loop, the CPU default) to 0.37 ms, ~5% of a step.
+    # PyTorch's fused optimizer kernels (CPU and CUDA) update every tensor in one pass instead of a loop per tensor.
     fused = {"fused": True} if tensors and all(p.device.type in ("cpu", "cuda") for p in tensors) else {}
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, **fused)

@@ -3,12 +3,12 @@ PyTorch's ops as the fallback.
 
 Block 1, ReLU(max-pool₂(conv₅ₓ₅(x))) on 1-channel 28×28 images, runs as one kernel, forward and backward. Block 2,
 ReLU(max-pool₂(Dropout2d(conv₅ₓ₅(h)))) on 12×12 maps, keeps PyTorch's forward and gets a backward that uses the
-sparsity of its gradient. With PyTorch's kernels these blocks took ~80% of a training step (block 1's weight
-gradient on one thread); the kernels compute the same functions with other float32 rounding, the same dropout
-masks, and weight gradients that do not depend on the thread count.
+sparsity of its gradient. With PyTorch's kernels these blocks take most of a training step on the CPU (block 1's
+weight gradient runs on one thread); the kernels compute the same functions with other float32 rounding, the same
+dropout masks, and weight gradients that do not depend on the thread count.
 
-They are compiled on first use with the machine's C++ compiler (torch.utils.cpp_extension, ~50 s, cached under
-~/.cache/torch_extensions). Where that fails (no compiler, no AVX2) the encoder uses PyTorch's ops and says so
+They are compiled on first use with the machine's C++ compiler and ninja (torch.utils.cpp_extension, cached under
+~/.cache/torch_extensions, one build per CPU model). Where that fails (no compiler, no AVX2) the encoder uses PyTorch's ops and says so
 once. They are used only where they apply: on the CPU, float32, plain 5×5
 convolutions (stride 1, no padding, dilation or groups), outside autocast, torch.func transforms and forward-mode
 AD (vmap'd per-example gradients take PyTorch's path), block 1 only for inputs that need no gradient, block 2
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -67,6 +69,10 @@ def _compile(name: str, source: Path):
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         from torch.utils.cpp_extension import load
 
+        # torch runs ninja from PATH: the one installed beside this interpreter counts even in a venv not activated
+        bin_dir = str(Path(sys.executable).parent)
+        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
         return load(f"{name}_{cpu_id()}", [str(source)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)  # torch's libgomp: one thread pool
     except Exception as error:
