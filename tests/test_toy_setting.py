@@ -113,3 +113,31 @@ def test_unknown_names_list_the_valid_ones(walkthrough):
     with pytest.raises(training.ConfigError, match="config needs `setting`"):
         training.RunConfig.from_dict({"tasks": ["up"]})
     torch.manual_seed(0)
+
+
+def test_uniform_and_gradient_level_methods_train_the_same_batch_norm_model(walkthrough):
+    """Every method puts the step's batches through the encoder in one forward: with BatchNorm in the encoder the
+    one-backward uniform update and the same update through J (K backward passes) move every parameter and
+    running statistic alike, in both regimes."""
+    from torch import nn
+
+    from mtlcore.settings import MultiTaskModel
+
+    def bn_mlp(tasks, *, hidden=16):
+        encoder = nn.Sequential(nn.Linear(4, hidden), nn.BatchNorm1d(hidden), nn.Tanh())
+        return MultiTaskModel(encoder, {t: nn.Linear(hidden, 1) for t in tasks})
+
+    single = settings.get("two_lines")
+    for cls in (type(single), multi_input(single)):
+        with_bn = type(cls.__name__ + "BN", (cls,), {"name": cls.name + "_bn", "models": {"bn_mlp": bn_mlp},
+                                                     "default_model": "bn_mlp"})
+        settings.register(with_bn)
+        try:
+            base = {"setting": with_bn.name, "tasks": ["up", "down"], "epochs": 2, "batch_size": 32, "lr": 0.05,
+                    "device": "cpu", "optimizer": "sgd"}
+            fast = training.run(base, progress=False)
+            through_j = training.run({**base, "aggregator_options": {"reduction": "sum"}}, progress=False)
+            np.testing.assert_allclose(fast["train_loss"].values, through_j["train_loss"].values, rtol=1e-5)
+            np.testing.assert_allclose(fast["test_loss"].values, through_j["test_loss"].values, rtol=1e-5)
+        finally:
+            settings.unregister(with_bn.name)

@@ -31,6 +31,16 @@ famo               loss      gamma=1e-3, lr=0.025, eps=1e-8                Σ z 
 scale_invariant    loss      eps=1e-8                                      Σ log(L + ε)                —
 =================  ========  ============================================  ==========================  ===========================
 
+How a gradient-level method computes d (TorchJD's split)
+--------------------------------------------------------
+* ``WeightedAggregator`` (every gradient-level method but graddrop and dbmtl): ``G = gramian(J)`` from
+  ``mtlcore.aggregators.gramian`` (K×K, float64 sums of J's entries, in column blocks on J's device), then
+  ``w = agg.weighting(G, losses)`` (a float64 CPU tensor, computed on the K×K problem; the losses only where
+  ``agg.needs_losses``), then ``d = Jᵀw`` by ``torch.mv`` in J's dtype on J's device. ``weighting`` is the method
+  as a function of the Gramian: a Gramian obtained without forming J feeds the same code. uniform and fixed skip
+  G: their w is known in advance.
+* graddrop and dbmtl act on J itself; their ``weights`` are NaN (no w with d = Jᵀw).
+
 How the trainer uses them
 -------------------------
 * Once: ``agg = get(name, **options)``; ``agg.reset(K, device)``; add ``agg.parameters()`` (learnable
@@ -41,18 +51,19 @@ How the trainer uses them
   shared parameters (``agg.jacobian_of == "shared"``); ``d = agg(J, losses.detach())``; backpropagate
   ``losses.sum()`` for the heads and overwrite the shared gradients with
   ``unflatten_into_grads(d, shared_params)``. For ``jacobian_of == "representation"`` (mgda_ub) take J
-  w.r.t. the shared representation z, ``w = agg.weights_from(J_repr, losses)`` and backpropagate
-  ``(w * losses).sum()``.
+  w.r.t. the shared representation z, ``w = agg.weights_from(J_repr, losses)`` (``weighting(gramian(J_repr),
+  losses)``) and backpropagate ``(w * losses).sum()``.
 * Loss-level (``agg.kind == "loss"``): ``agg.combine(losses, last_shared=model.last_shared_layer())``
   and backward on it (``last_shared`` is only used by gradnorm, ``agg.needs_last_shared``).
 * Hooks: if ``agg.needs_losses_after`` (famo), after ``optimizer.step()`` recompute the same batch's
   losses under ``torch.no_grad()`` and call ``agg.after_step(losses_after)``. At the end of every
   epoch call ``agg.end_epoch(epoch_mean_train_losses)`` (dwa uses it; others ignore it).
 * ``agg.weights``: the K effective task weights of the last step (d = Jᵀw, or the weights on the
-  loss gradients); NaN where the method has none (graddrop, dbmtl).
-* NaN/inf in J raise ``NonFiniteGradientError`` (a FloatingPointError): stop the run as diverged. So do
-  NaN/inf losses for the methods that read them (``agg.needs_losses``: dbmtl, mgda with loss
-  normalisation, every loss-level method); the others ignore the losses (the trainer checks them).
+  loss gradients), float64 on the CPU; NaN where the method has none (graddrop, dbmtl).
+* NaN/inf in J raise ``NonFiniteGradientError`` (a FloatingPointError): stop the run as diverged. They are
+  caught where they show: in G (a K×K check instead of K×P), in d for uniform and fixed, in J itself for
+  graddrop and dbmtl. So do NaN/inf losses for the methods that read them (``agg.needs_losses``: dbmtl, mgda
+  with loss normalisation, every loss-level method); the others ignore the losses (the trainer checks them).
   A K×K solver that fails logs a warning on ``mtlcore.aggregators`` and uses the uniform mean weights
   1/K for that step (nashmtl keeps its previous α instead, as its authors' code does).
 * ``agg.state_dict()`` / ``agg.load_state_dict(state)`` checkpoint the method's state (with a randomised

@@ -1,13 +1,13 @@
-"""Small K×K problems on the Gramian shared by several methods (numpy/scipy, float64).
+"""Small K×K problems on the Gramian shared by several methods (float64 CPU tensors).
 
 Both quadratic programs below are rewritten as non-negative least squares (scipy's exact
 Lawson–Hanson active-set solver), using a factor R with RᵀR = G so that ‖Rv‖² = ‖Jᵀv‖².
 """
 from __future__ import annotations
 
-import numpy as np
-from scipy.linalg import lapack
+import torch
 from scipy.optimize import nnls
+from torch import Tensor
 
 from mtlcore.aggregators.base import logger, normalize_gramian, uniform_weights
 
@@ -20,54 +20,47 @@ class SolverError(RuntimeError):
     """A K×K solver did not converge; callers fall back and log a warning."""
 
 
-def symmetric_eigen(C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (ascending) and eigenvectors of the symmetric C, from its upper triangle.
-
-    LAPACK's dsyev called directly: 4 against 20 µs for np.linalg.eigh on a 3×3, whose wrapper costs more
-    than the solve, and this runs every step.
-    """
-    eigenvalues, eigenvectors, info = lapack.dsyev(C)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"dsyev did not converge (info={info})")
-    return eigenvalues, eigenvectors
+def symmetric_eigen(C: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric C, from its upper triangle."""
+    return torch.linalg.eigh(C, UPLO="U")
 
 
-def unit_gramian(G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def unit_gramian(G: Tensor) -> tuple[Tensor, Tensor]:
     """C = D^-½ G D^-½ (D = diag G), the Gramian of the unit gradients, whose eigenvalues judge directions,
     not norms, and the norms √diag G. A zero gradient keeps a zero row and column in C."""
-    # np.maximum, not np.clip, and products, not np.outer: each saves ~10 µs on a 3×3 G, every step
-    norms = np.sqrt(np.maximum(G.diagonal(), 0.0))
-    inverse = 1.0 / np.where(norms > 0, norms, 1.0)
+    norms = G.diagonal().clamp(min=0.0).sqrt()
+    inverse = 1.0 / torch.where(norms > 0, norms, 1.0)
     return G * inverse[:, None] * inverse, norms
 
 
-def unit_factor(G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def unit_factor(G: Tensor) -> tuple[Tensor, Tensor]:
     """R_C (K×K) with R_CᵀR_C = C, the unit gradients' Gramian (`unit_gramian`), and the norms √diag G;
     rounding's tiny negative eigenvalues are clipped to 0. (The solver reads one triangle, so rounding's
     asymmetry of G does not matter.)"""
     C, norms = unit_gramian(G)
     eigenvalues, eigenvectors = symmetric_eigen(C)
-    return np.sqrt(np.maximum(eigenvalues, 0.0))[:, None] * eigenvectors.T, norms
+    return eigenvalues.clamp(min=0.0).sqrt()[:, None] * eigenvectors.T, norms
 
 
-def psd_factor(G: np.ndarray) -> np.ndarray:
+def psd_factor(G: Tensor) -> Tensor:
     """R (K×K) with RᵀR = G, factorised as R_C·D^½ (`unit_factor`): for gradients whose norms differ by 1e6,
     eigh on G itself resolved the small ones' directions only to ~1e-4."""
     factor, norms = unit_factor(G)
     return factor * norms
 
 
-def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _nnls(A: Tensor, b: Tensor) -> Tensor:
     try:
-        solution, _ = nnls(A, b, maxiter=50 * A.shape[1])
+        solution, _ = nnls(A.numpy(), b.numpy(), maxiter=50 * A.shape[1])
     except RuntimeError as error:  # "too many iterations"
         raise SolverError(str(error)) from error
-    if not np.isfinite(solution).all():
+    solution = torch.from_numpy(solution)
+    if not torch.isfinite(solution).all():
         raise SolverError("non-finite NNLS solution")
     return solution
 
 
-def min_norm_in_hull(G: np.ndarray) -> np.ndarray:
+def min_norm_in_hull(G: Tensor) -> Tensor:
     """MGDA: α* = argmin_{α ∈ simplex} αᵀGα (the min-norm point of the convex hull of the gᵢ).
 
     Two tasks: Sener & Koltun's closed form. K > 2: exact, via NNLS on u ≥ 0 of
@@ -82,18 +75,18 @@ def min_norm_in_hull(G: np.ndarray) -> np.ndarray:
     if scale <= 0:  # all gradients zero: every α is optimal
         return uniform_weights(num_tasks)
     if num_tasks == 1:
-        return np.ones(1)
+        return torch.ones(1, dtype=torch.float64)
     if num_tasks == 2:
         denominator = G[0, 0] + G[1, 1] - 2 * G[0, 1]
         if denominator <= 0:
             return uniform_weights(2)
         # each weight from its own numerator: 1 − γ would lose a small weight's digits to cancellation
-        return np.clip(np.array([G[1, 1] - G[0, 1], G[0, 0] - G[0, 1]]) / denominator, 0.0, 1.0)
+        return (torch.stack([G[1, 1] - G[0, 1], G[0, 0] - G[0, 1]]) / denominator).clamp(0.0, 1.0)
     factor, norms = unit_factor(G)
-    inverse_norms = np.divide(1.0, norms, out=np.zeros(num_tasks), where=norms > 0)  # a zero gradient: u_i = 0
-    weight = 1.0 / np.linalg.norm(inverse_norms)
-    A = np.vstack([factor, weight * inverse_norms])
-    b = np.zeros(num_tasks + 1)
+    inverse_norms = torch.where(norms > 0, 1.0 / norms, 0.0)  # a zero gradient: u_i = 0
+    weight = 1.0 / inverse_norms.norm()
+    A = torch.cat([factor, (weight * inverse_norms)[None]])
+    b = torch.zeros(num_tasks + 1, dtype=torch.float64)
     b[-1] = weight
     u = _nnls(A, b) * inverse_norms
     if u.sum() <= 0:
@@ -101,7 +94,7 @@ def min_norm_in_hull(G: np.ndarray) -> np.ndarray:
     return u / u.sum()
 
 
-def project_weights_to_dual_cone(u: np.ndarray, G: np.ndarray, R: np.ndarray | None = None) -> np.ndarray:
+def project_weights_to_dual_cone(u: Tensor, G: Tensor, R: Tensor | None = None) -> Tensor:
     """Weights v with Jᵀv the projection of Jᵀu onto the dual cone {x : Jx ≥ 0}.
 
     The projection's dual is v = argmin_{v ≥ u} vᵀGv (TorchJD's derivation); with v = u + μ it is
@@ -111,10 +104,10 @@ def project_weights_to_dual_cone(u: np.ndarray, G: np.ndarray, R: np.ndarray | N
     return u + _nnls(R, -R @ u)
 
 
-def solve_or_uniform(method: str, solve, num_tasks: int) -> np.ndarray:
+def solve_or_uniform(method: str, solve, num_tasks: int) -> Tensor:
     """Run `solve()`; on SolverError log a warning and use the uniform mean weights instead."""
     try:
         return solve()
-    except (SolverError, np.linalg.LinAlgError) as error:
+    except (SolverError, torch.linalg.LinAlgError) as error:
         logger.warning("%s: solver failed (%s); using uniform weights 1/K for this step", method, error)
         return uniform_weights(num_tasks)

@@ -1,15 +1,17 @@
 """Aligned-MTL (Senushkin et al. 2023): make the task gradients orthogonal with equal norms."""
 from __future__ import annotations
 
-import numpy as np
+import torch
+from torch import Tensor
 
 from mtlcore.aggregators._qp import RANK_RTOL, symmetric_eigen
 from mtlcore.aggregators.base import WeightedAggregator, normalize_gramian, require
 
-SCALES = {"min": np.min, "median": np.median, "rmse": np.mean}  # applied to the kept eigenvalues
+# applied to the kept eigenvalues; quantile 0.5 averages the middle two of an even count, as a median does
+SCALES = {"min": torch.min, "median": lambda x: torch.quantile(x, 0.5), "rmse": torch.mean}
 
 
-def aligned_mtl_weights(G: np.ndarray, scale_mode: str) -> np.ndarray:
+def aligned_mtl_weights(G: Tensor, scale_mode: str) -> Tensor:
     """α = B·1 with B = √λ_scale · V Λ^{-½} Vᵀ over the non-zero eigenpairs of G = VΛVᵀ.
 
     The authors' code: eigenvalues below a relative tolerance are dropped (rank truncation);
@@ -18,12 +20,12 @@ def aligned_mtl_weights(G: np.ndarray, scale_mode: str) -> np.ndarray:
     """
     G, scale = normalize_gramian(G)
     if scale <= 0:
-        return np.zeros(len(G))
+        return torch.zeros(len(G), dtype=G.dtype)
     eigenvalues, eigenvectors = symmetric_eigen((G + G.T) / 2)
     kept = eigenvalues > RANK_RTOL * eigenvalues.max()
     eigenvalues, eigenvectors = eigenvalues[kept], eigenvectors[:, kept]
-    B = np.sqrt(SCALES[scale_mode](eigenvalues)) * (eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T
-    return B.sum(axis=1)
+    B = SCALES[scale_mode](eigenvalues).sqrt() * (eigenvectors / eigenvalues.sqrt()) @ eigenvectors.T
+    return B.sum(dim=1)
 
 
 class AlignedMTL(WeightedAggregator):

@@ -1,8 +1,8 @@
 """What every aggregator shares: options, state, finiteness checks and the three base classes.
 
 `GradientAggregator` maps the task Jacobian J (K×P) to an update d (P).
-`WeightedAggregator` is the TorchJD split of it: J → Gramian G = J Jᵀ → weights w → d = Jᵀw,
-so a method only writes `_weights(G, losses)` on a small K×K float64 problem.
+`WeightedAggregator` is TorchJD's split of it: J → Gramian G = J Jᵀ (`gramian.py`) → weights w = `weighting(G,
+losses)` → d = Jᵀw, so a method only writes `_weights(G, losses)` on a small K×K float64 problem.
 `LossAggregator` combines the K losses into one differentiable scalar.
 """
 from __future__ import annotations
@@ -10,15 +10,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from mtlcore._cpu_kernels import build
-from mtlcore.aggregators import gramian_gpu
+from mtlcore.aggregators.gramian import gramian
 
 logger = logging.getLogger("mtlcore.aggregators")
 
@@ -53,12 +50,12 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)  # summed in float32: their own 
 
 
 def check_finite(method: str, tensor: Tensor | None, what: str) -> None:
-    # One sum instead of an elementwise isfinite (6 µs against 140 µs for a LeNet-sized vector): NaN and ±inf
-    # propagate into it. Finite entries can only overflow it when they are ~1e38 / numel in float32, and an
-    # update that large turns the parameters into inf at the next step anyway.
+    # One sum instead of an elementwise isfinite: NaN and ±inf propagate into it. Finite entries can only overflow it
+    # when they are ~1e38 / numel in float32, and an update that large turns the parameters into inf at the next
+    # step anyway.
     if tensor is None:
         return
-    if tensor.requires_grad:  # detach only when needed: it costs a quarter of the check on a LeNet-sized vector
+    if tensor.requires_grad:  # detached only when needed: it runs every step
         tensor = tensor.detach()
     total = tensor.sum(dtype=torch.float32) if tensor.dtype in LOW_PRECISION else tensor.sum()
     if not math.isfinite(total):
@@ -70,100 +67,15 @@ def diverged(method: str, what: str) -> NonFiniteGradientError:
                                   "(lower the learning rate or clip gradients)")
 
 
-# Entries of J converted to float64 at a time (K × columns) where the AVX2 kernel is not used: ~2 MB blocks stay in
-# the CPU's cache, which made the Gramian of a 20 × 11M J 2× faster than 1M-column blocks.
-GRAMIAN_BLOCK = 1 << 18
-GRAMIAN_BLOCK_GPU = 1 << 22  # on a GPU launches cost more than cache misses: 32 MB float64 blocks
-
-JACOBIAN_EXTENSION = "mtlcore_jacobian_cpu"
-_JACOBIAN_SOURCE = Path(__file__).with_name("jacobian_cpu.cpp")  # built once: the lookup runs every step
-
-
-def jacobian_extension():
-    """The AVX2 kernels for G = J Jᵀ and d = Jᵀw (jacobian_cpu.cpp), or None where they cannot be built (logged
-    once)."""
-    return build(JACOBIAN_EXTENSION, _JACOBIAN_SOURCE, "MTLCORE_JACOBIAN_KERNELS",
-                 "the CPU kernels for J Jᵀ and Jᵀw", "using numpy's and torch's products (the float64 Gramian about "
-                 "2x slower on a large J)", logger)
-
-
-def jacobian_kernels(device: torch.device | str = "cpu", num_tasks: int = 1, num_columns: int = 1) -> str:
-    """What forms G (and on the CPU d) for a run's J (num_tasks × num_columns) on `device`: recorded with every run
-    (the sums are rounded in another order). On a GPU the Triton kernel is compiled and run here on a small J of
-    the same specialisation, so a kernel that cannot be compiled is recorded as "torch", the fallback the run
-    then takes."""
-    if torch.device(device).type == "cpu":
-        return "fused-avx2" if jacobian_extension() is not None else "blas"
-    return "triton" if gramian_gpu.probe(device, num_tasks, num_columns) else "torch"
-
-
-def _kernel_for(J: Tensor):
-    """The AVX2 kernels where they apply to J (a float32 CPU matrix with contiguous rows that records no gradient:
-    their outputs are not differentiable), else None."""
-    if (J.device.type == "cpu" and J.dtype == torch.float32 and (J.stride(1) == 1 or J.shape[1] <= 1)
-            and not (J.requires_grad and torch.is_grad_enabled())):
-        return jacobian_extension()
-    return None
-
-
-def gramian(J: Tensor) -> np.ndarray:
-    """G = J Jᵀ in float64 on the CPU: exact products for float32 J and safe from overflow up to |J| ~ 1e150.
-
-    A float32 J on the CPU goes to the AVX2 kernel (jacobian_cpu.cpp), which converts it to float64 a cache-sized
-    tile at a time, and a J on a GPU to the Triton kernel (gramian_gpu.py), which does so in registers. Elsewhere
-    G is accumulated over column blocks, so the float64 copy never exceeds GRAMIAN_BLOCK (GPU: GRAMIAN_BLOCK_GPU)
-    entries (a full float64 copy of a large J would double its memory). Non-finite
-    entries of J show up as non-finite entries of G (on its diagonal at least), which callers check instead of
-    scanning all of J.
-    """
-    J = J.detach()
-    if J.shape[0] == 0:
-        return np.zeros((0, 0))
-    kernel = _kernel_for(J)
-    if kernel is not None:
-        return kernel.gramian(J).numpy()
-    if (G := gramian_gpu.gramian(J)) is not None:  # None off CUDA and where the Triton kernel does not apply
-        return G.cpu().numpy()
-    columns = max(1, (GRAMIAN_BLOCK if J.device.type == "cpu" else GRAMIAN_BLOCK_GPU) // J.shape[0])
-    if J.shape[1] <= columns:  # one block: torch beats numpy's conversion here (94 against 245 µs on LeNet's J)
-        block = J.to(torch.float64)
-        return (block @ block.T).cpu().numpy()
-    if J.device.type == "cpu" and J.dtype in (torch.float32, torch.float64):
-        # numpy turns `a @ a.T` into BLAS syrk (half the flops): 1.5× torch's addmm here
-        G = np.zeros((J.shape[0], J.shape[0]))
-        for start in range(0, J.shape[1], columns):
-            block = J[:, start : start + columns].numpy().astype(np.float64)
-            G += block @ block.T
-        return G
-    G = torch.zeros(J.shape[0], J.shape[0], dtype=torch.float64, device=J.device)
-    for start in range(0, J.shape[1], columns):
-        block = J[:, start : start + columns].to(torch.float64)
-        G.addmm_(block, block.T)
-        del block  # else the next block is built while this one is still held: twice the memory
-    return G.cpu().numpy()
-
-
-# Up to this many entries the AVX2 kernel forms d = Jᵀw and checks it in one pass; on a larger J (memory-bound) BLAS's
-# GEMV plus a sum is as fast (ResNet18 × 20 tasks: 65–80 ms either way, timings that vary by 10%).
-COMBINE_MAX = 1 << 22
-
-
-def weights_like(weights: np.ndarray, J: Tensor) -> Tensor:
-    """float64 weights as a tensor on J's device in J's dtype (on the CPU via numpy: half the time of .to)."""
-    if J.device.type == "cpu" and J.dtype in (torch.float32, torch.float64):
-        return torch.from_numpy(weights.astype(np.float32 if J.dtype == torch.float32 else np.float64))
-    return torch.from_numpy(weights).to(J.device, J.dtype)
-
-
-def normalize_gramian(G: np.ndarray) -> tuple[np.ndarray, float]:
+def normalize_gramian(G: Tensor) -> tuple[Tensor, float]:
     """G / trace(G) and trace(G); scale-invariant methods solve on this to avoid tiny/huge numbers."""
-    scale = float(np.trace(G))
+    scale = float(G.trace())
     return (G / scale if scale > 0 else G), scale
 
 
-def uniform_weights(num_tasks: int) -> np.ndarray:
+def uniform_weights(num_tasks: int) -> Tensor:
     """The fallback of every solver that fails: the plain mean of the task gradients."""
-    return np.full(num_tasks, 1.0 / num_tasks)
+    return torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
 
 
 class Aggregator:
@@ -287,13 +199,9 @@ class Aggregator:
     def end_epoch(self, epoch_mean_losses: Tensor) -> None:
         """Mean training loss of each task over the epoch that just ended (DWA)."""
 
-    def _set_weights(self, weights: Tensor | np.ndarray) -> None:
-        if isinstance(weights, np.ndarray):  # copied: some methods keep the array they return (uniform, fixed)
-            self.weights = torch.from_numpy(np.array(weights, dtype=np.float64))
-        elif weights.dtype is torch.float64 and weights.is_cpu and not weights.requires_grad:
-            self.weights = weights.clone()  # the common case, half the time of .to(copy=True)
-        else:
-            self.weights = weights.detach().to("cpu", torch.float64, copy=True)
+    def _set_weights(self, weights: Tensor) -> None:
+        # a copy: some methods keep the tensor they return (uniform, fixed)
+        self.weights = weights.detach().to("cpu", torch.float64, copy=True)
 
     def _check_losses(self, losses: Tensor | None) -> None:
         if losses is None:
@@ -310,36 +218,34 @@ class GradientAggregator(Aggregator):
     kind = "gradient"
     jacobian_of: ClassVar[str] = "shared"  # or "representation" (MGDA-UB)
     needs_losses: ClassVar[bool] = False  # True (or a property) where the method reads the losses
-    # Methods that form the Gramian check its K×K entries for NaN/inf instead of all K×P entries of J.
-    scans_jacobian: ClassVar[bool] = True
-    # Whether the method forms J Jᵀ or Jᵀw through `gramian` and the kernels (runs record which path did).
-    uses_jacobian_kernels: ClassVar[bool] = False
 
-    def _check_inputs(self, J: Tensor, losses: Tensor | None) -> Tensor | None:
-        """Validate J (and the losses where the method reads them); return the losses the method gets:
-        detached, or None for the methods that ignore them (the trainer checks every loss itself)."""
+    def __call__(self, J: Tensor, losses: Tensor | None = None) -> Tensor:
+        self._check_jacobian(J)
+        d, weights = self._aggregate(J, self._losses_read(losses))
+        self._set_weights(weights)
+        return d
+
+    def _aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Return d and the weights w with d = Jᵀw (NaN-filled where the method has none). J is not scanned for
+        NaN/inf: a method checks what shows them (G, d, or J itself)."""
+        raise NotImplementedError
+
+    def _check_jacobian(self, J: Tensor) -> None:
         # Called every step: messages are formatted only on failure.
         if J.dim() != 2 or not J.is_floating_point():
             raise ValueError(f"{self.name}: J must be a float matrix (tasks × parameters), got shape {tuple(J.shape)}")
         if J.shape[0] != self.num_tasks:
             self._ensure_tasks(J.shape[0])
-        if self.scans_jacobian:
-            check_finite(self.name, J, "the task gradients J")
+
+    def _losses_read(self, losses: Tensor | None) -> Tensor | None:
+        """The losses the method gets: checked and detached, or None for the methods that ignore them (the trainer
+        checks every loss itself)."""
         if not self.needs_losses:
             return None
         if losses is None:
             raise ValueError(f"{self.name}: with options {self.options} the losses are needed: call agg(J, losses)")
         self._check_losses(losses)
         return losses.detach()
-
-    def __call__(self, J: Tensor, losses: Tensor | None = None) -> Tensor:
-        d, weights = self._aggregate(J, self._check_inputs(J, losses))
-        self._set_weights(weights)
-        return d
-
-    def _aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor | np.ndarray]:
-        """Return d and the weights w with d = Jᵀw (NaN-filled where the method has none)."""
-        raise NotImplementedError
 
     def head_weights(self, losses: Tensor) -> Tensor:
         """Weights of each task's loss gradient on its own head under `head_update: weighted`: the last step's
@@ -349,60 +255,40 @@ class GradientAggregator(Aggregator):
 
 
 class WeightedAggregator(GradientAggregator):
-    """d = Jᵀw with w computed from the Gramian (and losses): subclasses write `_weights`."""
+    """d = Jᵀw with w = `weighting(G, losses)` and G = J Jᵀ: subclasses write `_weights(G, losses)`."""
 
-    scans_jacobian = False
-    uses_jacobian_kernels = True
-    needs_gramian: ClassVar[bool] = True  # False: weights known without G (uniform, fixed); G is then None
-
-    def weights_from(self, J: Tensor, losses: Tensor | None = None) -> Tensor:
-        """The weights w for J (also stored in `self.weights`); the trainer applies Σ w_k g_k."""
-        weights = self._gramian_weights(J, self._check_inputs(J, losses))
-        self._set_weights(weights)
+    def weighting(self, G: Tensor, losses: Tensor | None = None) -> Tensor:
+        """The weights w (float64, CPU) for the Gramian G = J Jᵀ, and for the losses where the method reads them
+        (`needs_losses`); also stored in `weights`. TorchJD's `Weighting`: a Gramian formed without J feeds the
+        same code. NaN/inf in G raise NonFiniteGradientError; where a solver returns non-finite weights, a warning
+        is logged and the uniform mean weights 1/K are used for this step."""
+        if G.dim() != 2 or G.shape[0] != G.shape[1]:
+            raise ValueError(f"{self.name}: G must be a square matrix (tasks × tasks), got shape {tuple(G.shape)}")
+        self._ensure_tasks(G.shape[0])
+        self._set_weights(self._weigh(G, self._losses_read(losses)))
         return self.weights.clone()
 
-    def _gramian_weights(self, J: Tensor, losses: Tensor | None) -> np.ndarray:
-        if self.needs_gramian:
-            G = gramian(J)
-            if not np.isfinite(G).all():
-                raise diverged(self.name, "the task gradients J")
-        else:
-            G = None  # NaN/inf in J reaches d = Jᵀw (0·inf is NaN too): _aggregate checks d, P entries not K×P
-        loss_values = None if losses is None else losses.to("cpu", torch.float64).numpy()
-        weights = np.asarray(self._weights(G, loss_values), dtype=np.float64)
-        if not np.isfinite(weights).all():  # safety net; the solvers are not expected to get here
+    def weights_from(self, J: Tensor, losses: Tensor | None = None) -> Tensor:
+        """`weighting(J Jᵀ, losses)`: the weights w for J; the trainer applies Σ w_k g_k."""
+        self._check_jacobian(J)
+        return self.weighting(gramian(J), losses)
+
+    def _aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:
+        weights = self._weigh(gramian(J), losses)
+        return torch.mv(J.T, weights.to(J)), weights
+
+    def _weigh(self, G: Tensor, losses: Tensor | None) -> Tensor:
+        G = G.to("cpu", torch.float64)
+        if not torch.isfinite(G).all():
+            raise diverged(self.name, "the task gradients J")
+        weights = self._weights(G, None if losses is None else losses.to("cpu", torch.float64))
+        if not torch.isfinite(weights).all():  # safety net; the solvers are not expected to get here
             logger.warning("%s: non-finite weights %s; using uniform weights 1/K for this step", self.name, weights)
-            weights = uniform_weights(J.shape[0])
+            weights = uniform_weights(len(G))
         return weights
 
-    _constant: tuple | None = None  # (float64 CPU weights, the same in J's device and dtype) when not needs_gramian
-
-    def reset(self, num_tasks: int, device: torch.device | str | None = None) -> None:
-        self._constant = None
-        super().reset(num_tasks, device)
-
-    def _aggregate(self, J: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor | np.ndarray]:
-        if self.needs_gramian:
-            weights = self._gramian_weights(J, losses)
-            return torch.mv(J.T, weights_like(weights, J)), weights  # GEMV on Jᵀ: 2× w @ J's speed
-        # Weights known without G (uniform, fixed): computed once per device and dtype (reset() forgets them).
-        # A NaN/inf in J reaches d = Jᵀw (0·inf is NaN too), so d is checked instead of all of J.
-        constant = self._constant
-        if constant is None or constant[1].dtype is not J.dtype or constant[1].device != J.device:
-            weights = self._gramian_weights(J, losses)
-            constant = self._constant = (torch.from_numpy(weights.copy()), weights_like(weights, J))
-        weights, w = constant
-        kernel = _kernel_for(J) if J.numel() <= COMBINE_MAX else None
-        if kernel is not None:  # the product and the check in one pass: 11 against 16 µs on LeNet's J
-            d, finite = kernel.combine(J, w)
-            if not finite:
-                raise diverged(self.name, "the task gradients J")
-        else:
-            d = torch.mv(J.T, w)
-            check_finite(self.name, d, "the task gradients J")
-        return d, weights  # a tensor: _set_weights copies it, so agg.weights never aliases the cache
-
-    def _weights(self, G: np.ndarray, losses: np.ndarray | None) -> np.ndarray:
+    def _weights(self, G: Tensor, losses: Tensor | None) -> Tensor:
+        """The method's weights (float64 K) for the float64 CPU Gramian G (and float64 CPU losses, or None)."""
         raise NotImplementedError
 
 
@@ -425,6 +311,13 @@ class LossAggregator(Aggregator):
     def _combine(self, losses: Tensor, last_shared: list[Tensor] | None) -> tuple[Tensor, Tensor]:
         """Return the scalar to differentiate and the effective weight of each task's loss gradient."""
         raise NotImplementedError
+
+    def preview_weights(self, losses: Tensor) -> Tensor:
+        """The effective weights a step with these losses would apply (the update direction of Eq. 6 is Σ w_k g_k).
+        Computed by `combine`, so a method that draws (RLW) draws from its generator: call it on a copy to leave a
+        run's state untouched."""
+        self.combine(losses.detach())
+        return self.weights.clone()
 
     def _weighted_sum(self, losses: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
         weights = weights.detach()

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy.optimize import minimize
+from torch import Tensor
 
 from mtlcore.aggregators._qp import SolverError, solve_or_uniform
 from mtlcore.aggregators.base import WeightedAggregator, check_number, normalize_gramian, require
@@ -10,7 +12,7 @@ from mtlcore.aggregators.base import WeightedAggregator, check_number, normalize
 RESCALES = {0: lambda c: 1.0, 1: lambda c: 1.0 + c**2, 2: lambda c: 1.0 + c}  # d is divided by this
 
 
-def cagrad_weights(G: np.ndarray, c: float) -> np.ndarray:
+def cagrad_weights(G: Tensor, c: float) -> Tensor:
     """Weights of d = g₀ + (c‖g₀‖/‖g_w‖) g_w, i.e. 1/K + λw (before rescaling).
 
     w* = argmin_{w∈Δ} wᵀJg₀ + c‖g₀‖‖Jᵀw‖, solved by SLSQP from the uniform start as in the
@@ -18,11 +20,11 @@ def cagrad_weights(G: np.ndarray, c: float) -> np.ndarray:
     minimiser is the same because every term scales alike).
     """
     num_tasks = len(G)
-    G, _ = normalize_gramian(G)
+    G = normalize_gramian(G)[0].numpy()  # SLSQP runs on numpy arrays
     mean_weights = np.full(num_tasks, 1.0 / num_tasks)
     g0_norm = np.sqrt(max(mean_weights @ G @ mean_weights, 0.0))
     if g0_norm == 0 or c == 0:  # the mean is the answer (also for J = 0)
-        return mean_weights
+        return torch.from_numpy(mean_weights)
     linear = G @ mean_weights  # J g₀
     radius = c * g0_norm
 
@@ -43,7 +45,7 @@ def cagrad_weights(G: np.ndarray, c: float) -> np.ndarray:
         raise SolverError(f"SLSQP: {result.message}")
     w = np.clip(result.x, 0.0, None)
     gw_norm = np.sqrt(max(w @ G @ w, 0.0))
-    return mean_weights + (radius / gw_norm if gw_norm > 0 else 0.0) * w
+    return torch.from_numpy(mean_weights + (radius / gw_norm if gw_norm > 0 else 0.0) * w)
 
 
 class CAGrad(WeightedAggregator):

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from mtlcore.aggregators.base import LOW_PRECISION, GradientAggregator, check_number
+from mtlcore.aggregators.base import LOW_PRECISION, GradientAggregator, check_finite, check_number
 
 GRADDROP_BLOCK = 1 << 18  # entries of J per column block (1 MB of float32)
 
@@ -26,6 +26,7 @@ class GradDrop(GradientAggregator):
         check_number(self.name, options, "leak", 0.0, 1.0)
 
     def _aggregate(self, J, losses):
+        check_finite(self.name, J, "the task gradients J")  # an inf can vanish from d: its P is NaN, nothing kept
         device = self.generator.device if self.generator is not None else J.device
         uniform = torch.rand(J.shape[1], generator=self.generator, device=device, dtype=J.dtype).to(J.device)
         d = torch.empty(J.shape[1], dtype=J.dtype, device=J.device)
@@ -33,7 +34,7 @@ class GradDrop(GradientAggregator):
         sums = torch.float32 if J.dtype in LOW_PRECISION else J.dtype  # float16's own sums overflow at 65504
         # Per coordinate, P and d need only the sums of the positive and of the negative entries: d = leak·Σg +
         # (1 − leak)·(the kept sign's sum). Two reductions instead of a K×P mask, in column blocks so that the
-        # temporaries stay cache-sized on the CPU (ResNet18 × 20 tasks: 0.5 s and 87 MB instead of 6 s and 2 GB).
+        # temporaries stay cache-sized on the CPU.
         columns = max(1, GRADDROP_BLOCK // J.shape[0]) if J.device.type == "cpu" else max(1, J.shape[1])
         for start in range(0, J.shape[1], columns):
             block = J[:, start : start + columns]

@@ -48,6 +48,12 @@ class GradNorm(LossAggregator):
         self._update_weights(losses.detach(), grad_norms)
         return self._weighted_sum(losses, weights_now)
 
+    def preview_weights(self, losses):
+        """The current w: a step applies the weights from before its own update (its combine needs the last shared
+        layer's gradients, which only the training step has)."""
+        self._ensure_tasks(losses.numel())
+        return self.task_weights.detach().to("cpu", torch.float64, copy=True)
+
     def _update_weights(self, losses: torch.Tensor, grad_norms: torch.Tensor) -> None:
         ratios = (losses / self.initial_losses.clamp_min(torch.finfo(losses.dtype).tiny)).double()
         relative_rates = ratios / ratios.mean()

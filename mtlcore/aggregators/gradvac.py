@@ -5,9 +5,6 @@ everything runs on G. Whole-model granularity (LibMTL's GradVac_group_type=0).
 """
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 
 from mtlcore.aggregators.base import WeightedAggregator, check_number, normalize_gramian
@@ -34,22 +31,21 @@ class GradVac(WeightedAggregator):
     def _weights(self, G, losses):
         G, _ = normalize_gramian(G)
         beta, num_tasks = self.options["beta"], len(G)
-        targets = self.targets.numpy()
-        A = np.eye(num_tasks)
-        for i in range(num_tasks):
-            for j in others_in_random_order(i, num_tasks, self.generator):
-                norm_i = math.sqrt(max(A[i] @ G @ A[i], 0.0))
-                norm_j = math.sqrt(max(G[j, j], 0.0))
-                norms = norm_i * norm_j
-                cosine = (A[i] @ G[:, j]) / (norms * (1 + _EPS)) if norms > 0 else 0.0
-                target = targets[i, j]
-                sin_target = math.sqrt(max(1 - target**2, 0.0))
-                if cosine < target and norm_j * sin_target > 0:
-                    A[i, j] += (
-                        norm_i
-                        * (target * math.sqrt(max(1 - cosine**2, 0.0)) - cosine * sin_target)
-                        / (norm_j * sin_target * (1 + _EPS))
-                    )
-                targets[i, j] = (1 - beta) * target + beta * cosine
-        self.targets = torch.from_numpy(targets)
-        return A.sum(axis=0)
+        targets = self.targets.clone()
+        A = torch.eye(num_tasks, dtype=G.dtype)
+        rows = torch.arange(num_tasks)
+        for j in others_in_random_order(num_tasks, self.generator).T:  # every task's t-th other task j_i at once
+            norm_i = ((A @ G) * A).sum(dim=1).clamp(min=0.0).sqrt()  # ‖g̃_i‖
+            norm_j = G[j, j].clamp(min=0.0).sqrt()
+            norms = norm_i * norm_j
+            cosine = torch.where(norms > 0, (A * G[:, j].T).sum(dim=1) / (norms * (1 + _EPS)), 0.0)
+            target = targets[rows, j]
+            sin_target = (1 - target**2).clamp(min=0.0).sqrt()
+            raised = (
+                norm_i * (target * (1 - cosine**2).clamp(min=0.0).sqrt() - cosine * sin_target)
+                / (norm_j * sin_target * (1 + _EPS))
+            )
+            A[rows, j] += torch.where((cosine < target) & (norm_j * sin_target > 0), raised, 0.0)
+            targets[rows, j] = (1 - beta) * target + beta * cosine
+        self.targets = targets
+        return A.sum(dim=0)

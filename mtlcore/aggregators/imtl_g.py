@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
+import torch
+from torch import Tensor
 
 from mtlcore.aggregators._qp import RANK_RTOL, symmetric_eigen, unit_gramian
 from mtlcore.aggregators.base import WeightedAggregator, uniform_weights
 
 
-def imtl_g_weights(G: np.ndarray) -> np.ndarray:
+def imtl_g_weights(G: Tensor) -> Tensor:
     """w ∝ G⁺ √diag(G), normalised to Σw = 1 (closed form of the paper's condition).
 
     Computed as D^-½ C⁺ 1 with C = D^-½ G D^-½ the Gramian of the unit gradients (D = diag G), so the rank
@@ -21,13 +22,12 @@ def imtl_g_weights(G: np.ndarray) -> np.ndarray:
     live = norms > 0
     if not live.any():
         return uniform_weights(len(G))
-    # C⁺1 from one symmetric eigendecomposition (pinv(hermitian=True) without its overhead); it sorts the
-    # eigenvalues ascending, so the largest is the last. Dropped ones (zero gradients' among them) become inf:
-    # their inverse is 0.
+    # C⁺1 from one symmetric eigendecomposition; it sorts the eigenvalues ascending, so the largest is the last.
+    # Dropped ones (zero gradients' among them) become inf: their inverse is 0.
     eigenvalues, eigenvectors = symmetric_eigen(C)
-    kept = np.where(eigenvalues > RANK_RTOL * eigenvalues[-1], eigenvalues, np.inf)
-    unit_weights = eigenvectors @ (eigenvectors.sum(axis=0) / kept)
-    v = np.divide(unit_weights, norms, out=np.zeros(len(G)), where=live)  # a zero gradient gets weight 0
+    kept = torch.where(eigenvalues > RANK_RTOL * eigenvalues[-1], eigenvalues, math.inf)
+    unit_weights = eigenvectors @ (eigenvectors.sum(dim=0) / kept)
+    v = torch.where(live, unit_weights / torch.where(live, norms, 1.0), 0.0)  # a zero gradient gets weight 0
     total = float(v.sum())
     return v / total if total > 0 and math.isfinite(total) else uniform_weights(len(G))
 

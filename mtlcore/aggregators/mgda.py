@@ -1,7 +1,8 @@
 """MGDA (Sener & Koltun 2018): the min-norm point of the convex hull of the task gradients."""
 from __future__ import annotations
 
-import numpy as np
+import torch
+from torch import Tensor
 
 from mtlcore.aggregators._qp import min_norm_in_hull, solve_or_uniform
 from mtlcore.aggregators.base import WeightedAggregator, require
@@ -9,16 +10,16 @@ from mtlcore.aggregators.base import WeightedAggregator, require
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
-def gradient_normalizers(G: np.ndarray, losses: np.ndarray | None, normalization: str) -> np.ndarray:
+def gradient_normalizers(G: Tensor, losses: Tensor | None, normalization: str) -> Tensor:
     """n_k of Sener & Koltun's `gradient_normalizers`: ĝ_k = g_k / n_k (n_k ≤ 0 is replaced by 1)."""
-    norms = np.sqrt(np.clip(np.diag(G), 0.0, None))
+    norms = G.diagonal().clamp(min=0.0).sqrt()
     normalizers = {
-        "none": np.ones(len(G)),
+        "none": torch.ones_like(norms),
         "l2": norms,
         "loss": losses,
         "loss+": None if losses is None else losses * norms,
     }[normalization]
-    return np.where(normalizers > 0, normalizers, 1.0)
+    return torch.where(normalizers > 0, normalizers, 1.0)
 
 
 class MGDA(WeightedAggregator):
@@ -48,7 +49,7 @@ class MGDA(WeightedAggregator):
 
     def _weights(self, G, losses):
         normalizers = gradient_normalizers(G, losses, self.options["normalization"])
-        G_hat = G / np.outer(normalizers, normalizers)
+        G_hat = G / torch.outer(normalizers, normalizers)
         alpha = solve_or_uniform(self.name, lambda: min_norm_in_hull(G_hat), len(G))
         return alpha / normalizers if self.options["apply_to"] == "normalized" else alpha
 

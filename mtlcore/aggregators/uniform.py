@@ -3,16 +3,34 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
+import torch
 
-from mtlcore.aggregators.base import WeightedAggregator, require
+from mtlcore.aggregators.base import WeightedAggregator, check_finite, require
 
 
-class Uniform(WeightedAggregator):
+class ConstantWeighting(WeightedAggregator):
+    """Weights that need no Gramian: d = Jᵀw directly. NaN/inf in J reach d (0·inf is NaN too), so d is checked
+    (P entries) instead of J (K×P). The weights are kept in J's device and dtype until `reset`."""
+
+    _constant: tuple | None = None  # (the float64 weights, the same in J's device and dtype)
+
+    def _reset_state(self, num_tasks, device):
+        self._constant = None
+
+    def _aggregate(self, J, losses):
+        if self._constant is None or self._constant[1].dtype is not J.dtype or self._constant[1].device != J.device:
+            weights = self._weights(None, None)
+            self._constant = (weights, weights.to(J))
+        weights, w = self._constant
+        d = torch.mv(J.T, w)
+        check_finite(self.name, d, "the task gradients J")
+        return d, weights
+
+
+class Uniform(ConstantWeighting):
     """d = Σ g_k ("sum") or (1/K) Σ g_k ("mean")."""
 
     name = "uniform"
-    needs_gramian = False
     defaults = {"reduction": "sum"}  # REFERENCE Eq. 2: C = 1 unless noted, as RunConfig.loss_scale
 
     def _check_options(self, options):
@@ -23,14 +41,14 @@ class Uniform(WeightedAggregator):
 
     def _weights(self, G, losses):
         num_tasks = self.num_tasks
-        return np.full(num_tasks, 1.0 if self.options["reduction"] == "sum" else 1.0 / num_tasks)
+        return torch.full((num_tasks,), 1.0 if self.options["reduction"] == "sum" else 1.0 / num_tasks,
+                          dtype=torch.float64)
 
 
-class Fixed(WeightedAggregator):
+class Fixed(ConstantWeighting):
     """d = Σ w_k g_k for given constant weights (e.g. an SMTO's EMA-smoothed mean weights)."""
 
     name = "fixed"
-    needs_gramian = False
     defaults = {"weights": None}
 
     def _check_options(self, options):
@@ -54,4 +72,4 @@ class Fixed(WeightedAggregator):
         super().reset(num_tasks, device)
 
     def _weights(self, G, losses):
-        return np.asarray(self.options["weights"], dtype=np.float64)
+        return torch.tensor(self.options["weights"], dtype=torch.float64)

@@ -1,16 +1,17 @@
 """UPGrad (Quinton & Rey 2024, TorchJD): the mean of each gᵢ projected onto the dual cone of J."""
 from __future__ import annotations
 
-import numpy as np
+import torch
+from torch import Tensor
 
 from mtlcore.aggregators._qp import project_weights_to_dual_cone, psd_factor, solve_or_uniform
 from mtlcore.aggregators.base import WeightedAggregator, check_number, normalize_gramian
 
 
-def regularized_gramian(G: np.ndarray, reg_eps: float) -> np.ndarray:
+def regularized_gramian(G: Tensor, reg_eps: float) -> Tensor:
     """TorchJD's G / trace(G) + reg_eps·I: scale-free, and reg_eps > 0 makes the QP strictly convex."""
     G, _ = normalize_gramian(G)
-    return G + reg_eps * np.eye(len(G))
+    return G + reg_eps * torch.eye(len(G), dtype=G.dtype)
 
 
 class DualConeAggregator(WeightedAggregator):
@@ -31,6 +32,6 @@ class UPGrad(DualConeAggregator):
 
         def solve():
             R = psd_factor(G)  # one factorisation for the K projections
-            return sum(project_weights_to_dual_cone(row / num_tasks, G, R) for row in np.eye(num_tasks))
+            return sum(project_weights_to_dual_cone(u, G, R) for u in torch.eye(num_tasks, dtype=G.dtype) / num_tasks)
 
         return solve_or_uniform(self.name, solve, num_tasks)
