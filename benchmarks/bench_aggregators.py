@@ -4,8 +4,9 @@ and against TorchJD.
 For each method in `mtlcore.aggregators.available()` (`fixed` with weights [1/K]*K, every other method with
 its defaults) it reports, relative to the uniform step (the trainer's fast path, one backward of Σ L_k):
 
-* the wall time of ONE training step, exactly the trainer's step (`Trainer._update`: forward of all tasks'
-  batches, task Jacobian or loss combination, aggregation, backward, `optimizer.step()`, FAMO's hook);
+* the wall time of ONE training step, exactly the trainer's step (`_timing.training_step`, the body of
+  `Trainer._train_epoch`: one forward of all tasks' batches, the run's update rule (`mtlcore.training.updates`:
+  task Jacobian or loss combination, aggregation, backward), `optimizer.step()`, FAMO's hook);
   the method and the uniform step are timed alternately in the same process (median over repeats of
   the paired ratio), with `torch.set_num_threads(1)`;
 * the peak memory of that step: the peak of the bytes of live tensors allocated during the step, from
@@ -15,9 +16,10 @@ its defaults) it reports, relative to the uniform step (the trainer's fast path,
 * the aggregation alone, `agg(J, losses)` on one fixed J, against TorchJD's aggregator on the same J
   (n/a when `torchjd` is not importable), and the tensor memory each allocates on top of J.
 
-Settings: (a) FashionMTL LeNet, 3 tasks, batch 128, real data through `Trainer`; (b) ResNet18 (fc → Identity,
-512 features) with 20 linear heads of 5 classes, CIFAR-100-shaped random inputs, 32 per task, a `Trainer`
-shell around a hand-built `MultiTaskModel` so the step is `Trainer._update` itself. In (b) a Jacobian step
+Settings: (a) FashionMTL's `lenet_fused` (`--model lenet` for PyTorch's ops), 3 tasks, batch 128, real data through
+`Trainer`; (b) ResNet18 (fc → Identity, 512 features) with 20 linear heads of 5 classes, CIFAR-100-shaped random
+inputs (64 per task), 32 per task and step: a benchmark setting registered in this process (`RandomImages`), so that
+its `Trainer` is built as any run's and the step is the trainer's own. In (b) a Jacobian step
 takes minutes at one thread, so it is run once (under the memory profiler, whose overhead is small next
 to minutes; its wall time is the step's time) with uniform weights; the step
 of each other gradient-level method is estimated as that step minus its aggregation time plus the
@@ -36,7 +38,6 @@ import os
 import statistics
 import tempfile
 import time
-import types
 from importlib.metadata import version
 from pathlib import Path
 
@@ -44,11 +45,12 @@ import torch
 from torch import nn
 
 import _timing
-from mtlcore import aggregators
+from mtlcore import aggregators, settings
 from mtlcore.aggregators import task_jacobian
-from mtlcore.config import RunConfig
-from mtlcore.data import load_setting
-from mtlcore.train import Trainer, make_optimizer, multitask_losses, use_deterministic_kernels
+from mtlcore.settings.base import Examples, MultiTaskModel, Setting, SettingData, Task
+from mtlcore.settings.fashion_mtl import ACCURACY, CrossEntropy
+from mtlcore.training import Trainer
+from mtlcore.training.updates import UniformUpdate
 
 try:
     import torchjd.aggregation as tjd
@@ -111,18 +113,12 @@ def peak_bytes(fn) -> float:
 
 
 def kind(trainer: Trainer) -> str:
-    return "fast path" if trainer.aggregator is None else trainer.aggregator.kind
+    return "fast path" if isinstance(trainer.update, UniformUpdate) else trainer.update.aggregator.kind
 
 
-def step(trainer: Trainer, batches=None) -> None:
+def step(trainer: Trainer) -> None:
     """One iteration of Trainer._train_epoch (without its bookkeeping)."""
-    trainer.optimizer.zero_grad(set_to_none=True)
-    batches = trainer._batches() if batches is None else batches
-    trainer._update(trainer._forward(trainer.model, batches, trainer.kinds))
-    trainer.optimizer.step()
-    if trainer.aggregator is not None and trainer.aggregator.needs_losses_after:
-        with torch.no_grad():
-            trainer.aggregator.after_step(multitask_losses(trainer.model, batches, trainer.kinds).losses)
+    _timing.training_step(trainer)
 
 
 def paired(method_fn, baseline_fn, repeats: int, n: int) -> tuple[float, float, float]:
@@ -164,12 +160,12 @@ def aggregation_rows(J: torch.Tensor, losses: torch.Tensor, repeats: int, n: int
 def fashion(args) -> tuple[list[dict], list[dict]]:
     tasks = ["fashion1", "fashion2", "noisy_fashion"]
     sizes = {"train_size": 2048, "val_size": 16, "test_size": 16}
-    setting = load_setting("fashion_mtl", tasks, sizes, root=args.data_root)
+    data = settings.get("fashion_mtl").load(tasks, sizes, root=args.data_root)
 
     def trainer(name, options):
-        config = RunConfig.from_dict({"tasks": tasks, "batch_size": 128, "device": str(DEVICE), "aggregator": name,
-                                      "aggregator_options": options, "setting_options": sizes})
-        t = Trainer(config, setting, DEVICE)
+        t = _timing.trainer({"setting": "fashion_mtl", "tasks": tasks, "model": args.model, "batch_size": 128,
+                             "device": str(DEVICE), "aggregator": name, "aggregator_options": options,
+                             "setting_options": sizes}, data=data)
         for _ in range(args.warmup):
             step(t)
         return t
@@ -184,9 +180,9 @@ def fashion(args) -> tuple[list[dict], list[dict]]:
         rows.append({"method": label, "kind": kind(t),
                      "ms": 1e3 * ms, "ratio": ratio, "mb": peak / MB, "mem_ratio": peak / base_peak})
         print(f"(a) {label:18s} {1e3 * ms:8.1f} ms  ×{ratio:.2f}   {peak / MB:7.1f} MB ×{peak / base_peak:.2f}", flush=True)
-    losses = multitask_losses(base.model, base._batches(), base.kinds).losses
-    J = task_jacobian(losses, base.model.shared_parameters())
-    return rows, aggregation_rows(J.detach(), losses.detach(), args.repeats, args.agg_calls)
+    losses = base._losses(*base._batch())  # one step's task losses, as the trainer computes them
+    J = task_jacobian(losses.parts, base.model.shared_parameters(), method="loop")  # as JacobianUpdate forms it
+    return rows, aggregation_rows(J.detach(), losses.losses.detach(), args.repeats, args.agg_calls)
 
 
 class Capture:
@@ -204,37 +200,50 @@ class Capture:
         return self.d
 
 
-def resnet(args) -> tuple[list[dict], list[dict]]:
+def resnet18_heads(tasks: list[str]) -> MultiTaskModel:
+    """ResNet18 (fc → Identity, 512 features) with a linear head of 5 classes per task."""
     import torchvision
 
-    from mtlcore.models import MultiTaskModel
-
-    K = args.resnet_tasks
-    torch.manual_seed(0)
     encoder = torchvision.models.resnet18(num_classes=10)
     encoder.fc = nn.Identity()
-    model = MultiTaskModel(encoder, {f"t{k}": nn.Linear(512, 5) for k in range(K)})
-    model = model.to(DEVICE, memory_format=torch.channels_last)
-    g = torch.Generator().manual_seed(0)
-    batches = [(f"t{k}", torch.randn(32, 3, 32, 32, generator=g).to(DEVICE), torch.randint(0, 5, (32,), generator=g).to(DEVICE))
-               for k in range(K)]
+    model = MultiTaskModel(encoder, {task: nn.Linear(512, 5) for task in tasks})
+    model.memory_format = torch.channels_last  # the trainer puts the model in this layout
+    return model
 
-    def trainer(name, options):  # the Trainer's state that _update and the step read, around our model
-        t = object.__new__(Trainer)
-        t.config = types.SimpleNamespace(aggregator=name, aggregator_options=options, loss_scale="sum", head_update="own",
-                                         seed=0, optimizer="momentum", lr=1e-2, momentum=0.9,
-                                         weight_decay=0.0)
-        t.device, t.tasks, t.model, t.scale = DEVICE, [b[0] for b in batches], model, 1.0
-        use_deterministic_kernels(DEVICE)  # as Trainer.__init__ does
-        t.kinds = {task: "cross_entropy" for task in t.tasks}
-        t.aggregator = t._make_aggregator()
-        t._choose_step_path()
-        extra = t.aggregator.parameters() if t.aggregator is not None else []
-        t.optimizer = make_optimizer(t.config, list(model.parameters()) + list(extra))
-        return t
+
+class RandomImages(Setting):
+    """(b)'s setting: tasks t0, t1, ... of 5 classes on CIFAR-100-shaped random inputs (`train_size` per task), the
+    model ResNet18 with a linear head per task. Registered in this process only."""
+
+    name, display_name = "bench_random_images", "Random images (benchmark)"
+    tasks = tuple(f"t{k}" for k in range(100))
+    defaults = {"train_size": 64}
+    models, default_model = {"resnet18": resnet18_heads}, "resnet18"
+
+    def load(self, tasks, options, root=None, download=True):
+        n = self.resolve_options(options)["train_size"]
+        g = torch.Generator().manual_seed(0)
+        train = {t: Examples(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 5, (n,), generator=g))
+                 for t in self.check_tasks(tasks)}
+        unused = {t: e.first(1) for t, e in train.items()}  # val and test: never evaluated here
+        return SettingData(list(tasks), {"train": train, "val": unused, "test": unused}, info={"train_size": n})
+
+    def task(self, name):
+        return Task(name, CrossEntropy(), (ACCURACY,))
+
+
+def resnet(args) -> tuple[list[dict], list[dict]]:
+    K = args.resnet_tasks
+    settings.register(RandomImages)
+    tasks = [f"t{k}" for k in range(K)]
+    data = settings.get(RandomImages.name).load(tasks, {})
+
+    def trainer(name, options):  # batch 32 per task, momentum SGD 1e-2, summed losses, own heads: the defaults
+        return _timing.trainer({"setting": RandomImages.name, "tasks": tasks, "batch_size": 32, "device": str(DEVICE),
+                                "aggregator": name, "aggregator_options": options}, data=data)
 
     def run(t):
-        return step(t, batches)
+        return step(t)
 
     base = trainer("uniform", {})
     run(base)  # warm-up (one step: each one takes seconds)
@@ -242,7 +251,7 @@ def resnet(args) -> tuple[list[dict], list[dict]]:
     rows = []
     # The Jacobian step, once, under the memory profiler (its profiling overhead is small next to minutes).
     jstep = trainer("uniform", {"reduction": "mean"})
-    jstep.aggregator = capture = Capture(jstep.aggregator)
+    jstep.update.aggregator = capture = Capture(jstep.update.aggregator)
     start = time.perf_counter()
     j_peak = peak_bytes(lambda: run(jstep))
     j_seconds, j_agg = time.perf_counter() - start, capture.seconds
@@ -252,8 +261,8 @@ def resnet(args) -> tuple[list[dict], list[dict]]:
     agg_ms = {r["method"]: r["ms"] for r in agg_rows}
     for label, name, options in methods(K):
         t = base if label == "uniform" else trainer(name, options)
-        if (DEVICE.type == "cpu" and t.aggregator is not None and t.aggregator.kind == "gradient"
-                and t.aggregator.jacobian_of == "shared"):
+        if (DEVICE.type == "cpu" and not isinstance(t.update, UniformUpdate) and t.update.aggregator.kind == "gradient"
+                and t.update.aggregator.jacobian_of == "shared"):
             ms = 1e3 * (j_seconds - j_agg) + agg_ms[label]  # estimated from the measured Jacobian step
             rows.append({"method": label, "kind": "gradient", "ms": ms, "ratio": ms / (1e3 * u_seconds),
                          "mb": j_peak / MB, "mem_ratio": j_peak / base_peak, "estimated": True})
@@ -302,6 +311,8 @@ def main() -> None:
     parser.add_argument("--resnet-tasks", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-root", default="/work/shared/data")
+    parser.add_argument("--model", default="lenet_fused", help="(a)'s FashionMTL model: lenet_fused (the fused CPU "
+                        "kernels) or lenet (PyTorch's ops)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda; on cuda every (b) step is timed, none estimated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -312,7 +323,7 @@ def main() -> None:
               f"torch.set_num_threads({args.threads}), torch {torch.__version__}, "
               f"TorchJD {'n/a' if tjd is None else version('torchjd')}")
     sections = [f"Measured {header}."]
-    titles = {"a": "(a) FashionMTL LeNet, 3 tasks, batch 128 per task",
+    titles = {"a": f"(a) FashionMTL {args.model}, 3 tasks, batch 128 per task",
               "b": f"(b) ResNet18 + {args.resnet_tasks} linear heads, 3×32×32 random inputs, batch 32 per task"}
     for key in args.settings:
         if key == "J":

@@ -39,7 +39,7 @@ def median_ms(variants: dict, rounds: int, calls: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
-            fn()  # warm-up: allocations, Triton's compile
+            fn()  # warm-up: allocations, lazy initialisation
             times[name].append(statistics.median(_timing.seconds(fn, DEVICE) for _ in range(calls)) * 1e3)
     return {name: statistics.median(values) for name, values in times.items()}
 

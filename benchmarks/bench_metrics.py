@@ -1,9 +1,10 @@
 """Cost of the trajectory factors at one checkpoint, relative to one training epoch, on FashionMTL.
 
 Quick-profile sizes: tasks fashion1 + fashion2, 5,000 training examples per task, batch 128, so one epoch is
-ceil(5000/128) = 40 steps of the trainer's step (`Trainer._update` with the uniform fast path). At one
-checkpoint, with the arguments `mtlcore.metrics.schedule.FactorSchedule.measure` uses (the first 2,048
-training examples of each task), it times, per task and summed over the two tasks:
+ceil(5000/128) = 40 steps of the trainer's step (`_timing.training_step`: the uniform fast path) with the profiles'
+model `lenet_fused` (`--model lenet` for PyTorch's ops; the factors' vmap'd gradients take PyTorch's ops either
+way). At one checkpoint, with the arguments `mtlcore.metrics.schedule.FactorSchedule.measure` uses (the first 2,048
+training examples of each task, each task's `Loss`), it times, per task and summed over the two tasks:
 
 * `sharpness` (m = 128, ρ = 1e-3, 20 ascent steps), `fisher_trace` (2,048 examples, sampled labels),
 * `gradient_coherence` per task (B = 16, L = 1024) and `multitask_gradient_coherence`,
@@ -30,8 +31,6 @@ from pathlib import Path
 import torch
 
 import _timing
-from mtlcore.config import RunConfig
-from mtlcore.data import load_setting
 from mtlcore.metrics import (
     fisher_trace,
     gradient_coherence,
@@ -40,7 +39,7 @@ from mtlcore.metrics import (
     per_example_squared_norms,
     sharpness,
 )
-from mtlcore.train import Trainer, multitask_losses
+from mtlcore.training import RunConfig
 
 OUT = Path(__file__).resolve().parent / "out"
 TASKS = ["fashion1", "fashion2"]
@@ -63,44 +62,47 @@ def main() -> None:
     parser.add_argument("--data-root", default="/work/shared/data")
     parser.add_argument("--profile", default="quick", help="also time one checkpoint exactly as this profile's runs measure it")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--model", default="lenet_fused", help="the FashionMTL model trained in the epoch (lenet_fused, lenet)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     global DEVICE
     DEVICE = torch.device(args.device)
 
     sizes = {"train_size": args.train_size, "val_size": 16, "test_size": 16}
-    setting = load_setting("fashion_mtl", TASKS, sizes, root=args.data_root)
-    config = RunConfig.from_dict({"tasks": TASKS, "batch_size": 128, "device": args.device, "setting_options": sizes})
-    trainer = Trainer(config, setting, torch.device(args.device))
-    model, batch, setting = trainer.model, config.batch_size, trainer.setting
+    trainer = _timing.trainer({"setting": "fashion_mtl", "tasks": TASKS, "model": args.model, "batch_size": 128,
+                               "device": args.device, "setting_options": sizes}, args.data_root)
+    model, batch = trainer.model, trainer.config.batch_size
 
-    def step():  # one iteration of Trainer._train_epoch (without its bookkeeping)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer._update(multitask_losses(model, trainer._batches(), trainer.kinds))
-        trainer.optimizer.step()
-
-    def epoch():
+    def epoch():  # Trainer._train_epoch's steps (without its bookkeeping)
         model.train()
         for _ in range(trainer.steps_per_epoch):
-            step()
+            _timing.training_step(trainer)
 
-    data = {t: (setting.tasks[t].train.x[: args.examples], setting.tasks[t].train.y[: args.examples]) for t in TASKS}
+    # the first examples of each task and its loss, as FactorSchedule.measure takes them
+    examples = {t: trainer.data.examples["train"][t].first(args.examples) for t in TASKS}
+    data = {t: (e.inputs, e.targets) for t, e in examples.items()}
+    losses = {t: trainer.setting.task(t).loss for t in TASKS}
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    coherence = {"small_batch": 16, "large_batch": 1024}
+    coherence = {"small_batch": 16, "large_batch": min(1024, args.examples)}
     factors = {
-        "sharpness (m=128, ρ=1e-3)": lambda: [sharpness(model, t, *data[t], rho=1e-3, batch_size=batch, generator=gen())
-                                              for t in TASKS],
-        f"fisher_trace ({args.examples} examples)": lambda: [fisher_trace(model, t, *data[t], generator=gen()) for t in TASKS],
-        "gradient_coherence per task (B=16, L=1024)": lambda: [gradient_coherence(model, t, *data[t], generator=gen(), **coherence)
+        "sharpness (m=128, ρ=1e-3)": lambda: [sharpness(model, t, *data[t], loss=losses[t], rho=1e-3, batch_size=batch,
+                                                        generator=gen()) for t in TASKS],
+        f"fisher_trace ({args.examples} examples)": lambda: [fisher_trace(model, t, *data[t], loss=losses[t],
+                                                                          generator=gen()) for t in TASKS],
+        f"gradient_coherence per task (B=16, L={coherence['large_batch']})": lambda: [gradient_coherence(model, t, *data[t], loss=losses[t],
+                                                                                  generator=gen(), **coherence)
                                                                for t in TASKS],
-        "multitask_gradient_coherence": lambda: multitask_gradient_coherence(model, data, TASKS, generator=gen(), **coherence),
-        "gradient_conflict (200 batches of 128)": lambda: gradient_conflict(model, data, batch_size=batch, num_batches=200,
-                                                                            generator=gen()),
+        "multitask_gradient_coherence": lambda: multitask_gradient_coherence(model, data, TASKS, losses=losses,
+                                                                             generator=gen(), **coherence),
+        "gradient_conflict (200 batches of 128)": lambda: gradient_conflict(model, data, losses=losses, batch_size=batch,
+                                                                            num_batches=200, generator=gen()),
     }
     conflict_20 = "gradient_conflict (20 batches of 128)"
-    factors[conflict_20] = lambda: gradient_conflict(model, data, batch_size=batch, num_batches=20, generator=gen())
-    x, y = data[TASKS[0]][0][: args.per_example], data[TASKS[0]][1][: args.per_example]
-    per_example = {m: (lambda m=m: per_example_squared_norms(model, TASKS[0], x, y, method=m)) for m in ("vmap", "loop")}
+    factors[conflict_20] = lambda: gradient_conflict(model, data, losses=losses, batch_size=batch, num_batches=20,
+                                                     generator=gen())
+    x, y = examples[TASKS[0]].first(args.per_example).inputs, examples[TASKS[0]].first(args.per_example).targets
+    per_example = {m: (lambda m=m: per_example_squared_norms(model, TASKS[0], x, y, loss=losses[TASKS[0]], method=m))
+                   for m in ("vmap", "loop")}
 
     epoch()  # warm-up: momentum buffers, oneDNN primitives (each factor runs hundreds of passes: no warm-up)
     for fn in per_example.values():
@@ -146,24 +148,24 @@ def profile_checkpoint(profile: str, repeats: int, data_root: str, device: str =
     against one epoch of that run, both exactly as the trainer does them."""
     from tqdm import tqdm
 
-    from mtlcore.batch import profile_parameters
-    from mtlcore.metrics.schedule import applied_update
-    from mtlcore.runner import base_config
+    from mtlcore.book import profile_parameters
+    from mtlcore.training import base_config
 
     p = profile_parameters(profile)["sec4_1_factors"]
     tasks = [p["target"], p["partners"][0]]
     config = RunConfig.from_dict(base_config(p) | {"tasks": tasks, "device": device})
-    trainer = Trainer(config, load_setting(config.setting, tasks, config.setting_options, root=data_root), torch.device(device))
-    update = applied_update(None, config.loss_scale, len(tasks))
+    trainer = _timing.trainer(config, data_root)
+    tasks_of_run = {t: trainer.setting.task(t) for t in trainer.tasks}
     bar = tqdm(disable=True)
     epoch = lambda: trainer._train_epoch(bar)  # noqa: E731
-    checkpoint = lambda: trainer.factors.measure(trainer.model, trainer.setting, trainer.tasks, 0, update)  # noqa: E731
+    checkpoint = lambda: trainer.factors.measure(trainer.model, trainer.data, tasks_of_run, 0,  # noqa: E731
+                                                 trainer.update.direction())
     epoch()
     pairs = [(seconds(epoch), seconds(checkpoint)) for _ in range(repeats)]
     e, c = statistics.median(x for x, _ in pairs), statistics.median(y for _, y in pairs)
     r = statistics.median(y / x for x, y in pairs)
-    return [f"Profile `{profile}` ({'+'.join(tasks)}, {config.setting_options['train_size']} examples per task, batch "
-            f"{config.batch_size}, metrics {config.metrics}):", "",
+    return [f"Profile `{profile}` ({'+'.join(tasks)}, model {config.resolved()['model']}, "
+            f"{config.setting_options['train_size']} examples per task, batch {config.batch_size}, metrics {config.metrics}):", "",
             "| | seconds | / one epoch |", "|---|---:|---:|",
             f"| one training epoch ({trainer.steps_per_epoch} steps) | {e:.2f} | 1.00 |",
             f"| one checkpoint, all factors, as the profile measures it | {c:.2f} | {r:.2f} |"]

@@ -1,9 +1,12 @@
 """Try one §3 configuration: Fashion1 STL and MTL with each partner over seeds, without factor measurements,
-and print the transfer table (REFERENCE §1.4). Used to choose the quick profile (benchmarks/README.md).
+and print the transfer table (paper A, §3 and Appendix B). Used to choose the quick profile (benchmarks/README.md).
 
     python benchmarks/transfer_search.py NAME '{"optimizer": "adam", "lr": 0.001, ...}' [--partners fashion2,noisy_fashion]
+    python benchmarks/transfer_search.py dropout0 '{"model_options": {"dropout": 0.0}}'
 
-The JSON holds run-config keys over the quick profile's; runs are cached under benchmarks/out/transfer/NAME.
+The JSON holds run-config keys (`mtlcore.training.RunConfig`) over the quick profile's: the model's options, dropout
+among them, go in `model_options`, the model itself (`lenet_fused`, `lenet`) in `model`. Runs are cached under
+benchmarks/out/transfer/NAME.
 """
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ import json
 import time
 from pathlib import Path
 
-from mtlcore import transfer
-from mtlcore.batch import profile_parameters
-from mtlcore.runner import base_config, grid, load_runs
+from mtlcore import settings
+from mtlcore.analysis import comparisons
+from mtlcore.book import profile_parameters
+from mtlcore.training import base_config, grid, load_runs
 
 OUT = Path(__file__).resolve().parent / "out" / "transfer"
 
@@ -33,14 +37,16 @@ def main() -> None:
     task_sets = [[target]] + [[target, p] for p in args.partners.split(",")]
     configs = grid(base, tasks=task_sets, seed=[int(s) for s in args.seeds.split(",")])
     start = time.perf_counter()
-    runs = transfer.label_configurations(load_runs(configs, OUT / args.name, data_root=args.data_root), target)
+    display_names = settings.get(base["setting"]).display_names
+    runs = comparisons.label_configurations(load_runs(configs, OUT / args.name, data_root=args.data_root), target,
+                                            display_names)
     runs = runs.sel(task=target)
-    summary = transfer.generalization(runs["val_score"], runs["test_score"], k=10)
+    summary = comparisons.generalization(runs["val_score"], runs["test_score"], k=10)
     print(f"{args.name}: {json.dumps(base, sort_keys=True)}")
-    print(transfer.transfer_table(summary, runs["configuration"]).round(4).to_string())
+    print(comparisons.transfer_table(summary, runs["configuration"]).round(4).to_string())
     for label, value in zip(runs["configuration"].values, summary.values):
         print(f"  {label}: {value:.4f}")
-    gaps = transfer.gaps_at_loss(runs["train_loss"], runs["test_score"], runs["configuration"], n_levels=6)
+    gaps = comparisons.gaps_at_loss(runs["train_loss"], runs["test_score"], runs["configuration"], n_levels=6)
     gaps["delta"] = [f"{d:+.4f}" + (" *" if s else "") for d, s in zip(gaps["delta"], gaps["significant"])]
     print("Δ test accuracy against STL at common training losses (* significant):")
     print(gaps.pivot_table(index=["loss_level", "x_final"], columns="configuration", values="delta", aggfunc="first")

@@ -8,17 +8,21 @@ import pytest
 import torch
 import xarray as xr
 
-from mtlcore import metrics, train
-from mtlcore.aggregators.base import gramian
-from mtlcore.config import RunConfig
-from mtlcore.models import build_model
+from mtlcore import metrics
+from mtlcore.aggregators import gramian as gramian_module
+from mtlcore.aggregators.gramian import gramian
+from mtlcore.settings.fashion_mtl import CrossEntropy
+from mtlcore.settings.fashion_mtl.model import lenet
+from mtlcore.training import RunConfig
+from mtlcore.training import trainer as train
 
 from conftest import SMALL
-from test_aggregators import GRADIENT_METHODS, make, random_jacobian
+from aggregators._properties import GRADIENT_METHODS, make, random_jacobian
 from test_train import assert_grads_in_parameter_layout, trainer_after_updates
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-BASE = {"setting_options": SMALL, "epochs": 2, "batch_size": 32, "lr": 0.05, "optimizer": "momentum"}
+BASE = {"setting": "fashion_mtl", "setting_options": SMALL, "epochs": 2, "batch_size": 32, "lr": 0.05,
+        "optimizer": "momentum"}
 RECORDED = ("train_loss", "val_loss", "test_loss", "val_score", "test_score", "task_weight")
 
 
@@ -79,7 +83,7 @@ def test_a_cuda_run_gives_each_randomised_method_its_generator_where_the_draws_a
     """PCGrad's and GradVac's draws order the tasks on the host and RLW's weights are recorded there: from a
     generator on the GPU each draw costs a round trip to the device. GradDrop's draws mask J on the device, so its
     generator stays there."""
-    agg = trainer_after_updates(config("cuda", aggregator=aggregator), fake_data_root, steps=2).aggregator
+    agg = trainer_after_updates(config("cuda", aggregator=aggregator), fake_data_root, steps=2).update.aggregator
     assert agg.generator.device.type == ("cuda" if aggregator == "graddrop" else "cpu")
     if aggregator != "graddrop":  # GradDrop has no task weights (NaN by definition)
         assert agg.weights.device.type == "cpu" and agg.weights.dtype == torch.float64
@@ -90,7 +94,8 @@ def test_a_cuda_run_gives_each_randomised_method_its_generator_where_the_draws_a
 def test_cuda_and_cpu_runs_follow_the_same_trajectory(run, no_tf32, aggregator):
     """Not bit-equal (other kernels, summation orders), but the same training; without dropout, whose masks
     come from each device's own generator."""
-    gpu, cpu = (run(device, epochs=1, dropout=0.0, aggregator=aggregator) for device in ("cuda", "cpu"))
+    gpu, cpu = (run(device, epochs=1, model_options={"dropout": 0.0}, aggregator=aggregator)
+                for device in ("cuda", "cpu"))
     for name in ("train_loss", "test_loss"):
         torch.testing.assert_close(torch.from_numpy(gpu[name].values), torch.from_numpy(cpu[name].values), rtol=1e-3, atol=1e-4)
     one_image = 1 / SMALL["test_size"]  # a prediction that flips on a near-tie moves the accuracy by this much
@@ -106,70 +111,73 @@ def test_gradient_aggregators_on_cuda_match_cpu(name):
     got = gpu_agg(J.cuda(), losses.cuda())
     assert got.device.type == "cuda"
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-5)
+    assert gpu_agg.weights.device.type == "cpu" and gpu_agg.weights.dtype == torch.float64
+    torch.testing.assert_close(gpu_agg.weights, cpu_agg.weights, rtol=1e-5, atol=1e-8, equal_nan=True)
 
 
-@pytest.mark.parametrize("shape", [(1, 7), (3, 431_080), (5, 300_000), (20, 100_003), (33, 20_000), (64, 9_001),
-                                   (65, 5_000)])  # 65 rows: above the kernel's MAX_TASKS, torch's blocks
+@pytest.mark.parametrize("shape", [(1, 7), (3, 431_080), (5, 300_000), (20, 100_003), (33, 20_000), (65, 5_000)])
 def test_float64_gramian_on_cuda_is_exact(shape):
     """Integer entries: every partial sum is an exact integer, so G must equal the integer Gramian exactly."""
-    from mtlcore.aggregators import gramian_gpu
-
     J = torch.randint(-64, 65, shape, generator=torch.Generator().manual_seed(sum(shape))).float()
-    exact = (J.long() @ J.long().T).numpy()
+    exact = (J.long() @ J.long().T).double()
     for given in (J, J.half(), J.bfloat16(), J.double(), J.T.contiguous().T):
-        assert np.array_equal(gramian(given.cuda()), exact)
-        # the kernel itself: gramian() would hide a failure behind torch's blocks
-        if shape[0] <= gramian_gpu.MAX_TASKS and given.dtype in gramian_gpu.DTYPES:
-            assert np.array_equal(gramian_gpu.launch(given.cuda()).cpu().numpy(), exact)
-
-
-def test_trainer_records_the_triton_gramian_and_falls_back_when_it_fails(fake_data_root, monkeypatch, caplog):
-    from mtlcore.aggregators import gramian_gpu
-
-    trainer = trainer_after_updates(config("cuda", aggregator="mgda"), fake_data_root, steps=2)
-    assert trainer.ds.attrs["jacobian_kernels"] == "triton"
-    J = torch.randn(4, 50_000, generator=torch.Generator().manual_seed(5))
-
-    def broken(J):
-        raise RuntimeError("PTX assembly failed")
-
-    monkeypatch.setattr(gramian_gpu, "launch", broken)
-    monkeypatch.setattr(gramian_gpu, "_usable", True)  # the failure marks it off: undone after the test
-    with caplog.at_level("WARNING", logger="mtlcore.aggregators"):
-        np.testing.assert_allclose(gramian(J.cuda()), (J.double() @ J.double().T).numpy(), rtol=1e-12)
-        gramian(J.cuda())
-    assert caplog.text.count("the Triton Gramian kernel failed (PTX assembly failed); using torch's float64 "
-                             "blocks") == 1
-    assert trainer_after_updates(config("cuda", aggregator="mgda"), fake_data_root, steps=0).ds.attrs[
-        "jacobian_kernels"] == "torch"
+        G = gramian(given.cuda())
+        assert G.device.type == "cuda" and G.dtype == torch.float64
+        assert torch.equal(G.cpu(), exact)
 
 
 @pytest.mark.parametrize("block", [1 << 24, 1 << 12])  # one block, many blocks
-def test_float64_gramian_of_torch_blocks_on_cuda_is_exact(monkeypatch, block):
-    monkeypatch.setattr("mtlcore.aggregators.gramian_gpu._usable", False)  # as without Triton
-    monkeypatch.setattr("mtlcore.aggregators.base.GRAMIAN_BLOCK_GPU", block)
+def test_float64_gramian_on_cuda_over_one_or_many_blocks(monkeypatch, block):
+    monkeypatch.setattr(gramian_module, "BLOCK_GPU", block)
     J = torch.randn(5, 300_000, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(torch.from_numpy(gramian(J.cuda())), J.double() @ J.double().T, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(gramian(J.cuda()).cpu(), J.double() @ J.double().T, rtol=1e-10, atol=1e-8)
 
 
 def test_per_example_gradients_and_factors_on_cuda_match_cpu(no_tf32):
+    ce = CrossEntropy()
     torch.manual_seed(0)
-    model = build_model("lenet", {"a": 10, "b": 10}).eval()
+    model = lenet(["a", "b"]).eval()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
-    gpu_model = build_model("lenet", {"a": 10, "b": 10}).eval()
+    gpu_model = lenet(["a", "b"]).eval()
     gpu_model.load_state_dict(model.state_dict())
     gpu_model.cuda()
     xg, yg = x.cuda(), y.cuda()
-    by_vmap = metrics.per_example_gradients(gpu_model, "a", xg[:16], yg[:16], method="vmap")
-    by_loop = metrics.per_example_gradients(gpu_model, "a", xg[:16], yg[:16], method="loop")
+    by_vmap = metrics.per_example_gradients(gpu_model, "a", xg[:16], yg[:16], loss=ce, method="vmap")
+    by_loop = metrics.per_example_gradients(gpu_model, "a", xg[:16], yg[:16], loss=ce, method="loop")
     torch.testing.assert_close(by_vmap, by_loop, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(by_vmap.cpu(), metrics.per_example_gradients(model, "a", x[:16], y[:16]), rtol=1e-4, atol=1e-6)
-    cpu_fisher = metrics.fisher_trace(model, "a", x, y, empirical=True)
-    assert metrics.fisher_trace(gpu_model, "a", xg, yg, empirical=True) == pytest.approx(cpu_fisher, rel=1e-4)
-    cpu_sharp = metrics.sharpness(model, "a", x, y, rho=1e-3, batch_size=32, generator=torch.Generator().manual_seed(2))
-    gpu_sharp = metrics.sharpness(gpu_model, "a", xg, yg, rho=1e-3, batch_size=32, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(by_vmap.cpu(), metrics.per_example_gradients(model, "a", x[:16], y[:16], loss=ce),
+                               rtol=1e-4, atol=1e-6)
+    cpu_fisher = metrics.fisher_trace(model, "a", x, y, loss=ce, empirical=True)
+    assert metrics.fisher_trace(gpu_model, "a", xg, yg, loss=ce, empirical=True) == pytest.approx(cpu_fisher, rel=1e-4)
+    # sampled targets from a CPU generator: the same draws on both devices (up to near-ties of the softmax)
+    cpu_sampled = metrics.fisher_trace(model, "a", x, loss=ce, num_samples=4,
+                                       generator=torch.Generator().manual_seed(3))
+    gpu_sampled = metrics.fisher_trace(gpu_model, "a", xg, loss=ce, num_samples=4,
+                                       generator=torch.Generator().manual_seed(3))
+    assert gpu_sampled == pytest.approx(cpu_sampled, rel=1e-3)
+    cpu_sharp = metrics.sharpness(model, "a", x, y, loss=ce, rho=1e-3, batch_size=32,
+                                  generator=torch.Generator().manual_seed(2))
+    gpu_sharp = metrics.sharpness(gpu_model, "a", xg, yg, loss=ce, rho=1e-3, batch_size=32,
+                                  generator=torch.Generator().manual_seed(2))
     assert gpu_sharp >= 0 and gpu_sharp == pytest.approx(cpu_sharp, rel=0.1, abs=1e-6)
+    data = {"a": (x, y), "b": (x, y.flip(0))}
+    on_gpu = {task: (inputs.cuda(), targets.cuda()) for task, (inputs, targets) in data.items()}
+    losses = {"a": ce, "b": ce}
+    conflict = [metrics.gradient_conflict(m, d, losses=losses, batch_size=16, num_batches=4,
+                                          generator=torch.Generator().manual_seed(4))
+                for m, d in ((model, data), (gpu_model, on_gpu))]
+    for task in data:
+        assert conflict[1][task] == pytest.approx(conflict[0][task], abs=1e-4)
+
+
+def test_lenet_fused_on_cuda_is_lenet(run):
+    """The fused kernels are CPU kernels: on CUDA `lenet_fused` takes PyTorch's ops, so its run is lenet's bit for bit
+    (under another content hash)."""
+    plain, fused = run("cuda", epochs=1), run("cuda", epochs=1, model="lenet_fused")
+    assert plain.attrs["run_id"] != fused.attrs["run_id"] and fused.attrs["model"] == "lenet_fused"
+    for name in RECORDED:
+        xr.testing.assert_identical(plain[name], fused[name])
 
 
 @pytest.mark.parametrize("aggregator", ["mgda", "mgda_ub", "pcgrad"])

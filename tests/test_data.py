@@ -204,7 +204,7 @@ def test_runs_record_the_data_files_and_warn_when_they_are_not_the_release(fake_
 
 
 def test_real_fashion_mnist_files(real_data_root):
-    """The real release: 60,000 / 10,000 images, 6,000 / 1,000 per class (REFERENCE, data MANIFEST)."""
+    """The real release: 60,000 / 10,000 images, 6,000 / 1,000 per class (the release's documentation)."""
     x = read_idx(real_data_root / "fashion-mnist" / "train-images-idx3-ubyte.gz")
     y = read_idx(real_data_root / "fashion-mnist" / "train-labels-idx1-ubyte.gz")
     assert x.shape == (60000, 28, 28) and np.bincount(y).tolist() == [6000] * 10

@@ -1,41 +1,57 @@
-"""The LeNet multi-task model (REFERENCE §1.1)."""
-import torch
+"""FashionMTL's LeNet models (paper A, Appendix A): `lenet` (PyTorch's ops) and `lenet_fused` (the same network with
+its conv blocks on the fused CPU kernels of `mtlcore/settings/fashion_mtl/fused.py`)."""
+from __future__ import annotations
 
-from mtlcore.models import build_model
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtlcore import settings
+from mtlcore.settings.fashion_mtl import fused
+from mtlcore.settings.fashion_mtl.model import LeNetEncoder, lenet, lenet_fused
+from mtlcore.training import RunConfig
 
 
 def test_lenet_shapes_and_parameter_count():
-    model = build_model("lenet", {"a": 10, "b": 4})
+    model = lenet(["a", "b"])
     z = model.encoder(torch.zeros(7, 1, 28, 28))
     assert z.shape == (7, 50)
-    assert model(torch.zeros(7, 1, 28, 28), "b").shape == (7, 4)
+    assert model(torch.zeros(7, 1, 28, 28), "b").shape == (7, 10)
     # conv1 10·25+10, conv2 20·10·25+20, fc 320·50+50  (the flatten is 20·4·4 = 320)
     assert sum(p.numel() for p in model.shared_parameters()) == 260 + 5020 + 16050
     assert sum(p.numel() for p in model.task_parameters("a")) == 50 * 10 + 10
     assert [p.shape for p in model.last_shared_layer()] == [torch.Size([50, 320]), torch.Size([50])]
+    assert model.tasks == ["a", "b"] and not model.encoder.fused and model.encoder.dropout.p == 0.5
+    assert lenet(["a"], dropout=0.2).encoder.dropout.p == 0.2
 
 
-def test_unknown_encoder_lists_valid_ones():
-    import pytest
-
-    with pytest.raises(ValueError, match=r"valid encoders: \['lenet'\]"):
-        build_model("resnet999", {"a": 2})
+def test_unknown_model_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"valid models: \['lenet', 'lenet_fused'\]"):
+        settings.get("fashion_mtl").build_model("resnet999", ["fashion1"])
 
 
-# --- the fused CPU kernel of LeNet's first block (mtlcore/models/fused.py) ---------------------------------
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+def test_runs_of_lenet_and_lenet_fused_have_different_content_hashes():
+    """They compute the same function with other float32 rounding, so their runs are not interchangeable; the
+    default model spelled out is the same run."""
+    base = {"setting": "fashion_mtl", "tasks": ["fashion1", "fashion2"]}
+    default, plain, fused_run = (RunConfig.from_dict({**base, **model}).content_hash()
+                                 for model in ({}, {"model": "lenet"}, {"model": "lenet_fused"}))
+    assert default == plain != fused_run
+    assert RunConfig.from_dict({**base, "model": "lenet_fused", "model_options": {"dropout": 0.5}}).content_hash() \
+        == fused_run
 
-from conftest import switch_off_kernels  # noqa: E402
-from mtlcore import _cpu_kernels  # noqa: E402
-from mtlcore.models import fused  # noqa: E402
 
-
+# --- the fused CPU kernels of LeNet's conv blocks (mtlcore/settings/fashion_mtl/fused.py) ----------------------
 @pytest.fixture
 def kernel():
     if fused.extension() is None:
         pytest.skip("the fused LeNet kernel cannot be built here (no C++ compiler or no AVX2)")
     return fused
+
+
+def switch_off_kernel(monkeypatch) -> None:
+    """The compiled extension reads as unavailable: the encoder takes PyTorch's path."""
+    monkeypatch.setitem(fused.modules, fused.EXTENSION, None)
 
 
 def _reference(x, conv):
@@ -48,6 +64,61 @@ def _images(n: int, seed: int) -> torch.Tensor:
     x = torch.full((n, 1, 28, 28), -0.4)
     x[:, :, 6:22, 4:20] = torch.randn(n, 1, 16, 16, generator=g)
     return x
+
+
+def _twins(dropout: float):
+    """`lenet` and `lenet_fused` with the same weights, channels-last as the trainer puts them."""
+    torch.manual_seed(0)
+    plain = lenet(["a", "b"], dropout=dropout)
+    twin = lenet_fused(["a", "b"], dropout=dropout)
+    twin.load_state_dict(plain.state_dict())
+    return [m.to(memory_format=m.memory_format) for m in (plain, twin)]
+
+
+def _count_kernel_calls(monkeypatch) -> dict[str, int]:
+    calls = {"block1": 0, "block2": 0}
+    for block, function in (("block1", fused.ConvPoolReLU), ("block2", fused.ConvDropoutPoolReLU)):
+        def counted(*args, block=block, apply=function.apply):
+            calls[block] += 1
+            return apply(*args)
+
+        monkeypatch.setattr(function, "apply", counted)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_lenet_and_lenet_fused_compute_the_same_function(kernel, monkeypatch, mode):
+    """Outputs and parameter gradients of both models agree up to float32 rounding, with both kernels in use (block 2's
+    only under autograd); in training mode one seed gives both the same dropout masks."""
+    plain, twin = _twins(dropout=0.5)
+    assert not plain.encoder.fused and twin.encoder.fused
+    x = _images(32, 6)
+    calls = _count_kernel_calls(monkeypatch)
+    results = []
+    for model in (plain, twin):
+        model.train(mode == "train")
+        torch.manual_seed(1)
+        outputs = {task: model(x, task) for task in model.tasks}
+        loss = sum(out.square().sum() for out in outputs.values())
+        results.append((outputs, torch.autograd.grad(loss, list(model.parameters()))))
+        if model is plain:
+            assert calls == {"block1": 0, "block2": 0}
+    assert calls == {"block1": 2, "block2": 2}  # the fused model's two heads, one encoder pass each; none for lenet
+    (ours_out, ours_grads), (theirs_out, theirs_grads) = results[1], results[0]
+    for task in plain.tasks:
+        torch.testing.assert_close(ours_out[task], theirs_out[task], rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    with torch.no_grad():  # evaluation: block 1's kernel alone
+        torch.testing.assert_close(twin.eval()(x, "a"), plain.eval()(x, "a"), rtol=1e-5, atol=1e-5)
+
+
+def test_lenet_fused_records_what_computes_its_conv_blocks(kernel):
+    model = lenet_fused(["a"])
+    assert model.describe(torch.device("cpu")) == {"lenet_kernel": "fused-avx2"}
+    assert model.describe(torch.device("cuda")) == {"lenet_kernel": "pytorch"}  # the kernel runs on the CPU only
+    assert lenet(["a"]).describe(torch.device("cpu")) == {}
+    assert not hasattr(lenet(["a"]), "info")
 
 
 @pytest.mark.parametrize("n", [1, 17, 40])
@@ -98,10 +169,8 @@ def test_fused_weight_gradient_does_not_depend_on_the_thread_count(kernel):
 
 def test_the_encoder_takes_pytorchs_path_where_the_kernel_does_not_apply(kernel):
     """Inputs that need a gradient, and torch.func transforms (vmap'd per-example gradients), use PyTorch's ops."""
-    from mtlcore.models.lenet import LeNetEncoder
-
     torch.manual_seed(0)
-    encoder = LeNetEncoder(dropout=0.0)
+    encoder = LeNetEncoder(dropout=0.0, fused=True)
     x = _images(4, 1)
     assert kernel._block1_applies(x, encoder.conv1) and not kernel._block1_applies(x.requires_grad_(), encoder.conv1)
     (input_grad,) = torch.autograd.grad(encoder(x).sum(), [x])  # PyTorch's path gives the input gradient
@@ -118,16 +187,20 @@ def test_the_encoder_takes_pytorchs_path_where_the_kernel_does_not_apply(kernel)
             torch.testing.assert_close(per_example[name][i], g, rtol=1e-4, atol=1e-6)
 
 
-def test_without_the_kernel_the_encoder_falls_back_and_says_so(monkeypatch, caplog, no_compiler):
-    with caplog.at_level("WARNING", logger="mtlcore.models.fused"):
+def test_without_the_kernel_the_encoder_falls_back_and_says_so(caplog, no_compiler):
+    with caplog.at_level("WARNING", logger="mtlcore.settings.fashion_mtl.fused"):
         assert fused.kernel_name() == "pytorch"
     assert "could not be built (Error building extension: g++ not found); using PyTorch's kernels" in caplog.text
     conv = torch.nn.Conv2d(1, 10, 5)
     x = _images(3, 2)
     torch.testing.assert_close(fused.conv_pool_relu(x, conv), _reference(x, conv))
-    monkeypatch.setenv("MTLCORE_FUSED_LENET", "0")
-    _cpu_kernels.modules.clear()
-    assert fused.kernel_name() == "pytorch"
+    # the model still builds, records the fallback with its runs, and computes lenet's function with PyTorch's ops
+    torch.manual_seed(0)
+    plain = lenet(["a"], dropout=0.0)
+    twin = lenet_fused(["a"], dropout=0.0)
+    assert twin.describe(torch.device("cpu")) == {"lenet_kernel": "pytorch"}
+    twin.load_state_dict(plain.state_dict())
+    assert torch.equal(twin(x, "a"), plain(x, "a"))
 
 
 def _block2_reference(h, conv, scale):
@@ -170,19 +243,24 @@ def test_sparse_second_block_gradients_do_not_depend_on_the_thread_count(kernel)
 
 def test_the_encoders_kernels_draw_the_same_dropout_masks_as_pytorchs(kernel, monkeypatch):
     """Training mode: the fused encoder draws Dropout2d's mask from the same generator in the same shape, so one seed
-    gives the same masks (and outputs up to rounding) whichever path runs."""
-    from mtlcore.models.lenet import LeNetEncoder
-
+    gives the same masks (and outputs up to rounding) whichever path runs: the fallback without the kernel, or the
+    plain encoder."""
     torch.manual_seed(0)
-    encoder = LeNetEncoder(dropout=0.5).to(memory_format=torch.channels_last).train()
+    encoder = LeNetEncoder(dropout=0.5, fused=True).to(memory_format=torch.channels_last).train()
     x = _images(64, 5)
-    torch.manual_seed(1)
-    ours = encoder(x)
-    ours_grads = torch.autograd.grad(ours.square().sum(), list(encoder.parameters()))
-    switch_off_kernels(monkeypatch, fused.EXTENSION)
-    torch.manual_seed(1)
-    theirs = encoder(x)
-    theirs_grads = torch.autograd.grad(theirs.square().sum(), list(encoder.parameters()))
+
+    def forward():
+        torch.manual_seed(1)
+        out = encoder(x)
+        return out, torch.autograd.grad(out.square().sum(), list(encoder.parameters()))
+
+    ours, ours_grads = forward()
+    encoder.fused = False
+    plain, plain_grads = forward()
+    encoder.fused = True
+    switch_off_kernel(monkeypatch)
+    theirs, theirs_grads = forward()
+    assert torch.equal(plain, theirs) and all(torch.equal(a, b) for a, b in zip(plain_grads, theirs_grads))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     for a, b in zip(ours_grads, theirs_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
@@ -192,10 +270,8 @@ def test_the_encoders_kernels_draw_the_same_dropout_masks_as_pytorchs(kernel, mo
 def test_the_kernels_refuse_what_they_do_not_compute(kernel):
     """Second derivatives (create_graph) go through PyTorch's ops and equal theirs; other convolution
     hyper-parameters, autocast and forward-mode AD take PyTorch's path (same results as PyTorch's ops)."""
-    from mtlcore.models.lenet import LeNetEncoder
-
     torch.manual_seed(0)
-    encoder = LeNetEncoder(dropout=0.5).to(memory_format=torch.channels_last).train()
+    encoder = LeNetEncoder(dropout=0.5, fused=True).to(memory_format=torch.channels_last).train()
     x = _images(8, 4)
     params = list(encoder.parameters())
 
@@ -206,7 +282,7 @@ def test_the_kernels_refuse_what_they_do_not_compute(kernel):
 
     ours = penalty_gradient()
     with pytest.MonkeyPatch.context() as patch:
-        switch_off_kernels(patch, kernel.EXTENSION)
+        switch_off_kernel(patch)
         theirs = penalty_gradient()
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))

@@ -212,9 +212,7 @@ def trainer_after_updates(cfg: RunConfig, data_root, steps: int = 1) -> train.Tr
     data = setting.load(cfg.tasks, cfg.setting_options, root=data_root)
     trainer = train.Trainer(cfg, setting, data, train.resolve_device(cfg.device))
     for _ in range(steps):
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.update.apply(trainer._losses(*trainer._batch()))
-        trainer.optimizer.step()
+        trainer.train_step()
     return trainer
 
 

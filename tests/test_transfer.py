@@ -229,9 +229,3 @@ def test_table1_variables_come_from_the_factors_variables():
     assert set(comparisons.TABLE1_VARIABLES.values()) <= set(comparisons.FACTOR_SUMMARIES)  # each has a summary
     with pytest.raises(ValueError, match="unknown factor"):
         comparisons.table1_variables(["sharpnes"])
-
-
-def test_the_former_module_name_still_imports():
-    from mtlcore import transfer
-
-    assert transfer.transfer_table is comparisons.transfer_table and transfer.value_at_loss(np.array([1.0]), np.array([2.0]), 1.0) == 2.0

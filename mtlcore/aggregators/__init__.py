@@ -1,6 +1,6 @@
 """Multi-task aggregators: gradient-level (act on the task Jacobian J or its Gramian) and loss-level.
 
-``get(name, **options)`` builds one; ``available()`` lists the names (REFERENCE §3 has the formulas).
+``get(name, **options)`` builds one; ``available()`` lists the names; each method cites its paper below.
 
 =================  ========  ============================================  ==========================  ===========================
 name               kind      options (defaults)                            scale convention            reference

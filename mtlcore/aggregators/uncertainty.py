@@ -28,7 +28,7 @@ class LearnedLogScale(LossAggregator):
 class Uncertainty(LearnedLogScale):
     """s_i = log σ_i² (init 0); the effective weight of ∇L_i is ½e^{−s_i}.
 
-    The ½ applies to every task, as in REFERENCE, LibMTL and Nash-MTL's code. Kendall et al.'s paper writes
+    The ½ applies to every task, as in LibMTL's and Nash-MTL's code. Kendall et al.'s paper writes
     e^{−s}L + ½s for classification losses: the same resting weight 1/(2L), reached along another path.
     """
 

@@ -31,7 +31,7 @@ class Uniform(ConstantWeighting):
     """d = Σ g_k ("sum") or (1/K) Σ g_k ("mean")."""
 
     name = "uniform"
-    defaults = {"reduction": "sum"}  # REFERENCE Eq. 2: C = 1 unless noted, as RunConfig.loss_scale
+    defaults = {"reduction": "sum"}  # paper A, Eq. 2: C = 1 unless noted, as RunConfig.loss_scale
 
     def _check_options(self, options):
         require(

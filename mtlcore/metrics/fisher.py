@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from mtlcore.metrics.common import batched_outputs, check_examples
 from mtlcore.metrics.per_example import per_example_squared_norms
-from mtlcore.settings.base import Loss, tree_map
+from mtlcore.settings.base import Loss
 
 
 def fisher_trace(

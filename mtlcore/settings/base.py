@@ -146,6 +146,10 @@ class MultiTaskModel(nn.Module):
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return [p for p in self.heads[task].parameters() if p.requires_grad]
 
+    def describe(self, device: torch.device) -> dict:
+        """What a run on `device` records about how the model computes (`model_info`): nothing by default."""
+        return {}
+
     def last_shared_layer(self) -> list[nn.Parameter]:
         """Parameters of the encoder's last parametrised module (GradNorm's W)."""
         modules = [m for m in self.encoder.modules() if any(True for _ in m.parameters(recurse=False))]

@@ -167,26 +167,33 @@ class Trainer:
             losses.append(self.specs[task].loss.mean(self.model.heads[task](rows), y))
         return Step(torch.stack(losses), losses, features)
 
+    def train_step(self, batch: tuple | None = None) -> tuple[Step, torch.Tensor]:
+        """One optimisation step on the next batch (or on `batch`, a `_batch()` result): one forward of the encoder,
+        the run's update rule, the optimizer step and the rule's after-step hook. Returns the step's losses and the
+        task weights the rule applied; a non-finite loss raises `Diverged` before anything is updated."""
+        self.optimizer.zero_grad(set_to_none=True)
+        batch = self._batch() if batch is None else batch
+        step = self._losses(*batch)
+        if not torch.isfinite(step.losses).all():
+            raise Diverged(f"non-finite training loss {step.losses.tolist()} at step {self.step + 1}")
+        weights = self.update.apply(step)
+        self.optimizer.step()
+        self.update.after_step(lambda: self._losses(*batch).losses)
+        return step, weights
+
     def _train_epoch(self, bar: tqdm) -> None:
         self.model.train()
         epoch_losses = torch.zeros(len(self.tasks), dtype=torch.float64)
         for _ in range(self.steps_per_epoch):
-            self.optimizer.zero_grad(set_to_none=True)
-            batch = self._batch()
-            step = self._losses(*batch)
-            losses = step.losses
-            if not torch.isfinite(losses).all():
-                raise Diverged(f"non-finite training loss {losses.tolist()} at step {self.step + 1}")
-            weights = self.update.apply(step)
-            self.optimizer.step()
-            self.update.after_step(lambda: self._losses(*batch).losses)
-            epoch_losses += losses.detach().double().cpu()
+            step, weights = self.train_step()
+            losses = step.losses.detach()
+            epoch_losses += losses.double().cpu()
             self.weight_sum += weights.detach().double().cpu()
             self.weight_count += 1
             self.step += 1
             bar.update(1)
             if self.step % 50 == 0:
-                bar.set_postfix(loss=f"{float(losses.detach().sum()):.3g}", refresh=False)
+                bar.set_postfix(loss=f"{float(losses.sum()):.3g}", refresh=False)
         self.update.end_epoch(epoch_losses / self.steps_per_epoch)
 
     def _record(self) -> None:
@@ -255,7 +262,7 @@ class Trainer:
             "config": json.dumps(resolved, sort_keys=True), "status": "running", "message": "", "steps_per_epoch": 0,
             "regime": self.setting.regime, "device": str(self.device),
             "mtlcore_version": __version__, "torch_version": torch.__version__, "numpy_version": np.__version__,
-            "model_info": json.dumps(getattr(self.model, "info", {}), sort_keys=True),
+            "model_info": json.dumps(self.model.describe(self.device), sort_keys=True),
             "python_version": platform.python_version(),
             "host": platform.node(), "data_info": json.dumps(self.data.info, sort_keys=True), "wall_seconds": 0.0,
         }

@@ -27,7 +27,7 @@ class TestCAGrad(ExpectedStructure, Weighted, PermutationInvariant, Homogeneous,
 
 @pytest.mark.parametrize("rescale, divisor", [(0, 1.0), (1, 1.25)])
 def test_known_outputs(rescale, divisor):
-    """REFERENCE §3 (rescale 0), and d/(1 + c²) for the default rescale 1."""
+    """The known output on the reference J (rescale 0; TorchJD's documentation), and d/(1 + c²) for the default rescale 1."""
     agg = make("cagrad", c=0.5, rescale=rescale)
     d = agg(J_REFERENCE)
     torch.testing.assert_close(d, torch.tensor([0.1835, 1.2041, 1.2041]) / divisor, atol=1e-4, rtol=0)

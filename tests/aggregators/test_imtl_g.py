@@ -18,7 +18,7 @@ class TestIMTLG(ExpectedStructure, Weighted, PermutationInvariant, Homogeneous, 
 
 
 def test_known_output():
-    """REFERENCE §3."""
+    """The known output on the reference J (TorchJD's documentation)."""
     torch.testing.assert_close(make("imtl_g")(J_REFERENCE), torch.tensor([0.0767, 1.0, 1.0]), atol=1e-4, rtol=0)
 
 

@@ -30,7 +30,7 @@ class TestMGDAWithGradientNorms(ExpectedStructure, Weighted, NonConflicting, Per
 
 
 def test_known_output_and_weights():
-    """REFERENCE §3."""
+    """The known output on the reference J (TorchJD's documentation)."""
     agg = make("mgda")
     torch.testing.assert_close(agg(J_REFERENCE), torch.tensor([0.0, 1.0, 1.0]), atol=1e-4, rtol=0)
     torch.testing.assert_close(agg.weights, torch.tensor([0.6, 0.4], dtype=torch.float64))

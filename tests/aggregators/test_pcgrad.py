@@ -21,7 +21,7 @@ class TestPCGrad(ExpectedStructure, Weighted, LinearUnderScaling, Homogeneous, D
 
 
 def test_known_output():
-    """REFERENCE §3."""
+    """The known output on the reference J (TorchJD's documentation)."""
     torch.testing.assert_close(make("pcgrad")(J_REFERENCE), torch.tensor([0.5848, 3.8012, 3.8012]), atol=1e-4, rtol=0)
 
 

@@ -44,7 +44,7 @@ def assert_dual_cone_kkt(v: torch.Tensor, u: torch.Tensor, G: torch.Tensor) -> N
 
 
 def test_known_output():
-    """REFERENCE §3."""
+    """The known output on the reference J (TorchJD's documentation)."""
     torch.testing.assert_close(make("upgrad")(J_REFERENCE), torch.tensor([0.2929, 1.9004, 1.9004]), atol=1e-4, rtol=0)
 
 

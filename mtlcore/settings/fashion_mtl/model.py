@@ -38,9 +38,18 @@ class LeNetEncoder(nn.Module):
         return torch.relu(self.fc(x.flatten(1)))
 
 
+class MultiLeNet(MultiTaskModel):
+    def describe(self, device: torch.device) -> dict:
+        """Which code computed the fused conv blocks: the kernel runs on the CPU only, and PyTorch's fallback (no
+        compiler) rounds differently again."""
+        if not self.encoder.fused:
+            return {}
+        return {"lenet_kernel": kernel_name() if torch.device(device).type == "cpu" else "pytorch"}
+
+
 def _multilenet(tasks: list[str], dropout: float, fused: bool) -> MultiTaskModel:
     encoder = LeNetEncoder(dropout, fused)
-    model = MultiTaskModel(encoder, {task: nn.Linear(encoder.out_features, NUM_CLASSES) for task in tasks})
+    model = MultiLeNet(encoder, {task: nn.Linear(encoder.out_features, NUM_CLASSES) for task in tasks})
     # channels-last: oneDNN's fast layout for small-channel convolutions on the CPU
     model.memory_format = torch.channels_last
     return model
@@ -54,6 +63,4 @@ def lenet(tasks: list[str], *, dropout: float = 0.5) -> MultiTaskModel:
 def lenet_fused(tasks: list[str], *, dropout: float = 0.5) -> MultiTaskModel:
     """The same network with its conv blocks on the fused CPU kernels (compiled on first use; PyTorch's ops where
     they cannot be built or do not apply). Its runs have their own content hash: it rounds differently."""
-    model = _multilenet(tasks, dropout, fused=True)
-    model.info = {"lenet_kernel": kernel_name()}  # recorded with the run: the fallback rounds differently again
-    return model
+    return _multilenet(tasks, dropout, fused=True)
