@@ -124,8 +124,11 @@ class MultiTaskModel(nn.Module):
 
     Features are batch-first (one row, map or token sequence per example), so a joint batch of several tasks
     can be split after the encoder. `pretrained_encoder`: the encoder's weights come from a file and are
-    kept when the trainer seeds the initialisation (the heads are always re-initialised).
+    kept when the trainer seeds the initialisation (the heads are always re-initialised). `memory_format`: the
+    layout the trainer puts the parameters in (a subclass may choose channels-last for convolutions).
     """
+
+    memory_format: ClassVar[torch.memory_format] = torch.preserve_format
 
     def __init__(self, encoder: nn.Module, heads: Mapping[str, nn.Module], pretrained_encoder: bool = False):
         super().__init__()

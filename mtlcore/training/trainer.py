@@ -124,7 +124,7 @@ class Trainer:
         self.tasks = list(config.tasks)
         self.specs = {t: setting.task(t) for t in self.tasks}
         model = make_model(config, setting)
-        self.model = model.to(device, memory_format=getattr(model, "memory_format", torch.preserve_format))
+        self.model = model.to(device, memory_format=model.memory_format)
         self.update = make_update(config.aggregator, config.aggregator_options, self.model, self.tasks,
                                   loss_scale=config.loss_scale, head_update=config.head_update, seed=config.seed,
                                   device=device)

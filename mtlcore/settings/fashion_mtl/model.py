@@ -39,6 +39,8 @@ class LeNetEncoder(nn.Module):
 
 
 class MultiLeNet(MultiTaskModel):
+    memory_format = torch.channels_last  # oneDNN's fast layout for small-channel convolutions on the CPU
+
     def describe(self, device: torch.device) -> dict:
         """Which code computed the fused conv blocks: the kernel runs on the CPU only, and PyTorch's fallback (no
         compiler) rounds differently again."""
@@ -49,10 +51,7 @@ class MultiLeNet(MultiTaskModel):
 
 def _multilenet(tasks: list[str], dropout: float, fused: bool) -> MultiTaskModel:
     encoder = LeNetEncoder(dropout, fused)
-    model = MultiLeNet(encoder, {task: nn.Linear(encoder.out_features, NUM_CLASSES) for task in tasks})
-    # channels-last: oneDNN's fast layout for small-channel convolutions on the CPU
-    model.memory_format = torch.channels_last
-    return model
+    return MultiLeNet(encoder, {task: nn.Linear(encoder.out_features, NUM_CLASSES) for task in tasks})
 
 
 def lenet(tasks: list[str], *, dropout: float = 0.5) -> MultiTaskModel:
