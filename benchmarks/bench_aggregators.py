@@ -180,7 +180,7 @@ def fashion(args) -> tuple[list[dict], list[dict]]:
         rows.append({"method": label, "kind": kind(t),
                      "ms": 1e3 * ms, "ratio": ratio, "mb": peak / MB, "mem_ratio": peak / base_peak})
         print(f"(a) {label:18s} {1e3 * ms:8.1f} ms  ×{ratio:.2f}   {peak / MB:7.1f} MB ×{peak / base_peak:.2f}", flush=True)
-    losses = base._losses(*base._batch())  # one step's task losses, as the trainer computes them
+    losses = base._losses(base._batch())  # one step's task losses, as the trainer computes them
     J = task_jacobian(losses.parts, base.model.shared_parameters(), method="loop")  # as JacobianUpdate forms it
     return rows, aggregation_rows(J.detach(), losses.losses.detach(), args.repeats, args.agg_calls)
 

@@ -79,11 +79,12 @@ print("diverged runs (left out of every summary):", diverged_runs(runs) or "none
 target_runs = runs.sel(task=target)
 order = ["STL"] + [comparisons.configuration_label([target, p], target, names) for p in partners]
 target_name = names.get(target, target)
+score_name = str(target_runs["primary_score"].values)  # the target's primary score (e.g. accuracy)
 fig, (ax_all, ax_late) = plt.subplots(1, 2, figsize=(12, 4.2))
 for ax, options in ((ax_all, {"title": f"{setting_name} ({profile} profile): {target_name}"}),
                     (ax_late, {"legend": False, "zoom_last": 0.5, "title": "second half of training (zoom)"})):
     plots.generalization_vs_loss(target_runs, group="configuration", order=order, ax=ax,
-                                 ylabel=f"{target_name}: {plots.variable_label(target_runs['test_score'])}", **options)
+                                 ylabel=f"{target_name} test {score_name}", **options)
 plt.show()
 
 # %% [markdown]

@@ -217,7 +217,7 @@ def trainer_after_updates(cfg: RunConfig, data_root, steps: int = 1) -> train.Tr
 
 
 def assert_grads_in_parameter_layout(trainer: train.Trainer) -> None:
-    trainer.update.apply(trainer._losses(*trainer._batch()))
+    trainer.update.apply(trainer._losses(trainer._batch()))
     for name, p in trainer.model.named_parameters():
         assert p.grad is not None and p.grad.stride() == p.stride(), name
 
@@ -252,7 +252,7 @@ def test_heads_get_their_own_task_gradient_weighted_as_documented(fake_data_root
     cfg = config(("fashion1", "fashion2"), aggregator=aggregator, head_update=head_update,
                  model_options={"dropout": 0.0})
     trainer = trainer_after_updates(cfg, fake_data_root, steps=0)
-    step = trainer._losses(*trainer._batch())
+    step = trainer._losses(trainer._batch())
     plain = [torch.autograd.grad(step.losses[k], trainer.model.task_parameters(task), retain_graph=True)
              for k, task in enumerate(trainer.tasks)]
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -290,3 +290,16 @@ def test_methods_that_use_their_draws_on_the_host_get_a_cpu_generator_in_a_gpu_r
         assert generator.device.type == "cpu"
         # the seed a CPU run of the method has always had
         assert torch.equal(generator.get_state(), torch_generator(3, "aggregator").get_state())
+
+
+@pytest.mark.parametrize("aggregator, options, separate", [("pcgrad", {}, True), ("uniform", {"reduction": "sum"}, True),
+                                                           ("uniform", {}, False), ("mgda_ub", {}, False),
+                                                           ("gradnorm", {}, False)])
+def test_only_methods_that_differentiate_each_task_get_a_graph_per_task(fake_data_root, aggregator, options, separate):
+    """LeNet has no batch statistics, so one forward per task's batch is the same function as the joint forward;
+    the trainer builds those graphs for the rows of J only (MGDA-UB differentiates the joint features). A BatchNorm
+    encoder always gets the joint forward (tests/test_toy_setting.py)."""
+    trainer = trainer_after_updates(config(("fashion1", "fashion2"), aggregator=aggregator, aggregator_options=options),
+                                    fake_data_root, steps=0)
+    assert not trainer.model.couples_examples
+    assert (trainer._losses(trainer._batch()).features is None) == separate

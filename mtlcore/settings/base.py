@@ -149,6 +149,12 @@ class MultiTaskModel(nn.Module):
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return [p for p in self.heads[task].parameters() if p.requires_grad]
 
+    @property
+    def couples_examples(self) -> bool:
+        """Whether the encoder's output for one example depends on the other examples of its batch (batch
+        statistics: BatchNorm in training mode). A model with another layer that mixes examples overrides this."""
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.encoder.modules())
+
     def describe(self, device: torch.device) -> dict:
         """What a run on `device` records about how the model computes (`model_info`): nothing by default."""
         return {}

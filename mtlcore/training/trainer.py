@@ -3,7 +3,8 @@
 `run(config)` trains for `epochs` epochs of `ceil(setting.train_size / batch_size)` steps, the same for STL and
 MTL. A step draws one batch per task (multi-input settings) or one batch carrying every task's target
 (single-input settings) and puts it through the encoder in one forward, whatever the update rule, so that every
-method trains the same model (batch statistics included). At epoch 0 and after every epoch it records, per task,
+method trains the same model (batch statistics included); a gradient-level method on an encoder without batch
+statistics gets one forward per task's batch instead, the same function at a K-th of the backward cost per row of J. At epoch 0 and after every epoch it records, per task,
 the full training loss and the validation and test loss and scores. A run is bit-for-bit reproducible from `seed`
 on the CPU, and a killed run resumes from its last finished epoch.
 """
@@ -148,24 +149,32 @@ class Trainer:
                                   self._attrs())
 
     # -- one step ---------------------------------------------------------------------------------------
-    def _batch(self) -> tuple[Any, list[Any], list[int]]:
-        """The step's encoder input, each task's targets, and each task's number of examples in the input."""
-        if self.data.joint is not None:
-            inputs, targets = self.data.joint["train"].take(self.samplers["joint"].next().to(self.device))
-            return inputs, [targets[t] for t in self.tasks], [count(inputs)] * len(self.tasks)
-        batches = [self.data.examples["train"][t].take(self.samplers[t].next().to(self.device)) for t in self.tasks]
-        inputs = self.setting.join_inputs([x for x, _ in batches])
-        return inputs, [y for _, y in batches], [count(x) for x, _ in batches]
+    def _batch(self) -> list[tuple[Any, Any]]:
+        """The step's examples: one (inputs, targets) per task (multi-input), or one (inputs, {task: targets})."""
+        if self.data.joint is not None:  # single input: one batch carries every task's target
+            return [self.data.joint["train"].take(self.samplers["joint"].next().to(self.device))]
+        return [self.data.examples["train"][t].take(self.samplers[t].next().to(self.device)) for t in self.tasks]
 
-    def _losses(self, inputs: Any, targets: list[Any], sizes: list[int]) -> Step:
-        """One forward of the encoder; each head on its task's rows of the features (all rows, single input)."""
-        features = self.model.encoder(inputs)
-        losses, start = [], 0
-        for task, y, n in zip(self.tasks, targets, sizes):
-            rows = features if self.data.joint is not None else features[start : start + n]
+    def _losses(self, batch: list[tuple[Any, Any]]) -> Step:
+        """The task losses of a step: one forward of the encoder over every task's batch, each head on its task's rows
+        of the features (all rows, single input). Where the update differentiates each task's loss on its own and the
+        encoder treats every example on its own (no batch statistics), each task's batch gets its own forward: the
+        same function, and each row of J then costs a backward through its own batch only."""
+        if self.data.joint is not None:
+            (inputs, targets), = batch
+            features = self.model.encoder(inputs)
+            parts = [self.specs[t].loss.mean(self.model.heads[t](features), targets[t]) for t in self.tasks]
+            return Step(torch.stack(parts), parts, features)
+        if self.update.per_task_graphs and not self.model.couples_examples:
+            parts = [self.specs[t].loss.mean(self.model(x, t), y) for t, (x, y) in zip(self.tasks, batch)]
+            return Step(torch.stack(parts), parts, None)
+        features = self.model.encoder(self.setting.join_inputs([x for x, _ in batch]))
+        parts, start = [], 0
+        for task, (x, y) in zip(self.tasks, batch):
+            n = count(x)
+            parts.append(self.specs[task].loss.mean(self.model.heads[task](features[start : start + n]), y))
             start += n
-            losses.append(self.specs[task].loss.mean(self.model.heads[task](rows), y))
-        return Step(torch.stack(losses), losses, features)
+        return Step(torch.stack(parts), parts, features)
 
     def train_step(self, batch: tuple | None = None) -> tuple[Step, torch.Tensor]:
         """One optimisation step on the next batch (or on `batch`, a `_batch()` result): one forward of the encoder,
@@ -173,12 +182,12 @@ class Trainer:
         task weights the rule applied; a non-finite loss raises `Diverged` before anything is updated."""
         self.optimizer.zero_grad(set_to_none=True)
         batch = self._batch() if batch is None else batch
-        step = self._losses(*batch)
+        step = self._losses(batch)
         if not torch.isfinite(step.losses).all():
             raise Diverged(f"non-finite training loss {step.losses.tolist()} at step {self.step + 1}")
         weights = self.update.apply(step)
         self.optimizer.step()
-        self.update.after_step(lambda: self._losses(*batch).losses)
+        self.update.after_step(lambda: self._losses(batch).losses)
         return step, weights
 
     def _train_epoch(self, bar: tqdm) -> None:

@@ -31,15 +31,22 @@ Direction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class Step:
-    """One step's task losses: stacked (K,), as the K scalars they were computed as, and the shared features."""
+    """One step's task losses: stacked (K,), as the K scalars they were computed as, and the shared features (None
+    where each task's batch had a forward of its own)."""
 
     losses: torch.Tensor
     parts: list[torch.Tensor]
-    features: torch.Tensor
+    features: torch.Tensor | None
 
 
 class Update:
-    """The interface; the no-op hooks are for rules without state."""
+    """The interface; the no-op hooks are for rules without state.
+
+    `per_task_graphs`: the rule differentiates each task's loss on its own (the rows of J), which is cheaper from one
+    graph per task's batch; the trainer builds them so where that is the same function as one joint forward.
+    """
+
+    per_task_graphs = False
 
     def __init__(self, model: MultiTaskModel, tasks: list[str], scale: float, head_update: str):
         self.model, self.tasks, self.scale, self.own_heads = model, tasks, scale, head_update == "own"
@@ -142,6 +149,10 @@ class LossLevelUpdate(_MethodUpdate):
 
 
 class JacobianUpdate(_MethodUpdate):
+    @property
+    def per_task_graphs(self) -> bool:
+        return self.aggregator.jacobian_of == "shared"  # MGDA-UB differentiates the joint features instead
+
     def apply(self, step: Step) -> torch.Tensor:
         agg, losses = self.aggregator, step.losses
         shared = self.model.shared_parameters()
