@@ -8,7 +8,7 @@ BASE = {"setting": "fashion_mtl", "tasks": ["fashion1", "fashion2"]}
 
 @pytest.mark.parametrize("change, pattern", [
     ({"optimiser": "adam"}, r"unknown config key\(s\) 'optimiser' \(did you mean 'optimizer'\?\); valid keys: \["),
-    ({"setting": "fashion"}, r"unknown setting 'fashion'; valid settings: \['fashion_mtl'\]"),
+    ({"setting": "fashion"}, r"unknown setting 'fashion'; valid settings: \[.*'fashion_mtl'.*\]"),
     ({"tasks": ["fashion1", "cifar"]}, r"unknown task\(s\) \['cifar'\].*valid tasks: \['fashion1'"),
     ({"optimizer": "rmsprop"}, r"optimizer='rmsprop' is not valid; choose one of \['sgd', 'momentum', 'adam'\]"),
     ({"lr": -0.1}, r"lr=-0.1 must be a positive finite number"),
@@ -54,7 +54,7 @@ def test_a_config_that_is_not_a_mapping():
 def test_missing_tasks_and_setting():
     with pytest.raises(ConfigError, match="config needs `tasks`"):
         RunConfig.from_dict({"setting": "fashion_mtl", "lr": 0.1})
-    with pytest.raises(ConfigError, match=r"config needs `setting`: one of \['fashion_mtl'"):
+    with pytest.raises(ConfigError, match=r"config needs `setting`: one of \[.*'fashion_mtl'"):
         RunConfig.from_dict({"tasks": ["fashion1"]})
 
 

@@ -125,7 +125,7 @@ def multitask_gradient_coherence(
     draw each task's batch B_k independently from its own N examples, so the covariance of this step
     gradient is (A_B/B)·(1/C²) Σ_k Σ_k: the returned trace is (1/C²) Σ_k tr Σ_k, with Σ_k the
     per-example covariance of task k. `single_input=True` uses the same examples for every task (one
-    batch carries every task's label, as in CelebA); then tr Σ is that of the per-example multi-task
+    batch carries every task's label); then tr Σ is that of the per-example multi-task
     gradient (1/C) Σ_k g_k(x_j), cross-task covariances included. Every task needs the same number N of
     examples so that one finite-population correction applies.
     """

@@ -231,6 +231,8 @@ class Setting:
                              f"{self.defaults}")
         for key, value in options.items():
             default = self.defaults[key]
+            if type(default) is bool and not isinstance(value, bool):
+                raise ValueError(f"setting option {key}={value!r} must be true or false")
             if type(default) is int:
                 minimum = 1 if key.endswith("_size") else 0
                 if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
@@ -293,6 +295,12 @@ class Setting:
     def task(self, name: str) -> Task:
         """The loss and scores of task `name`."""
         raise NotImplementedError
+
+    def augmentation(self, options: Mapping[str, Any]) -> Callable[[Any, torch.Generator], Any] | None:
+        """The transform of training batches under the (resolved) `options`, `f(inputs, generator) -> inputs`, or None
+        for none (the default). The trainer applies it once per step to each task's drawn batch, drawing only from
+        the generator it passes (seeded by the run's seed, checkpointed with the run), so runs stay reproducible."""
+        return None
 
     def join_inputs(self, inputs: Sequence[Any]) -> Any:
         """Several tasks' input batches as one encoder batch (multi-input regime): concatenated. A setting whose

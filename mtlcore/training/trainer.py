@@ -138,6 +138,9 @@ class Trainer:
         else:
             self.samplers = {t: BatchSampler(len(self.data.examples["train"][t]), config.batch_size,
                                              torch_generator(config.seed, "batches", t)) for t in self.tasks}
+        self.augment = setting.augmentation(options)
+        self.augment_generators = {key: torch_generator(config.seed, "augment", key, device=device)
+                                   for key in self.samplers} if self.augment is not None else {}
         torch.manual_seed(derive_seed(config.seed, "dropout"))
         self.factors = FactorSchedule(config.metrics, config.seed, config.batch_size, config.loss_scale)
         self.epoch, self.step = 0, 0
@@ -150,10 +153,16 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------------------
     def _batch(self) -> list[tuple[Any, Any]]:
-        """The step's examples: one (inputs, targets) per task (multi-input), or one (inputs, {task: targets})."""
-        if self.data.joint is not None:  # single input: one batch carries every task's target
-            return [self.data.joint["train"].take(self.samplers["joint"].next().to(self.device))]
-        return [self.data.examples["train"][t].take(self.samplers[t].next().to(self.device)) for t in self.tasks]
+        """The step's examples: one (inputs, targets) per task (multi-input), or one (inputs, {task: targets}),
+        transformed by the setting's augmentation where it has one."""
+        examples = {"joint": self.data.joint["train"]} if self.data.joint is not None else self.data.examples["train"]
+        batch = []
+        for key, sampler in self.samplers.items():
+            inputs, targets = examples[key].take(sampler.next().to(self.device))
+            if self.augment is not None:
+                inputs = self.augment(inputs, self.augment_generators[key])
+            batch.append((inputs, targets))
+        return batch
 
     def _losses(self, batch: list[tuple[Any, Any]]) -> Step:
         """The task losses of a step: one forward of the encoder over every task's batch, each head on its task's rows
@@ -235,6 +244,7 @@ class Trainer:
             "epoch": self.epoch, "step": self.step, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "samplers": {t: s.state_dict() for t, s in self.samplers.items()},
+            "augment_generators": {k: g.get_state() for k, g in self.augment_generators.items()},
             "torch_rng": torch.random.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "update": self.update.state_dict(),
@@ -250,6 +260,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         for task, sampler in self.samplers.items():
             sampler.load_state_dict(state["samplers"][task])
+        for key, generator in self.augment_generators.items():
+            generator.set_state(state["augment_generators"][key])
         torch.random.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])

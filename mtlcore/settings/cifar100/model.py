@@ -1,0 +1,54 @@
+"""The CIFAR-100 model (paper A, Appendix A): torchvision's ResNet18 for 32×32 images, a linear head per task."""
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+from mtlcore.settings.base import MultiTaskModel
+
+NUM_CLASSES = 5  # each task is 5-way over its superclass's fine classes
+
+
+class _ResNetConv2d(nn.Conv2d):
+    """A convolution whose own reset is torchvision ResNet's initialisation: the trainer re-initialises every module
+    by its `reset_parameters` (seeded), which for a plain `nn.Conv2d` would be PyTorch's default instead."""
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class ResNet18Encoder(ResNet):
+    """torchvision's ResNet18 for 32×32 inputs: conv1 is 3×3 with stride 1 (no bias), no max-pool, and no final
+    layer (`fc` is the identity), so it gives the penultimate features, 8·width of them (512 at width 64).
+
+    `width`: the channels of the first stage (64 in ResNet18; the stages have width, 2·width, 4·width, 8·width). At
+    64 the network is torchvision's `resnet18()` with the stem and `fc` replaced; smaller widths are for tests."""
+
+    def __init__(self, width: int = 64):
+        nn.Module.__init__(self)
+        # What torchvision's ResNet.__init__ sets for `_make_layer`, with the stage widths scaled.
+        self._norm_layer, self.inplanes, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, width, 1, 1, 64
+        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()
+        self.layer1 = self._make_layer(BasicBlock, width, 2)
+        self.layer2 = self._make_layer(BasicBlock, 2 * width, 2, stride=2)
+        self.layer3 = self._make_layer(BasicBlock, 4 * width, 2, stride=2)
+        self.layer4 = self._make_layer(BasicBlock, 8 * width, 2, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Identity()
+        self.out_features = 8 * width * BasicBlock.expansion
+        for module in self.modules():
+            if type(module) is nn.Conv2d:
+                module.__class__ = _ResNetConv2d  # adds no state: the same parameters and state_dict keys
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()  # ResNet's initialisation: He-normal convolutions, BatchNorm (1, 0)
+
+
+def resnet18(tasks: list[str], *, width: int = 64) -> MultiTaskModel:
+    """ResNet18 (32×32 stem, penultimate features) shared by every task, a linear head (8·width → 5) per task."""
+    encoder = ResNet18Encoder(width)
+    return MultiTaskModel(encoder, {task: nn.Linear(encoder.out_features, NUM_CLASSES) for task in tasks})
