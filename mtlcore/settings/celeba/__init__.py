@@ -8,29 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from mtlcore.settings.base import Loss, Score, Setting, Task
+from mtlcore.settings.base import Score, Setting, Task
 from mtlcore.settings.celeba import data
 from mtlcore.settings.celeba.model import resnet18
-
-
-class CrossEntropy(Loss):
-    """−log softmax(outputs)[target] per example; its predictive distribution is the softmax."""
-
-    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(outputs, targets, reduction="none")
-
-    def sample(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        device = generator.device if generator is not None else outputs.device
-        probabilities = torch.softmax(outputs.detach().to(device), dim=1)
-        return torch.multinomial(probabilities, 1, generator=generator).squeeze(1).to(outputs.device)
-
-
-def _correct(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """[correct predictions, examples]."""
-    return torch.stack([(outputs.argmax(dim=1) == targets).sum().double(),
-                        torch.tensor(float(len(targets)), dtype=torch.float64, device=outputs.device)])
+from mtlcore.settings.classification import ACCURACY, CrossEntropy
 
 
 def _confusion(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -47,7 +29,6 @@ def _f1(total: torch.Tensor) -> float:
     return 2 * tp / denominator if denominator else 0.0
 
 
-ACCURACY = Score("accuracy", higher_is_better=True, statistics=_correct, value=lambda total: float(total[0] / total[1]))
 F1 = Score("f1", higher_is_better=True, statistics=_confusion, value=_f1)
 LOSS = CrossEntropy()
 

@@ -8,32 +8,10 @@ horizontal flip: `data.augment`, padding with the training images' mean colour).
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
-from mtlcore.settings.base import Loss, Score, Setting, Task
+from mtlcore.settings.base import Setting, Task
 from mtlcore.settings.cifar100 import data
 from mtlcore.settings.cifar100.model import resnet18
-
-
-class CrossEntropy(Loss):
-    """−log softmax(outputs)[target] per example; its predictive distribution is the softmax."""
-
-    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(outputs, targets, reduction="none")
-
-    def sample(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        device = generator.device if generator is not None else outputs.device
-        probabilities = torch.softmax(outputs.detach().to(device), dim=1)
-        return torch.multinomial(probabilities, 1, generator=generator).squeeze(1).to(outputs.device)
-
-
-def _correct(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Correct predictions and examples (summed over a split)."""
-    return torch.stack([(outputs.argmax(dim=1) == targets).sum().double(), torch.tensor(float(len(targets)))])
-
-
-ACCURACY = Score("accuracy", higher_is_better=True, statistics=_correct, value=lambda total: float(total[0] / total[1]))
+from mtlcore.settings.classification import ACCURACY, CrossEntropy
 
 
 def task_display_name(task: str) -> str:

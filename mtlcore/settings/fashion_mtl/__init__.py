@@ -7,31 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from mtlcore.settings.base import Loss, Score, Setting, Task
+from mtlcore.settings.base import Setting, Task
+from mtlcore.settings.classification import ACCURACY, CrossEntropy
 from mtlcore.settings.fashion_mtl import data
 from mtlcore.settings.fashion_mtl.model import lenet, lenet_fused
 
-
-class CrossEntropy(Loss):
-    """−log softmax(outputs)[target] per example; its predictive distribution is the softmax."""
-
-    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(outputs, targets, reduction="none")
-
-    def sample(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        device = generator.device if generator is not None else outputs.device
-        probabilities = torch.softmax(outputs.detach().to(device), dim=1)
-        return torch.multinomial(probabilities, 1, generator=generator).squeeze(1).to(outputs.device)
-
-
-def _correct(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.stack([(outputs.argmax(dim=1) == targets).sum().double(), torch.tensor(float(len(targets)))])
-
-
-ACCURACY = Score("accuracy", higher_is_better=True, statistics=_correct, value=lambda total: float(total[0] / total[1]))
 TASK = Task("classification", CrossEntropy(), (ACCURACY,))
 
 
