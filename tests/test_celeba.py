@@ -112,6 +112,12 @@ def test_resnet18_has_512_features_and_a_two_way_head_per_task(one_thread):
         setting.resolve_model("resnet18", {"width": 0})
     with pytest.raises(TypeError, match="images"):
         narrow(torch.zeros(2, 3, 32, 32), "Male")
+    # the trainer's seeded initialisation is ResNet's: He-normal convolutions (fan out), not PyTorch's default
+    from mtlcore.training.trainer import seeded_reset
+
+    seeded_reset(model, model.encoder, 3)
+    weight = model.encoder.resnet.layer4[0].conv1.weight.detach()  # 512 × 256 × 3 × 3: fan_out 4,608
+    assert abs(float(weight.std()) - (2 / 4608) ** 0.5) < 0.05 * (2 / 4608) ** 0.5
 
 
 # -- data ----------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from torch import nn
 
 from mtlcore import settings, training
 from mtlcore.settings.cifar100 import CIFAR100, CrossEntropy, data
-from mtlcore.settings.cifar100.model import ResNet18Encoder, resnet18
+from mtlcore.settings.cifar100.model import resnet18
 from mtlcore.settings.locate import DataNotFoundError
 
 TRAIN_PER_FINE, TEST_PER_FINE = 12, 4  # 60 training and 20 test images per task
@@ -278,12 +278,13 @@ def test_resnet18_gives_penultimate_features_and_five_way_heads():
 def test_the_seeded_reset_keeps_resnet_initialisation():
     from mtlcore.training.trainer import seeded_reset
 
-    encoder = ResNet18Encoder(width=8)
-    seeded_reset(encoder, 3)
+    model = resnet18([A], width=8)
+    encoder = model.encoder
+    seeded_reset(model, encoder, 3)
     weight = encoder.layer4[0].conv1.weight.detach()  # 64 × 32 × 3 × 3: fan_out 576
     assert abs(float(weight.std()) - (2 / 576) ** 0.5) < 0.1 * (2 / 576) ** 0.5
     first = encoder.layer1[0].conv2.weight.clone()
-    seeded_reset(encoder, 3)
+    seeded_reset(model, encoder, 3)
     assert torch.equal(encoder.layer1[0].conv2.weight, first)
 
 

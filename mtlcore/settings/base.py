@@ -149,6 +149,14 @@ class MultiTaskModel(nn.Module):
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return [p for p in self.heads[task].parameters() if p.requires_grad]
 
+    def initialize(self, module: nn.Module) -> None:
+        """(Re)initialise `module`, the encoder or a head, drawing from torch's global generator (the trainer seeds
+        it per module): every submodule's `reset_parameters`, PyTorch's defaults. A model whose architecture has its
+        own initialisation (ResNet's) overrides this."""
+        for sub in module.modules():
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+
     @property
     def couples_examples(self) -> bool:
         """Whether the encoder's output for one example depends on the other examples of its batch (batch

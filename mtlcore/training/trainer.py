@@ -72,13 +72,12 @@ class BatchSampler:
         self.order, self.position = state["order"], state["position"]
 
 
-def seeded_reset(module: torch.nn.Module, seed: int) -> None:
-    """Re-initialise `module` from `seed` alone, whatever else was built before it."""
+def seeded_reset(model: MultiTaskModel, module: torch.nn.Module, seed: int) -> None:
+    """Re-initialise `module` (the model's encoder or a head) from `seed` alone, whatever else was built before it,
+    as the model initialises its modules."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for sub in module.modules():
-            if hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()
+        model.initialize(module)
 
 
 def make_model(config: RunConfig, setting: Setting) -> MultiTaskModel:
@@ -87,9 +86,9 @@ def make_model(config: RunConfig, setting: Setting) -> MultiTaskModel:
     resolved = config.resolved()
     model = setting.build_model(resolved["model"], config.tasks, resolved["model_options"])
     if not model.pretrained_encoder:
-        seeded_reset(model.encoder, derive_seed(config.seed, "init", "encoder"))
+        seeded_reset(model, model.encoder, derive_seed(config.seed, "init", "encoder"))
     for task in config.tasks:
-        seeded_reset(model.heads[task], derive_seed(config.seed, "init", "head", task))
+        seeded_reset(model, model.heads[task], derive_seed(config.seed, "init", "head", task))
     return model
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from mtlcore.settings.base import MultiTaskModel
+from mtlcore.settings.resnet import ResNetModel
 
 NUM_CLASSES = 2  # absent, present
 
@@ -56,13 +56,13 @@ def _resnet18(width: int) -> ResNet:
     return net
 
 
-class CelebAResNet(MultiTaskModel):
+class CelebAResNet(ResNetModel):
     def last_shared_layer(self) -> list[nn.Parameter]:
         """GradNorm's W: the last convolution of the encoder (the base class would pick the BatchNorm after it)."""
         return [p for p in self.encoder.resnet.layer4[-1].conv2.parameters() if p.requires_grad]
 
 
-def resnet18(tasks: list[str], *, width: int = 64) -> MultiTaskModel:
+def resnet18(tasks: list[str], *, width: int = 64) -> ResNetModel:
     """ResNet18 encoder (512 features at the default `width` 64; never pretrained) and a linear head per task."""
     encoder = CelebAEncoder(width)
     return CelebAResNet(encoder, {task: nn.Linear(encoder.out_features, NUM_CLASSES) for task in tasks})

@@ -4,19 +4,9 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from mtlcore.settings.base import MultiTaskModel
+from mtlcore.settings.resnet import ResNetModel, resnet_initialize
 
 NUM_CLASSES = 5  # each task is 5-way over its superclass's fine classes
-
-
-class _ResNetConv2d(nn.Conv2d):
-    """A convolution whose own reset is torchvision ResNet's initialisation: the trainer re-initialises every module
-    by its `reset_parameters` (seeded), which for a plain `nn.Conv2d` would be PyTorch's default instead."""
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
 
 
 class ResNet18Encoder(ResNet):
@@ -41,14 +31,10 @@ class ResNet18Encoder(ResNet):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Identity()
         self.out_features = 8 * width * BasicBlock.expansion
-        for module in self.modules():
-            if type(module) is nn.Conv2d:
-                module.__class__ = _ResNetConv2d  # adds no state: the same parameters and state_dict keys
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()  # ResNet's initialisation: He-normal convolutions, BatchNorm (1, 0)
+        resnet_initialize(self)  # as torchvision's ResNet (the trainer redoes it, seeded)
 
 
-def resnet18(tasks: list[str], *, width: int = 64) -> MultiTaskModel:
+def resnet18(tasks: list[str], *, width: int = 64) -> ResNetModel:
     """ResNet18 (32×32 stem, penultimate features) shared by every task, a linear head (8·width → 5) per task."""
     encoder = ResNet18Encoder(width)
-    return MultiTaskModel(encoder, {task: nn.Linear(encoder.out_features, NUM_CLASSES) for task in tasks})
+    return ResNetModel(encoder, {task: nn.Linear(encoder.out_features, NUM_CLASSES) for task in tasks})
