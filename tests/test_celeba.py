@@ -10,38 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mtlcore import settings, training
 from mtlcore.settings import DataNotFoundError
 from mtlcore.settings.celeba import ACCURACY, F1, LOSS, CelebA, data
+from mtlcore.settings.celeba import fixture as fixture_files
 from mtlcore.settings.celeba.model import resnet18
 
 N_IMAGES = 30
-CODES = np.array([0, 0, 1, 0, 2] * 6, dtype=np.int8)  # 18 train, 6 valid, 6 test, interleaved
+CODES = fixture_files.partition_codes(N_IMAGES)  # 18 train, 6 valid, 6 test, interleaved
 TINY = {"train_size": 18, "val_size": 6, "test_size": 6, "image_size": 16}
 THREE = ["Blurry", "Eyeglasses", "Smiling"]
 DECODE = data.decode_image
-
-
-def write_celeba(folder: Path, seed: int = 0, newline: str = "\n") -> tuple[list[str], np.ndarray]:
-    """The release's files in `folder` (torchvision's root/celeba/): distinct JPEGs, the two list files. Returns the
-    image names and their attribute values (1 / -1)."""
-    rng = np.random.default_rng(seed)
-    names = [f"{i:06d}.jpg" for i in range(1, N_IMAGES + 1)]
-    (folder / data.IMAGE_FOLDER).mkdir(parents=True)
-    for i, name in enumerate(names):
-        pixels = np.empty((218, 178, 3), dtype=np.uint8)
-        pixels[...] = rng.integers(30, 220, size=3, dtype=np.uint8)  # a colour per image
-        pixels[30 + 5 * i : 60 + 5 * i, 20 + 3 * i : 90 + 3 * i] = rng.integers(0, 256, size=3, dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / data.IMAGE_FOLDER / name, quality=95)
-    values = rng.choice(np.array([-1, 1], dtype=np.int8), size=(N_IMAGES, 40))
-    lines = [str(N_IMAGES), " ".join(data.TASKS) + " "]
-    lines += [name + "".join(f" {v:2d}" for v in row) for name, row in zip(names, values)]  # "-1  1 -1  1"
-    (folder / data.ATTR_FILE).write_bytes((newline.join(lines) + newline).encode())
-    partition = [f"{name} {code}" for name, code in zip(names, CODES)]
-    (folder / data.PARTITION_FILE).write_bytes((newline.join(partition) + newline).encode())
-    return names, values
+write_celeba = fixture_files.write
 
 
 @pytest.fixture

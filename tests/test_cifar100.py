@@ -13,44 +13,14 @@ from torch import nn
 
 from mtlcore import settings, training
 from mtlcore.settings.cifar100 import CIFAR100, CrossEntropy, data
+from mtlcore.settings.cifar100 import fixture as fixture_files
 from mtlcore.settings.cifar100.model import resnet18
 from mtlcore.settings.locate import DataNotFoundError
 
-TRAIN_PER_FINE, TEST_PER_FINE = 12, 4  # 60 training and 20 test images per task
-TEST_ID_OFFSET = 10_000
 A, B = "aquatic_mammals", "large_man-made_outdoor_things"
 SMALL = {"train_size": 40, "val_size": 10, "test_size": 12, "data_seed": 0}
-
-
-# -- fixture files ---------------------------------------------------------------------------------------
-def write_cifar100(root: Path, seed: int = 0, coarse_names: list[str] | None = None) -> dict:
-    """`root/cifar-100-python/{train,test,meta}` as the release pickles them (bytes keys, uint8 N×3072 in RGB planes).
-
-    Fine class f belongs to a seeded superclass (five each, not contiguous ids, as in the release). Each image has a
-    bright block placed by its class on top of noise, and its number (train: 0..; test: 10,000..) in the first two
-    red pixels, so that tests can find every loaded example in the files. Returns the written arrays."""
-    rng = np.random.default_rng(seed)
-    coarse_of_fine = rng.permutation(np.repeat(np.arange(20), 5))
-    folder = root / data.LAYOUT
-    folder.mkdir(parents=True, exist_ok=True)
-    written = {"coarse_of_fine": coarse_of_fine}
-    for name, per_fine, offset in (("train", TRAIN_PER_FINE, 0), ("test", TEST_PER_FINE, TEST_ID_OFFSET)):
-        fine = rng.permutation(np.repeat(np.arange(100), per_fine))
-        images = rng.integers(0, 80, size=(len(fine), 3, 32, 32), dtype=np.uint8)
-        for i, f in enumerate(fine):
-            row, col = divmod(int(f) % 25, 5)
-            images[i, int(f) % 3, 4 + 5 * row : 8 + 5 * row, 4 + 5 * col : 8 + 5 * col] = 220
-        ids = np.arange(offset, offset + len(fine))
-        images[:, 0, 0, 0], images[:, 0, 0, 1] = ids % 256, ids // 256
-        content = {b"filenames": [f"img_{i}.png".encode() for i in ids], b"batch_label": f"{name} batch".encode(),
-                   b"fine_labels": fine.tolist(), b"coarse_labels": coarse_of_fine[fine].tolist(),
-                   b"data": images.reshape(len(fine), 3072)}
-        (folder / name).write_bytes(pickle.dumps(content, protocol=2))
-        written[name] = (images, fine)
-    meta = {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-            b"coarse_label_names": [c.encode() for c in (coarse_names or data.TASKS)]}
-    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
-    return written
+TEST_ID_OFFSET = fixture_files.TEST_ID_OFFSET
+write_cifar100 = fixture_files.write  # 12 training and 4 test images per fine class: 60 and 20 per task
 
 
 @pytest.fixture(scope="module")

@@ -318,3 +318,9 @@ class Setting:
     def missing_optional_files(self, root: Path) -> list[str]:
         """Files that `mtlcore data` should mention: needed only by some options."""
         return []
+
+    def write_fixture(self, root: Path, seed: int = 0) -> None:
+        """Write small files in exactly the released layout under the data root `root`, for machines without the
+        real data: the real loader reads them, so a run on them proves the pipeline (and says nothing about the
+        data set). Settings whose data is available offline write none."""
+        raise NotImplementedError(f"the {self.display_name} setting writes no fixture files")

@@ -63,3 +63,8 @@ class CelebA(Setting):
             return []
         return [f"{len(missing)} JPEG(s) listed in {data.PARTITION_FILE} are not in {data.IMAGE_FOLDER}/ (e.g. "
                 f"{missing[:3]}); loads that select them fail: extract img_align_celeba.zip again"]
+
+    def write_fixture(self, root, seed=0):
+        from mtlcore.settings.celeba import fixture
+
+        fixture.write(Path(root) / "celeba", seed=seed, n_images=60)

@@ -53,6 +53,11 @@ class CIFAR100(Setting):
         options.pop("augment")  # applied to training batches by the trainer (`augmentation`), not to the data
         return data.load(self.check_tasks(tasks), **options, root=root, download=download)
 
+    def write_fixture(self, root, seed=0):
+        from mtlcore.settings.cifar100 import fixture
+
+        fixture.write(root, seed=seed)
+
     def task(self, name: str) -> Task:
         self.check_tasks([name])
         return Task(name, CrossEntropy(), (ACCURACY,))
