@@ -63,7 +63,7 @@ def test_cli_reports_bad_input_without_a_traceback(capsys):
     ("tasks: [fashion1\n", "is not valid YAML"),
     ("- tasks\n- lr\n", "a run config is a mapping"),
     ("setting: fashion_mtl\ntasks: [fashion1]\ndevice: cuda:7\n", "device="),  # no such GPU here (or no GPU at all)
-    ("tasks: [fashion1]\n", "config needs `setting`: one of ['celeba', 'cifar100', 'fashion_mtl'"),
+    ("tasks: [fashion1]\n", "config needs `setting`: one of ['celeba', 'cifar100',"),
 ])
 def test_cli_run_reports_bad_files_without_a_traceback(tmp_path, capsys, text, message):
     from mtlcore.cli import main
@@ -149,7 +149,7 @@ def test_cli_data_lists_the_settings(capsys):
     assert main(["data", "--list"]) == 0
     assert "fashion_mtl: FashionMTL, tasks fashion1, fashion2, noisy_fashion, notmnist" in capsys.readouterr().out
     assert main(["data", "cifar"]) == 2
-    assert "unknown setting 'cifar'; valid settings: ['celeba', 'cifar100', 'fashion_mtl'" in capsys.readouterr().err
+    assert "unknown setting 'cifar'; valid settings: ['celeba', 'cifar100'," in capsys.readouterr().err
 
 
 def test_an_unexecuted_book_names_what_is_missing(tmp_path):

@@ -2,7 +2,7 @@
 
 tr F = E_x E_{ŷ∼p_θ(·|x)} ‖∇_w −log p_θ(ŷ|x)‖², w = the parameters the task's loss depends on. The task's
 `Loss` gives p_θ: `loss.sample(outputs)` draws ŷ (a softmax for a categorical likelihood, a Gaussian around the output for
-a squared error), and `loss.fisher_scale` turns squared gradients of the loss into those of −log p_θ. With
+a squared error; `loss.sample_like(outputs, y)` when the true targets are given, so that pixels they leave out stay out), and `loss.fisher_scale` turns squared gradients of the loss into those of −log p_θ. With
 `empirical=True` the true targets replace ŷ (the empirical Fisher).
 """
 from __future__ import annotations
@@ -44,8 +44,11 @@ def fisher_trace(
         check_examples(x, y)
         return loss.fisher_scale * per_example_squared_norms(model, task, x, y, **gradient_options).mean().item()
 
-    outputs = batched_outputs(model, task, x, device=device)
-    sampled = loss.sample(outputs.repeat_interleave(num_samples, dim=0), generator=generator)
+    outputs = batched_outputs(model, task, x, device=device).repeat_interleave(num_samples, dim=0)
+    if y is None:
+        sampled = loss.sample(outputs, generator=generator)
+    else:  # a likelihood over part of the output (masked pixels) follows the true targets' mask
+        sampled = loss.sample_like(outputs, tree_map(lambda t: t.repeat_interleave(num_samples, dim=0), y), generator)
     repeated = tree_map(lambda t: t.repeat_interleave(num_samples, dim=0), x)
     norms = per_example_squared_norms(model, task, repeated, sampled, **gradient_options)
     return loss.fisher_scale * norms.mean().item()

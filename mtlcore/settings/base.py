@@ -92,6 +92,12 @@ class Loss:
     def sample(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> Any:
         raise NotImplementedError(f"{type(self).__name__} defines no predictive distribution to sample the Fisher from")
 
+    def sample_like(self, outputs: torch.Tensor, targets: Any, generator: torch.Generator | None = None) -> Any:
+        """`sample`, knowing the true targets of the same examples: for a likelihood over part of an output only (the
+        labelled pixels of a segmentation), the draw leaves out what the targets leave out. By default the targets
+        change nothing."""
+        return self.sample(outputs, generator=generator)
+
 
 @dataclass(frozen=True)
 class Score:
@@ -103,6 +109,7 @@ class Score:
     higher_is_better: bool
     statistics: Callable[[torch.Tensor, Any], torch.Tensor]
     value: Callable[[torch.Tensor], float]
+    percent: bool = False  # a rate in [0, 1] that tables show in percentage points (as papers write accuracy)
 
 
 @dataclass(frozen=True)
