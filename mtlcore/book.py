@@ -21,17 +21,49 @@ def profiles(params_dir: Path = PROJECT_ROOT / "params") -> list[str]:
 
 
 def profile_parameters(profile: str, params_dir: Path = PROJECT_ROOT / "params") -> dict[str, dict]:
-    """notebook name -> its parameters in `profile`."""
+    """notebook name -> its parameters in `profile`: its own file, plus the profile's `studies.yaml` (the settings it
+    runs besides FashionMTL) for the notebooks that declare a `studies` parameter."""
     folder = params_dir / "profiles" / profile
     if not folder.is_dir():
         raise ValueError(f"unknown profile {profile!r}; valid profiles: {profiles(params_dir)}")
+    studies = profile_studies(folder)
     out = {}
     for name in NOTEBOOKS:
         path = folder / f"{name}.yaml"
         if not path.exists():
             raise FileNotFoundError(f"profile {profile!r} has no parameters for notebook {name!r}: create {path}")
         out[name] = load_yaml(path) or {}
+        if "studies" in declared_parameters(name):
+            out[name].setdefault("studies", studies)
     return out
+
+
+def profile_studies(folder: Path) -> list[dict]:
+    """The `studies:` list of a profile folder's studies.yaml (none when the file is absent), each checked."""
+    from mtlcore.analysis.studies import Study
+
+    path = folder / "studies.yaml"
+    content = (load_yaml(path) or {}) if path.exists() else {}
+    if not isinstance(content, dict) or set(content) - {"studies"}:
+        raise ValueError(f"{path}: expected one key, `studies:` (a list of studies), got {sorted(content)}")
+    studies = content.get("studies") or []
+    for spec in studies:
+        Study.from_dict(spec)  # a bad study fails here, before any notebook runs
+    return studies
+
+
+def declared_parameters(notebook: str) -> set[str]:
+    """The names the notebook's `parameters` cell assigns."""
+    import ast
+
+    import jupytext
+
+    source = jupytext.read(PROJECT_ROOT / "notebooks" / f"{notebook}.py")
+    for cell in source.cells:
+        if "parameters" in cell.metadata.get("tags", []):
+            return {target.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+                    for target in node.targets if isinstance(target, ast.Name)}
+    return set()
 
 
 def git_commit(root: Path = PROJECT_ROOT) -> str:
@@ -120,10 +152,24 @@ def write_run_info(profile: str, parameters: dict[str, dict], data_root: str, bo
     ]
     for name, p in parameters.items():
         sizes = p.get("setting_options", {})
+        grid = (p.get("selection") or {}).get("grid", {})
+        cells = [f"{p.get(k, '?')}" if k not in grid else f"chosen on validation from {grid[k]}"
+                 for k in ("optimizer", "lr", "batch_size")]
         lines.append(
             f"| {name} | {p.get('setting', '?')} | {sizes.get('train_size', '?')} / {sizes.get('val_size', '?')} / "
             f"{sizes.get('test_size', '?')} | {', '.join(map(str, p.get('seeds', [])))} | {p.get('epochs', '?')} | "
-            f"{p.get('optimizer', '?')} | {p.get('lr', '?')} | {p.get('batch_size', '?')} |")
+            + " | ".join(cells) + " |")
+    studies = next((p["studies"] for p in parameters.values() if p.get("studies")), [])
+    if studies:
+        lines += ["", "Other settings (every task together against each target alone):", "",
+                  "| setting | data | tasks (MTL) | targets (STL) | seeds | epochs | model | device |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for study in studies:
+            tasks = study.get("tasks")
+            lines.append(f"| {study['setting']} | {study.get('data', 'root')} | {len(tasks) if tasks else 'all'} | "
+                         f"{len(study.get('targets') or tasks or []) or 'all'} | "
+                         f"{', '.join(map(str, study.get('seeds', [0, 1, 2])))} | {study.get('epochs', '?')} | "
+                         f"{study.get('model', 'default')} | {study.get('device', 'auto')} |")
     lines += ["", "<details><summary>All parameters</summary>", "", "```json",
               json.dumps(parameters, indent=1, sort_keys=True), "```", "", "</details>", ""]
     path = book_dir / "_generated" / "run_info.md"

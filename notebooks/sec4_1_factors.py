@@ -36,6 +36,8 @@ loss_scale = "sum"
 model = "lenet"
 model_options = {"dropout": 0.5}
 metrics = {"factors": ["sharpness", "fisher_trace", "coherence"], "examples": 512}
+selection = {}  # e.g. {"grid": {"lr": [0.01, 0.001]}, "seeds": [0]}: choose those values on validation first
+studies = []  # the other settings: one mapping each (see mtlcore.analysis.studies)
 device = "auto"
 executor = "local"
 
@@ -48,6 +50,8 @@ from IPython.display import Markdown, display
 
 from mtlcore import settings
 from mtlcore.analysis import comparisons, plots, sections
+from mtlcore.analysis import studies as other_settings
+from mtlcore.training import selection as validation_selection
 from mtlcore.training.results import save_atomic
 from mtlcore.training.runner import base_config, diverged_runs, grid, load_runs
 
@@ -56,7 +60,14 @@ results_dir = Path(results_dir)
 described = settings.get(setting)  # for its display names in labels and titles
 names, setting_name = described.display_names, described.display_name
 base = base_config(globals())  # the run-config parameters of this notebook
-configs = grid(base, tasks=[[target]] + [[target, p] for p in partners], seed=seeds)
+task_sets = [[target]] + [[target, p] for p in partners]
+study_specs = [other_settings.Study.from_dict(spec) for spec in studies]  # checked before anything trains
+if selection:  # the configuration chosen on validation (the same runs and choice as in §3)
+    chosen = validation_selection.select(base, selection, task_sets, results_dir, data_root=data_root or None,
+                                         executor=executor)
+    base.update(chosen.chosen)
+    display(Markdown(validation_selection.describe(chosen)))
+configs = grid(base, tasks=task_sets, seed=seeds)
 print(f"{len(configs)} runs; factors {metrics['factors']} on the first {metrics.get('examples', 2048)} "
       f"training examples, every {metrics.get('every', 1)} epoch(s)")
 
@@ -109,11 +120,46 @@ finding = sections.factors_finding(table, variables, expected_explains=expected[
                                    context=f"in this run ({profile} profile, {len(seeds)} seeds)")
 display(Markdown(finding.text))
 
+# %% [markdown]
+# ## Table 1 in the other settings: each task alone against every task together
+# The same Δ for each target task of the paper's other settings that this profile ran (rates in points;
+# the factors' Δ is MTL − STL, lower is better), with paper A's published Δ generalization beside ours
+# where Table 1 gives one. Which settings this profile ran, and why the others were not run:
+
+# %% tags=["hide-input"]
+statuses = [other_settings.prepare(study, data_root or None, results_dir) for study in study_specs]
+display(Markdown(other_settings.markdown(other_settings.overview(
+    statuses, fashion_mtl=f"ran on the real data: {names.get(target, target)} with each partner (above)"))))
+for status in statuses:
+    if not status.ran and "\n" in status.reason:  # the files to download and where to put them
+        display(Markdown(f"**{status.study.display_name}** {status.reason}"))
+
+# %% tags=["remove-stderr"]
+study_tables, study_findings = {}, {}
+for status in [s for s in statuses if s.ran]:
+    study = status.study
+    study_variables = comparisons.table1_variables(study.config.get("metrics", {}).get("factors", []))
+    display(Markdown(f"### {study.display_name}\n{study.display_name} {status.reason}: {len(study.tasks)} tasks "
+                     f"together, {len(study.targets)} of them also alone, seeds {list(study.seeds)}."))
+    study_runs, _ = other_settings.run(status, results_dir, executor=executor)
+    print("diverged runs (left out of every summary):", diverged_runs(study_runs) or "none")
+    study_table = study_tables[study.setting] = other_settings.target_table(study_runs, study, study_variables)
+    display(other_settings.shown_table(study_table, study, study_variables))
+    study_finding = study_findings[study.setting] = sections.factors_finding(
+        study_table.rename(index=settings.get(study.setting).display_names), study_variables,
+        expected_explains=expected["factor_explains_both_directions"],
+        context=f"in {study.display_name} ({profile} profile, {len(study.seeds)} seeds)")
+    display(Markdown(study_finding.text))
+
 # %% tags=["hide-input"]
 analysis_ds = summaries.assign_coords(run_configuration=("run", [str(v) for v in target_runs["configuration"].values]))
 analysis_ds = analysis_ds.drop_vars([c for c in analysis_ds.coords if c not in ("run", "run_configuration")])
 analysis_ds = analysis_ds.merge(comparisons.table_dataset(table, "table1"))
 analysis_ds.attrs.update(profile=profile, target=target, seeds=str(seeds), factors=",".join(metrics["factors"]),
-                         expected=json.dumps(expected), finding=finding.answer)
+                         expected=json.dumps(expected), finding=finding.answer,
+                         other_settings=json.dumps({s.study.setting: s.reason.split(chr(10))[0] for s in statuses}),
+                         other_findings=json.dumps({name: f.answer for name, f in study_findings.items()}))
+for status in [s for s in statuses if s.ran]:
+    analysis_ds = analysis_ds.merge(other_settings.table_dataset(study_tables[status.study.setting], status.study))
 save_atomic(analysis_ds, results_dir / "sec4_1_factors.nc")
 print("analysis written to sec4_1_factors.nc in the results folder")

@@ -37,6 +37,7 @@ loss_scale = "sum"
 model = "lenet"
 model_options = {"dropout": 0.5}
 metrics = {"factors": ["sharpness", "fisher_trace", "coherence"], "examples": 512}
+selection = {}  # as in §3 (with its `task_sets`), so that the uniform runs are §3's
 device = "auto"
 executor = "local"
 
@@ -50,6 +51,7 @@ from IPython.display import Markdown, display
 
 from mtlcore import settings
 from mtlcore.analysis import comparisons, plots, sections
+from mtlcore.training import selection as validation_selection
 from mtlcore.training.results import save_atomic
 from mtlcore.training.runner import base_config, diverged_runs, grid, load_runs
 
@@ -58,6 +60,11 @@ results_dir = Path(results_dir)
 described = settings.get(setting)  # for its display names in labels and titles
 names, setting_name = described.display_names, described.display_name
 base = base_config(globals())  # the run-config parameters of this notebook
+if selection:  # the configuration chosen on validation, shared by the uniform runs and every SMTO
+    chosen = validation_selection.select(base, selection, [[target, p] for p in partners], results_dir,
+                                         data_root=data_root or None, executor=executor)
+    base.update(chosen.chosen)
+    display(Markdown(validation_selection.describe(chosen)))
 configs = grid(base, tasks=[[target, p] for p in partners], aggregator=["uniform"] + list(aggregators), seed=seeds)
 print(f"{len(configs)} runs: {len(partners)} task pairs x {1 + len(aggregators)} aggregators x {len(seeds)} seeds")
 

@@ -184,3 +184,34 @@ def quadrant_plot(changes, factors: Sequence[str], title: str = "") -> plt.Figur
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def transfer_by_task(table, labels: Sequence[str], scale: Sequence[float], *, title: str = "",
+                     unit: str = "points") -> plt.Figure:
+    """Δ generalization of each target (MTL − STL, positive: better), one bar per task, with paper A's published Δ
+    as a marker where it gives one.
+
+    table: `studies.target_table` (rows in `labels` order); `scale`: per row, the factor to the unit shown (100 for a
+    rate shown in points). The whisker is 2·(std_MTL + std_STL): the ±2 std intervals of the two overlap exactly when
+    it reaches zero, so a bar whose whisker crosses zero is not significant (drawn pale)."""
+    scale = np.asarray(scale, dtype=float)
+    delta = table["delta_generalization"].to_numpy(float) * scale
+    half = 2 * (table["generalization_std"].to_numpy(float) + table["stl_generalization_std"].to_numpy(float)) * scale
+    significant = table["significant_generalization"].to_numpy(bool)
+    y = np.arange(len(labels))[::-1]
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(labels) + 1.4))
+    colors = ["tab:green" if d > 0 else "tab:red" for d in delta]
+    ax.barh(y, delta, color=colors, alpha=None, edgecolor="black", linewidth=0.5)
+    for bar, sig in zip(ax.patches, significant):
+        bar.set_alpha(0.9 if sig else 0.3)
+    ax.errorbar(delta, y, xerr=half, fmt="none", ecolor="black", elinewidth=1, capsize=3)
+    paper = table["paper_delta_points"].to_numpy(float)
+    if np.isfinite(paper).any():
+        ax.scatter(paper, y, marker="D", color="black", zorder=3, label="paper A, Table 1")
+        ax.legend(loc="best", fontsize="small")
+    ax.axvline(0, color="gray", linewidth=0.8)
+    ax.set_yticks(y, labels)
+    ax.set_xlabel(f"Δ generalization, MTL − STL ({unit}; pale: not significant)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

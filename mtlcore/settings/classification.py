@@ -25,4 +25,5 @@ def _correct(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                         torch.tensor(float(len(targets)), dtype=torch.float64, device=outputs.device)])
 
 
-ACCURACY = Score("accuracy", higher_is_better=True, statistics=_correct, value=lambda total: float(total[0] / total[1]))
+ACCURACY = Score("accuracy", higher_is_better=True, statistics=_correct, value=lambda total: float(total[0] / total[1]),
+                 percent=True)

@@ -29,7 +29,7 @@ def _f1(total: torch.Tensor) -> float:
     return 2 * tp / denominator if denominator else 0.0
 
 
-F1 = Score("f1", higher_is_better=True, statistics=_confusion, value=_f1)
+F1 = Score("f1", higher_is_better=True, statistics=_confusion, value=_f1, percent=True)
 LOSS = CrossEntropy()
 
 

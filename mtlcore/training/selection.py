@@ -1,0 +1,127 @@
+"""Choosing the training configuration on validation (paper A, §3 and Appendix A): a grid of run-config values
+(learning rate, batch size, optimizer, ...) is trained on a few seeds for every task set of an experiment, and the
+grid point whose runs validate best is chosen for the seeds of the experiment itself.
+
+"Best" must compare tasks whose scores differ in scale and direction (an accuracy, an error), and single-task with
+multi-task runs, which the paper trains with one shared configuration. So each (task set, task, seed) cell ranks the
+grid points by its best validation score over the trained epochs (in the score's direction, 1 = best; a run that
+diverged ranks last), and the chosen point has the lowest mean rank over all cells (ties: the first in grid order),
+the mean rank of paper B's comparisons. The selection runs measure no trajectory factor.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from mtlcore.training.config import ConfigError, RunConfig
+from mtlcore.training.runner import grid, load_runs
+
+SELECTION_KEYS = ("grid", "seeds", "task_sets")
+
+
+@dataclass(frozen=True)
+class Selection:
+    chosen: dict  # the chosen grid point: run-config field -> value
+    table: pd.DataFrame  # one row per grid point: its values, mean rank, mean best validation score, diverged runs
+    runs: int  # how many runs the selection trained or read
+
+
+def grid_points(axes: dict) -> list[dict]:
+    """Every combination of the `axes` (run-config field -> list of values), in grid order; unknown fields and
+    empty or non-list values are refused, naming them."""
+    if not isinstance(axes, dict) or not axes:
+        raise ConfigError(f"selection.grid must map run-config fields to lists of values, got {axes!r}")
+    unknown = [k for k in axes if k not in RunConfig.fields()]
+    if unknown:
+        raise ConfigError(f"selection.grid: unknown run-config field(s) {unknown}; valid fields: {RunConfig.fields()}")
+    fixed = [k for k in ("setting", "tasks", "seed") if k in axes]
+    if fixed:
+        raise ConfigError(f"selection.grid cannot vary {fixed}: the experiment fixes them")
+    bad = [k for k, v in axes.items() if not isinstance(v, list) or not v]
+    if bad:
+        raise ConfigError(f"selection.grid: {bad} must be non-empty lists of values, e.g. lr: [0.01, 0.001]")
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def check_selection(spec: dict) -> None:
+    """Refuse a malformed `selection:` block (unknown keys, a bad grid, no seeds) before anything trains."""
+    unknown = sorted(set(spec) - set(SELECTION_KEYS))
+    if unknown:
+        raise ConfigError(f"selection: unknown key(s) {unknown}; valid keys: {list(SELECTION_KEYS)}")
+    grid_points(spec.get("grid"))
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds:
+        raise ConfigError(f"selection.seeds={seeds!r} must be a non-empty list of seeds")
+    task_sets = spec.get("task_sets", [["?"]])
+    if not (isinstance(task_sets, list) and task_sets and all(isinstance(t, list) and t for t in task_sets)):
+        raise ConfigError(f"selection.task_sets={task_sets!r} must be a non-empty list of task lists")
+
+
+def _best_validation(values: np.ndarray, higher_is_better: bool) -> float:
+    trained = values[1:]  # epoch 0, the untrained model, is the same for every grid point
+    trained = trained[np.isfinite(trained)]
+    if trained.size == 0:
+        return np.nan
+    return float(trained.max() if higher_is_better else trained.min())
+
+
+def rank_points(scores: np.ndarray, higher_is_better: np.ndarray) -> np.ndarray:
+    """Ranks (1 = best, ties averaged) of the grid points in each cell: `scores` is points × cells, NaN (a run
+    that diverged or never scored) ranks last; `higher_is_better` gives each cell's direction."""
+    oriented = np.where(np.asarray(higher_is_better, dtype=bool)[None, :], -scores, scores)
+    oriented = np.where(np.isfinite(oriented), oriented, np.inf)
+    return np.apply_along_axis(stats.rankdata, 0, oriented)
+
+
+def select(base: dict, spec: dict, task_sets: list[list[str]], results_dir: str | Path, **load_kwargs) -> Selection:
+    """Train the grid of `spec` (`grid:` field -> values, `seeds:` the selection's seeds, default [0], `task_sets:`
+    the task sets to select on, default `task_sets`) over `base` (a run config; the selection runs measure no
+    factor) and choose a point; `load_kwargs` go to `load_runs` (data root, executor)."""
+    check_selection(spec)
+    points = grid_points(spec["grid"])
+    seeds = spec.get("seeds", [0])
+    task_sets = spec.get("task_sets") or task_sets
+    base = {**base, "metrics": {}}
+    configs = [(p, c) for p, point in enumerate(points) for c in grid({**base, **point}, tasks=task_sets, seed=seeds)]
+    runs = load_runs([c for _, c in configs], results_dir, **load_kwargs)
+    by_id = {str(r): i for i, r in enumerate(runs["run"].values)}  # run coordinate: the config's content hash
+    cells: dict[tuple, dict[int, float]] = {}
+    directions: dict[tuple, bool] = {}
+    diverged = np.zeros(len(points), dtype=int)
+    for p, config in configs:
+        i = by_id[config.content_hash()]
+        complete = str(runs["status"].values[i]) == "complete"
+        diverged[p] += not complete
+        for task in config.tasks:
+            cell = (json.dumps(list(config.tasks)), task, config.seed)
+            higher = bool(runs["higher_is_better"].sel(task=task).values)
+            score = runs["val_score"].isel(run=i).sel(task=task).values
+            cells.setdefault(cell, {})[p] = _best_validation(np.asarray(score, float), higher) if complete else np.nan
+            directions[cell] = higher
+    keys = list(cells)
+    scores = np.array([[cells[k].get(p, np.nan) for k in keys] for p in range(len(points))])
+    ranks = rank_points(scores, np.array([directions[k] for k in keys]))
+    mean_rank = ranks.mean(axis=1)
+    table = pd.DataFrame(points)
+    table["mean rank"] = mean_rank
+    if len(set(directions.values())) == 1:  # one direction: the plain mean of the best validation scores is readable
+        finite = np.isfinite(scores)  # over the runs that completed; NaN for a point whose runs all diverged
+        counts = finite.sum(axis=1)
+        table["mean best validation score"] = np.where(counts, np.where(finite, scores, 0).sum(axis=1) / np.maximum(counts, 1), np.nan)
+    table["diverged runs"] = diverged
+    best = int(np.argmin(mean_rank))  # the first of equal ranks
+    table["chosen"] = ["✔" if p == best else "" for p in range(len(points))]
+    return Selection(chosen=points[best], table=table, runs=len(configs))
+
+
+def describe(selection: Selection) -> str:
+    """One markdown sentence: what was chosen, from how many runs."""
+    chosen = ", ".join(f"`{k}` = {v}" for k, v in selection.chosen.items())
+    return (f"Chosen on validation: {chosen} (the lowest mean rank over every task, task set and selection seed; "
+            f"{len(selection.table)} grid points, {selection.runs} runs without factor measurements).")
