@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -47,3 +48,25 @@ def trainer(config: RunConfig | dict, data_root: str | Path | None = None, data:
 def training_step(trainer: Trainer, batch=None) -> None:
     """One iteration of `Trainer._train_epoch` without its bookkeeping (`Trainer.train_step`)."""
     trainer.train_step(batch)
+
+
+def alternated(fns: dict, device: torch.device, repeats: int, n: int = 1,
+               rotate: bool = True) -> list[dict[str, float]]:
+    """Per repeat, the mean wall seconds of n calls of each of `fns` (name → function), timed one after the other, so
+    that a method and its baseline see the same machine load. With `rotate`, repeat i starts with the i-th function
+    (cyclically), so that no function always runs first in a repeat."""
+    items = list(fns.items())
+    rows = []
+    for i in range(repeats):
+        order = items[i % len(items):] + items[: i % len(items)] if rotate else items
+        rows.append({name: seconds(fn, device, n) for name, fn in order})
+    return rows
+
+
+def median_ratio(rows: list[dict[str, float]], method: str, baseline: str) -> float:
+    """The median of the per-repeat ratios method / baseline of `alternated`'s rows."""
+    return statistics.median(row[method] / row[baseline] for row in rows)
+
+
+def median_seconds(rows: list[dict[str, float]], name: str) -> float:
+    return statistics.median(row[name] for row in rows)

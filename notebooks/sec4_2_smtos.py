@@ -38,6 +38,7 @@ model = "lenet"
 model_options = {"dropout": 0.5}
 metrics = {"factors": ["sharpness", "fisher_trace", "coherence"], "examples": 512}
 selection = {}  # as in §3 (with its `task_sets`), so that the uniform runs are §3's
+studies = []  # the other settings (see mtlcore.analysis.studies): all their tasks under each aggregator
 device = "auto"
 executor = "local"
 
@@ -47,10 +48,12 @@ import logging
 from pathlib import Path
 
 import pandas as pd
+import xarray as xr
 from IPython.display import Markdown, display
 
 from mtlcore import settings
 from mtlcore.analysis import comparisons, plots, sections
+from mtlcore.analysis import studies as other_settings
 from mtlcore.training import selection as validation_selection
 from mtlcore.training.results import save_atomic
 from mtlcore.training.runner import base_config, diverged_runs, grid, load_runs
@@ -66,6 +69,7 @@ if selection:  # the configuration chosen on validation, shared by the uniform r
     base.update(chosen.chosen)
     display(Markdown(validation_selection.describe(chosen)))
 configs = grid(base, tasks=[[target, p] for p in partners], aggregator=["uniform"] + list(aggregators), seed=seeds)
+study_specs = [other_settings.Study.from_dict(spec) for spec in studies]  # checked before anything trains
 print(f"{len(configs)} runs: {len(partners)} task pairs x {1 + len(aggregators)} aggregators x {len(seeds)} seeds")
 
 # %% tags=["remove-stderr"]
@@ -86,16 +90,27 @@ display(pivot.style.format(precision=4))
 
 # %% [markdown]
 # ## Figure 4: %Δ factor against %Δ generalization (SMTO − uniform)
-# One point per (task pair, task, SMTO); filled when the generalization change is significant. The %Δ
+# One point per (task pair or other setting, task, SMTO); filled when the generalization change is significant. The %Δ
 # of generalization is signed so that positive is better.
 
-# %%
+# %% tags=["remove-stderr"]
 changes = comparisons.smto_changes(summaries, runs["aggregator"], runs["configuration"])
+# The paper's other settings that this profile ran: all their tasks together under each aggregator.
+statuses = [other_settings.prepare(study, data_root or None, results_dir) for study in study_specs]
+for status in [s for s in statuses if s.ran and s.study.aggregators != ()]:
+    study_aggregators = list(aggregators if status.study.aggregators is None else status.study.aggregators)
+    study_runs, _ = other_settings.run(status, results_dir, aggregators=study_aggregators, executor=executor)
+    group = xr.DataArray([f"{status.study.display_name}: all tasks"] * study_runs.sizes["run"], dims="run")
+    study_changes = comparisons.smto_changes(comparisons.trajectory_summaries(study_runs), study_runs["aggregator"], group)
+    changes = pd.concat([changes, study_changes], ignore_index=True)
+display(Markdown("Settings: " + "; ".join([f"{setting_name}: ran on the real data"] + [
+    f"{s.study.display_name}: " + ("not run with SMTOs: the profile lists none for it" if s.ran and s.study.aggregators == ()
+                                   else s.reason.split(chr(10))[0]) for s in statuses]) + "."))
 finding = sections.quadrant_finding(changes, list(comparisons.FACTOR_SUMMARIES),
                                     expected_solely_agreeing=expected["factor_solely_in_agreeing_quadrants"],
                                     context=f"in this run ({profile} profile, {len(seeds)} seeds)")
 factors = [agreement.factor for agreement in finding.agreements if agreement.measured]
-fig = plots.quadrant_plot(changes, factors, title=f"{setting_name} ({profile} profile): SMTOs vs the uniform gradient")
+fig = plots.quadrant_plot(changes, factors, title=f"{profile} profile: SMTOs vs the uniform gradient")
 
 # %% [markdown]
 # The points of the figure (%Δ; `significant`: the generalization change passes the ±2 std test).
@@ -112,6 +127,7 @@ display(Markdown(finding.text))
 # %% tags=["hide-input"]
 analysis_ds = changes.assign(significant=changes["significant"].astype(int)).to_xarray().rename(index="point")
 analysis_ds.attrs.update(profile=profile, target=target, seeds=str(seeds), aggregators=",".join(aggregators),
-                         expected=json.dumps(expected), finding=finding.answer)
+                         expected=json.dumps(expected), finding=finding.answer,
+                         other_settings=json.dumps({s.study.setting: s.reason.split(chr(10))[0] for s in statuses}))
 save_atomic(analysis_ds, results_dir / "sec4_2_smtos.nc")
 print("analysis written to sec4_2_smtos.nc in the results folder")

@@ -12,7 +12,7 @@ import torch
 
 from mtlcore import settings
 from mtlcore.analysis import plots, published, studies
-from mtlcore.book import declared_parameters, profile_parameters, profiles
+from mtlcore.book import NOTEBOOKS, declared_parameters, profile_parameters, profiles
 from mtlcore.training.config import ConfigError
 
 matplotlib.use("Agg")
@@ -45,13 +45,12 @@ def test_a_study_defaults_to_every_task_and_refuses_what_it_cannot_run():
 
 
 def test_every_profile_passes_its_studies_to_the_chapters_that_take_them():
-    assert "studies" in declared_parameters("sec3_transfer") and "studies" not in declared_parameters("sec4_2_smtos")
+    assert all("studies" in declared_parameters(name) for name in NOTEBOOKS)
     for profile in profiles():
         parameters = profile_parameters(profile)
-        assert parameters["sec3_transfer"]["studies"] == parameters["sec4_1_factors"]["studies"]
-        assert "studies" not in parameters["sec4_2_smtos"]
+        assert all(parameters[name]["studies"] == parameters["sec3_transfer"]["studies"] for name in NOTEBOOKS)
         names = [studies.Study.from_dict(s).setting for s in parameters["sec3_transfer"]["studies"]]
-        assert {"cifar100", "celeba"} <= set(names)
+        assert {"cifar100", "celeba", "cityscapes"} <= set(names)
         selections = [json.dumps(p.get("selection"), sort_keys=True) for p in parameters.values()]
         assert len(set(selections)) == 1  # every chapter chooses the same configuration
 

@@ -29,7 +29,7 @@ from mtlcore.training.selection import Selection, check_selection, select
 PAPER_SETTINGS = {"fashion_mtl": "FashionMTL", "cifar100": "CIFAR-100", "celeba": "CelebA",
                   "cityscapes": "Cityscapes", "glue": "GLUE"}
 DATA_SOURCES = ("root", "fixture")
-STUDY_KEYS = ("setting", "tasks", "targets", "seeds", "data", "selection")
+STUDY_KEYS = ("setting", "tasks", "targets", "seeds", "data", "selection", "aggregators")
 FIXTURE_FOLDER = "fixture-data"
 
 
@@ -42,6 +42,7 @@ class Study:
     data: str  # "root": the data root; "fixture": generated files in the released format
     config: dict  # the run-config values its runs share
     selection: dict = field(default_factory=dict)
+    aggregators: tuple[str, ...] | None = None  # §4.2's SMTOs for it: None, the chapter's; () none
 
     @classmethod
     def from_dict(cls, spec: dict) -> Study:
@@ -77,8 +78,18 @@ class Study:
         selection = spec.get("selection") or {}
         if selection:
             check_selection(selection)
+        aggregators = spec.get("aggregators")
+        if aggregators is not None:
+            from mtlcore import aggregators as registry
+
+            if not isinstance(aggregators, list):
+                raise ConfigError(f"study of {name!r}: aggregators={aggregators!r} must be a list (empty: none)")
+            unknown = [a for a in aggregators if a not in registry.available()]
+            if unknown:
+                raise ConfigError(f"study of {name!r}: unknown aggregator(s) {unknown}; valid: {registry.available()}")
+            aggregators = tuple(aggregators)
         config = {k: v for k, v in spec.items() if k in run_fields}
-        return cls(name, tasks, targets, tuple(seeds), data, config, selection)
+        return cls(name, tasks, targets, tuple(seeds), data, config, selection, aggregators)
 
     @property
     def display_name(self) -> str:
@@ -155,14 +166,21 @@ def overview(statuses: list[StudyStatus], fashion_mtl: str) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("setting")
 
 
-def run(status: StudyStatus, results_dir: str | Path, **load_kwargs) -> tuple[xr.Dataset, Selection | None]:
-    """Train (or read) a runnable study's runs, after its validation selection when it has one; `load_kwargs` go to
-    `load_runs` (executor, progress)."""
+def run(status: StudyStatus, results_dir: str | Path, *, aggregators: list[str] | None = None,
+        **load_kwargs) -> tuple[xr.Dataset, Selection | None]:
+    """Train (or read) a runnable study's runs, after its validation selection when it has one: each target alone and
+    all tasks together, or with `aggregators` all tasks together under the uniform gradient and each of them (§4.2).
+    `load_kwargs` go to `load_runs` (executor, progress)."""
     study = status.study
     kwargs = {"data_root": status.data_root, **load_kwargs}
     selection = select(study.config, study.selection, study.task_sets(), results_dir, **kwargs) if study.selection else None
-    runs = load_runs(study.configs(selection.chosen if selection else None), results_dir, **kwargs)
-    return runs, selection
+    chosen = selection.chosen if selection else {}
+    if aggregators is None:
+        configs = study.configs(chosen)
+    else:
+        configs = grid({**study.config, **chosen}, tasks=[list(study.tasks)], aggregator=["uniform", *aggregators],
+                       seed=list(study.seeds))
+    return load_runs(configs, results_dir, **kwargs), selection
 
 
 def markdown(table: pd.DataFrame) -> str:

@@ -78,6 +78,8 @@ def _option_names(factor: str) -> set[str]:
     names = {p.name for p in inspect.signature(function).parameters.values() if p.kind == p.KEYWORD_ONLY}
     if factor == "sharpness":
         names |= {"steps", "step_size", "momentum", "halving_checkpoints", "min_update_ratio", "random_init"}
+    if factor == "coherence":  # passed on to the per-example gradients (a large model needs small chunks)
+        names |= {"chunk_size", "method"}
     # set by the trainer from the run config
     return names - {"generator", "device", "progress", "loss", "losses", "reduction", "single_input"}
 

@@ -24,6 +24,7 @@ _REGISTRY: dict[str, str | type[Setting]] = {
     "fashion_mtl": "mtlcore.settings.fashion_mtl:FashionMTL",
     "cifar100": "mtlcore.settings.cifar100:CIFAR100",
     "celeba": "mtlcore.settings.celeba:CelebA",
+    "glue": "mtlcore.settings.glue:GLUE",
     "cityscapes": "mtlcore.settings.cityscapes:Cityscapes",
 }
 

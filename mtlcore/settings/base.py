@@ -296,8 +296,10 @@ class Setting:
         """Refuse bad option values before any run starts (a builder runs only when training starts, and may
         load weights)."""
 
-    def build_model(self, name: str | None, tasks: Sequence[str], options: Mapping[str, Any] | None = None
-                    ) -> MultiTaskModel:
+    def build_model(self, name: str | None, tasks: Sequence[str], options: Mapping[str, Any] | None = None,
+                    root: str | Path | None = None) -> MultiTaskModel:
+        """The model `name` for `tasks`; `root` is the run's data root, for settings whose models read files from it
+        (a pretrained encoder's folder): the others ignore it."""
         name, options = self.resolve_model(name, options)
         return self.models[name](list(tasks), **options)
 

@@ -80,11 +80,11 @@ def seeded_reset(model: MultiTaskModel, module: torch.nn.Module, seed: int) -> N
         model.initialize(module)
 
 
-def make_model(config: RunConfig, setting: Setting) -> MultiTaskModel:
+def make_model(config: RunConfig, setting: Setting, data_root: str | Path | None = None) -> MultiTaskModel:
     """The run's model, seeded by (seed, name) for the encoder and each head, so that STL and MTL runs of one seed
     start alike. A pretrained encoder keeps its weights."""
     resolved = config.resolved()
-    model = setting.build_model(resolved["model"], config.tasks, resolved["model_options"])
+    model = setting.build_model(resolved["model"], config.tasks, resolved["model_options"], root=data_root)
     if not model.pretrained_encoder:
         seeded_reset(model, model.encoder, derive_seed(config.seed, "init", "encoder"))
     for task in config.tasks:
@@ -117,13 +117,14 @@ class Diverged(FloatingPointError):
 class Trainer:
     """One run's state; `fit()` runs the remaining epochs and returns the run dataset."""
 
-    def __init__(self, config: RunConfig, setting: Setting, data: SettingData, device: torch.device):
+    def __init__(self, config: RunConfig, setting: Setting, data: SettingData, device: torch.device,
+                 data_root: str | Path | None = None):
         self.config, self.setting, self.device = config, setting, device
         use_deterministic_kernels(device)
         self.data = data.to(device)
         self.tasks = list(config.tasks)
         self.specs = {t: setting.task(t) for t in self.tasks}
-        model = make_model(config, setting)
+        model = make_model(config, setting, data_root)
         self.model = model.to(device, memory_format=model.memory_format)
         self.update = make_update(config.aggregator, config.aggregator_options, self.model, self.tasks,
                                   loss_scale=config.loss_scale, head_update=config.head_update, seed=config.seed,
@@ -354,7 +355,7 @@ def run(config: RunConfig | dict, *, data_root: str | Path | None = None, result
     setting = settings.get(config.setting)
     if data is None:
         data = setting.load(config.tasks, config.setting_options, root=data_root)
-    trainer = Trainer(config, setting, data, device)
+    trainer = Trainer(config, setting, data, device, data_root)
     checkpoint = path.with_suffix(".partial.pt") if path is not None else None
     if checkpoint is not None and checkpoint.exists():
         trainer.load_state_dict(torch.load(checkpoint, weights_only=False))

@@ -79,3 +79,8 @@ class Cityscapes(Setting):
 
     def missing_optional_files(self, root: Path) -> list[str]:
         return data.missing_optional_files(root)
+
+    def write_fixture(self, root, seed=0):
+        from mtlcore.settings.cityscapes import fixture
+
+        fixture.write(Path(root), seed=seed, train=12, val=6)

@@ -156,7 +156,8 @@ def _ratio(index: int):
     return value
 
 
-MIOU = Score("miou", higher_is_better=True, statistics=confusion_matrix, value=mean_iou)
-PIXEL_ACCURACY = Score("pixel_accuracy", higher_is_better=True, statistics=confusion_matrix, value=pixel_accuracy)
+MIOU = Score("miou", higher_is_better=True, statistics=confusion_matrix, value=mean_iou, percent=True)
+PIXEL_ACCURACY = Score("pixel_accuracy", higher_is_better=True, statistics=confusion_matrix, value=pixel_accuracy,
+                       percent=True)
 ABS_ERR = Score("abs_err", higher_is_better=False, statistics=depth_errors, value=_ratio(0))
 REL_ERR = Score("rel_err", higher_is_better=False, statistics=depth_errors, value=_ratio(1))
