@@ -184,6 +184,14 @@ for status in [s for s in statuses if s.ran]:
     plots.transfer_by_task(study_table, list(shown.index), other_settings.display_scale(study, study_table.index),
                            title=f"{study.display_name} ({profile} profile): transfer to each task")
     plt.show()
+    drawn = other_settings.curve_targets(study_table)
+    display(Markdown(f"Test score against training loss, STL and MTL (mean ± 2 std over seeds), of "
+                     f"{'every target' if len(drawn) == len(study.targets) else f'{len(drawn)} targets (significant transfer first)'}."))
+    study_names = settings.get(study.setting).display_names
+    plots.generalization_grid([(study_names.get(t, t), other_settings.target_runs(study_runs, study, t)) for t in drawn],
+                              group="configuration", order=["STL", "MTL"],
+                              title=f"{study.display_name} ({profile} profile): generalization against training loss")
+    plt.show()
 
 # %% tags=["hide-input"]
 analysis_ds = comparisons.analysis_dataset(

@@ -140,3 +140,17 @@ def test_the_transfer_figure_draws_each_task_with_its_significance_whisker(fixtu
     markers = ax.collections[1].get_offsets()[:, 0]
     np.testing.assert_allclose(markers, [3.49, -8.81])
     matplotlib.pyplot.close(fig)
+
+
+def test_the_curves_show_significant_targets_first_and_draw_each_panel(fixture_study):
+    study, runs = fixture_study
+    table = studies.target_table(runs, study)
+    flipped = table.assign(significant_generalization=[False, True], delta_generalization=[0.5, -0.01])
+    assert studies.curve_targets(flipped) == ["fruit_and_vegetables", "fish"]
+    assert studies.curve_targets(flipped, limit=1) == ["fruit_and_vegetables"]
+    panels = [(t, studies.target_runs(runs, study, t)) for t in study.targets]
+    fig = plots.generalization_grid(panels, group="configuration", order=["STL", "MTL"], columns=4)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == list(study.targets)
+    assert all(len(ax.get_lines()) == 2 for ax in visible)  # STL and MTL
+    matplotlib.pyplot.close(fig)

@@ -3,6 +3,7 @@ returns its matplotlib Figure; titles and labels come from the caller or from th
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -186,8 +187,7 @@ def quadrant_plot(changes, factors: Sequence[str], title: str = "") -> plt.Figur
     return fig
 
 
-def transfer_by_task(table, labels: Sequence[str], scale: Sequence[float], *, title: str = "",
-                     unit: str = "points") -> plt.Figure:
+def transfer_by_task(table, labels: Sequence[str], scale: Sequence[float], *, title: str = "") -> plt.Figure:
     """Δ generalization of each target (MTL − STL, positive: better), one bar per task, with paper A's published Δ
     as a marker where it gives one.
 
@@ -211,7 +211,27 @@ def transfer_by_task(table, labels: Sequence[str], scale: Sequence[float], *, ti
         ax.legend(loc="best", fontsize="small")
     ax.axvline(0, color="gray", linewidth=0.8)
     ax.set_yticks(y, labels)
+    unit = ("points" if (scale == 100).all() else "the score's units" if (scale == 1).all()
+            else "points for rates, else the score's units")
     ax.set_xlabel(f"Δ generalization, MTL − STL ({unit}; pale: not significant)")
     ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def generalization_grid(panels: Sequence[tuple[str, xr.Dataset]], *, group: str, order: Sequence[str],
+                        columns: int = 4, title: str = "") -> plt.Figure:
+    """`generalization_vs_loss` for several tasks side by side (paper A's Figure 2): one panel per (title, runs of
+    that task, labelled by `group`), the legend in the first."""
+    rows = max(1, math.ceil(len(panels) / columns))
+    width = min(columns, len(panels)) or 1
+    fig, axes = plt.subplots(rows, width, figsize=(4.2 * width, 3.4 * rows), squeeze=False)
+    for ax, (name, runs) in zip(axes.flat, panels):
+        generalization_vs_loss(runs, group=group, order=order, ax=ax, legend=ax is axes.flat[0], title=name,
+                               ylabel=f"test {runs['primary_score'].values}")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -224,6 +224,13 @@ def target_table(runs: xr.Dataset, study: Study, variables: list[str] = ()) -> p
     return pd.DataFrame(rows).set_index("task")
 
 
+def curve_targets(table: pd.DataFrame, limit: int = 8) -> list[str]:
+    """The targets to draw against their training loss (paper A's Figure 2 shows those with significant transfer):
+    the significant ones first, then the others, each by decreasing |Δ|, at most `limit`."""
+    order = table.assign(size=table["delta_generalization"].abs(), sig=table["significant_generalization"].astype(bool))
+    return list(order.sort_values(["sig", "size"], ascending=False).index[:limit])
+
+
 def display_scale(study: Study, tasks) -> np.ndarray:
     """Per task, the factor from its primary score to the unit shown: 100 for a rate (percentage points), else 1."""
     setting = settings.get(study.setting)
