@@ -29,6 +29,7 @@ def _batch(args) -> int:
 def _sweep(args) -> int:
     """A grid file: `base:` a run config, `grid:` key -> list of values (every combination is run)."""
     from mtlcore.training import ensure_runs, grid, load_yaml
+    from mtlcore.training.runner import RunsFailed
 
     spec = load_yaml(args.grid)
     if not isinstance(spec, dict) or not all(isinstance(spec.get(k, {}), dict) for k in ("base", "grid")):
@@ -46,7 +47,11 @@ def _sweep(args) -> int:
         client = Client(args.dask) if args.dask != "local" else Client(processes=True, threads_per_worker=1)
     try:
         paths = ensure_runs(configs, args.results_dir, data_root=args.data_root,
-                            executor="dask" if client else "local", dask_client=client)
+                            executor="dask" if client else "local", dask_client=client,
+                            retry_failed=args.retry_failed, claim_timeout=args.claim_timeout)
+    except RunsFailed as error:  # the other runs are saved; the message lists the failed ones
+        print(f"mtlcore sweep: error: {error}", file=sys.stderr)
+        return 1
     finally:
         if client is not None:  # else its workers are killed at exit, with warnings
             client.close()
@@ -92,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", default="results/sweep")
     p.add_argument("--data-root", default=None)
     p.add_argument("--dask", default=None, help="'local' for a local cluster, or a scheduler address")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="train again the runs an earlier sweep recorded as failed (<run>.failed.json)")
+    p.add_argument("--claim-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="take over a run another process claimed but has not refreshed for this long (default 600)")
     p.set_defaults(func=_sweep)
     p = sub.add_parser("data", help="check (and download when online) a setting's data files")
     p.add_argument("setting", help="a setting name (`mtlcore data --list` lists them)", nargs="?")

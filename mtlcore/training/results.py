@@ -88,7 +88,7 @@ def save_atomic(ds: xr.Dataset, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkstemp: its files are owner-only (0600), which shared results folders cannot read.
-    tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp = temporary_name(path)
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the usual mode, after the umask
     ds = ds.copy(deep=False)
     ds.attrs = _netcdf_attrs(ds.attrs)
@@ -101,6 +101,23 @@ def save_atomic(ds: xr.Dataset, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def temporary_name(path: Path) -> Path:
+    """A name next to `path` that no other writer (process or thread) uses, for writing then `os.replace`."""
+    return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def check_results_dir(results_dir: str | Path) -> Path:
+    """Refuse a results folder (or its `runs/`) that exists as something other than a folder, before any training."""
+    results_dir = Path(results_dir)
+    for folder in (results_dir / "runs", results_dir, *results_dir.parents):
+        if folder.is_dir():
+            break
+        if folder.exists() or folder.is_symlink():
+            raise ValueError(f"results_dir {results_dir}: {folder} exists and is not a folder; give a folder path "
+                             "(it is created when missing) or move the file away")
+    return results_dir
 
 
 def load_run(path: str | Path) -> xr.Dataset:

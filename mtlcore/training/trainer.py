@@ -29,8 +29,10 @@ from mtlcore._seeding import derive_seed, torch_generator
 from mtlcore.metrics.schedule import FactorSchedule
 from mtlcore.metrics.scores import evaluate
 from mtlcore.settings.base import MultiTaskModel, Setting, SettingData, count
+from mtlcore.training import claims
+from mtlcore.training.claims import first_line
 from mtlcore.training.config import RunConfig
-from mtlcore.training.results import load_run, new_run_dataset, save_atomic
+from mtlcore.training.results import check_results_dir, load_run, new_run_dataset, save_atomic, temporary_name
 from mtlcore.training.updates import Step, make_update
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,10 @@ def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
 
 class Diverged(FloatingPointError):
     pass
+
+
+# The layout of `Trainer.state_dict()`; a checkpoint of another layout is set aside and the run restarts.
+CHECKPOINT_FORMAT = 2
 
 
 class Trainer:
@@ -240,7 +246,10 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The state a killed run resumes from, in types `torch.load(..., weights_only=True)` reads (tensors,
+        numbers, strings, lists, dicts): loading a checkpoint never runs code."""
         return {
+            "format": CHECKPOINT_FORMAT,
             "epoch": self.epoch, "step": self.step, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "samplers": {t: s.state_dict() for t, s in self.samplers.items()},
@@ -248,13 +257,16 @@ class Trainer:
             "torch_rng": torch.random.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "update": self.update.state_dict(),
-            "trajectory": {name: self.ds[name].values.copy() for name in self.ds.data_vars},
-            "steps": self.ds["step"].values.copy(),
-            "wall_seconds": self.ds.attrs.get("wall_seconds", 0.0),
-            "metrics_seconds": self.factors.spent,
+            "trajectory": {name: torch.from_numpy(self.ds[name].values.copy()) for name in self.ds.data_vars},
+            "steps": torch.from_numpy(self.ds["step"].values.copy()),
+            "wall_seconds": float(self.ds.attrs.get("wall_seconds", 0.0)),
+            "metrics_seconds": float(self.factors.spent),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"checkpoint format {found!r}, expected {CHECKPOINT_FORMAT}")
         self.epoch, self.step = state["epoch"], state["step"]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -268,8 +280,8 @@ class Trainer:
         if state["update"] is not None:
             self.update.load_state_dict(state["update"])
         for name, values in state["trajectory"].items():
-            self.ds[name].values[:] = values
-        self.ds["step"].values[:] = state["steps"]
+            self.ds[name].values[:] = values.numpy()
+        self.ds["step"].values[:] = state["steps"].numpy()
         self.ds.attrs["wall_seconds"] = state["wall_seconds"]
         self.factors.spent = state["metrics_seconds"]
 
@@ -317,9 +329,31 @@ class Trainer:
 
 def _atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    tmp = temporary_name(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _resume(trainer: Trainer, checkpoint: Path) -> bool:
+    """Load `checkpoint` into `trainer` (tensors and plain values only: a planted pickle runs nothing). One that
+    cannot be loaded (corrupt, truncated, planted, of an older format) is renamed `<name>.rejected-<time>` with
+    a warning; False then, and the caller restarts the run from scratch on a fresh trainer."""
+    try:
+        trainer.load_state_dict(torch.load(checkpoint, weights_only=True))
+        return True
+    except Exception as error:  # whatever the bytes: unpickling, format, shape or key errors
+        aside = checkpoint.with_name(f"{checkpoint.name}.rejected-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        try:
+            os.replace(checkpoint, aside)
+        except FileNotFoundError:
+            pass
+        log.warning("checkpoint %s cannot be loaded safely (%s: %s); set aside as %s, the run restarts from "
+                    "scratch", checkpoint, type(error).__name__, first_line(str(error)), aside.name)
+        return False
 
 
 def _jsonable(value):
@@ -338,19 +372,70 @@ def run_path(config: RunConfig, results_dir: str | Path) -> Path:
     return Path(results_dir) / "runs" / f"{config.content_hash()}.nc"
 
 
+def claim_path(path: Path) -> Path:
+    """The claim file of the run file `path`: `<hash>.claim`."""
+    return path.with_suffix(".claim")
+
+
+def failure_path(path: Path) -> Path:
+    """The failure record of the run file `path`: `<hash>.failed.json`."""
+    return path.with_suffix(".failed.json")
+
+
 def run(config: RunConfig | dict, *, data_root: str | Path | None = None, results_dir: str | Path | None = None,
-        progress: bool = True, data: SettingData | None = None) -> xr.Dataset:
+        progress: bool = True, data: SettingData | None = None, wait: bool = True, retry_failed: bool = True,
+        claim_timeout: float = claims.STALE_AFTER, poll_seconds: float = 5.0) -> xr.Dataset:
     """Train one run and return its dataset.
 
     With `results_dir`, the dataset is saved to `results_dir/runs/<hash>.nc` (atomically); a finished run
     already there is loaded instead of retrained, and a killed run resumes from its last epoch checkpoint.
+    The run is trained under a claim (`<hash>.claim`), so that processes sharing the folder never train it twice:
+    while another live process holds it, this one waits for its run file (`wait`, polling every `poll_seconds`)
+    or raises `RunClaimed`; a claim without a heartbeat for `claim_timeout` seconds, or of a dead process of this
+    host, is taken over. A run that raises is recorded in `<hash>.failed.json` before the error propagates;
+    with `retry_failed=False` such a run raises `RunFailed` instead of training again.
     `data`: the setting's loaded data for the run's tasks, where the caller has it already.
     """
     if isinstance(config, dict):
         config = RunConfig.from_dict(config)
-    path = run_path(config, results_dir) if results_dir is not None else None
-    if path is not None and path.exists():
-        return load_run(path)
+    if results_dir is None:
+        return _train(config, data_root, data, None, progress)
+    check_results_dir(results_dir)
+    path = run_path(config, results_dir)
+    waiting = False
+    while True:
+        if path.exists():
+            return load_run(path)
+        claim = claims.acquire(claim_path(path), claim_timeout)
+        if claim is not None:
+            break
+        busy = f"run {path.name} is being trained by {claims.describe(claim_path(path))}"
+        if not wait:
+            raise claims.RunClaimed(busy)
+        if not waiting:
+            log.warning("%s: waiting for its run file (or for the claim to go stale after %.0f s)", busy,
+                        claim_timeout)
+            waiting = True
+        time.sleep(poll_seconds)
+    with claim:
+        if path.exists():  # finished by the process that held the claim before
+            return load_run(path)
+        failed = failure_path(path)
+        record = claims.read_failure(failed)
+        if record is not None and not retry_failed:
+            raise claims.RunFailed(failed, record)
+        try:
+            ds = _train(config, data_root, data, path, progress)
+        except Exception as error:  # recorded under the claim, so that no process retrains it unasked
+            claims.record_failure(failed, error)
+            raise
+        save_atomic(ds, path)
+        path.with_suffix(".partial.pt").unlink(missing_ok=True)
+        failed.unlink(missing_ok=True)
+    return ds
+
+
+def _train(config: RunConfig, data_root, data: SettingData | None, path: Path | None, progress: bool) -> xr.Dataset:
     device = resolve_device(config.device)
     setting = settings.get(config.setting)
     if data is None:
@@ -358,11 +443,11 @@ def run(config: RunConfig | dict, *, data_root: str | Path | None = None, result
     trainer = Trainer(config, setting, data, device, data_root)
     checkpoint = path.with_suffix(".partial.pt") if path is not None else None
     if checkpoint is not None and checkpoint.exists():
-        trainer.load_state_dict(torch.load(checkpoint, weights_only=False))
-        log.info("resuming run %s from epoch %d", config.content_hash(), trainer.epoch)
-    ds = trainer.fit(checkpoint=checkpoint, progress=progress)
+        if _resume(trainer, checkpoint):
+            log.info("resuming run %s from epoch %d", config.content_hash(), trainer.epoch)
+        else:  # a fresh trainer: the failed load may have changed some of its state
+            trainer = Trainer(config, setting, data, device, data_root)
     if path is not None:
-        save_atomic(ds, path)
-        if checkpoint.exists():
-            checkpoint.unlink()
-    return ds
+        log.info("training run %s from epoch %d (host %s, pid %d)", config.content_hash(), trainer.epoch,
+                 platform.node(), os.getpid())
+    return trainer.fit(checkpoint=checkpoint, progress=progress)
