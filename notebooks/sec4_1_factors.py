@@ -128,11 +128,8 @@ display(Markdown(finding.text))
 
 # %% tags=["hide-input"]
 statuses = [other_settings.prepare(study, data_root or None, results_dir) for study in study_specs]
-display(Markdown(other_settings.markdown(other_settings.overview(
-    statuses, fashion_mtl=f"ran on the real data: {names.get(target, target)} with each partner (above)"))))
-for status in statuses:
-    if not status.ran and "\n" in status.reason:  # the files to download and where to put them
-        display(Markdown(f"**{status.study.display_name}** {status.reason}"))
+display(Markdown(other_settings.overview_markdown(  # with the files to get for each study that lacked them
+    statuses, fashion_mtl=f"ran on the real data: {names.get(target, target)} with each partner (above)")))
 
 # %% tags=["remove-stderr"]
 study_tables, study_findings = {}, {}

@@ -76,3 +76,12 @@ def no_compiler(monkeypatch):
 
     monkeypatch.setattr(fused, "modules", {})
     monkeypatch.setattr(cpp_extension, "load", fail)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for small models (a second only adds synchronisation, and stalls on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

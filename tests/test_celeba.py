@@ -38,14 +38,6 @@ def registered():
     assert type(settings.get("celeba")) is CelebA
 
 
-@pytest.fixture
-def one_thread():
-    """A width-4 ResNet on 16×16 images: a second thread only adds synchronisation (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _rows_of(images: torch.Tensor, folder: Path, names: list[str]) -> list[str]:
     """Which fixture image each loaded image is (decoded independently, compared pixel for pixel)."""

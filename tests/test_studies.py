@@ -60,6 +60,9 @@ def test_absent_data_says_what_to_get_without_a_machine_path(tmp_path):
     status = studies.prepare(studies.Study.from_dict({"setting": "cifar100"}), tmp_path, tmp_path / "results")
     assert not status.ran and status.reason.startswith("not run: the data is absent")
     assert "cifar-100-python" in status.reason and "<data root>" in status.reason and str(tmp_path) not in status.reason
+    page = studies.overview_markdown([status], fashion_mtl="ran")
+    assert "| CIFAR-100 | not run: the data is absent. |" in page and "**CIFAR-100** not run" in page
+    assert "cifar-100-python" in page and str(tmp_path) not in page
 
 
 def test_a_gpu_study_on_a_machine_without_one_is_not_run(tmp_path):

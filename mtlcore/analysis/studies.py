@@ -183,6 +183,13 @@ def run(status: StudyStatus, results_dir: str | Path, *, aggregators: list[str] 
     return load_runs(configs, results_dir, **kwargs), selection
 
 
+def overview_markdown(statuses: list[StudyStatus], fashion_mtl: str) -> str:
+    """`overview` as markdown, followed by what to download for each study that lacked its data."""
+    parts = [markdown(overview(statuses, fashion_mtl))]
+    parts += [f"**{s.study.display_name}** {s.reason}" for s in statuses if not s.ran and "\n" in s.reason]
+    return "\n\n".join(parts)
+
+
 def markdown(table: pd.DataFrame) -> str:
     """A small table as markdown, so that the cells' own markdown (bold, code) renders in the book."""
     columns = [table.index.name or "", *table.columns]
