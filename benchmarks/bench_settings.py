@@ -1,5 +1,7 @@
 """Training steps of the CIFAR-100 and CelebA settings (ResNet18): speed and memory, against a plain PyTorch loop,
-and CelebA's JPEG decoding (first load only). A benchmark, not a test: nothing is asserted.
+and CelebA's JPEG decoding (first load only); Cityscapes (DeepLabV3) and GLUE (the offline transformer encoder): the
+steps' speed, memory and profile, and GLUE's trajectory factors against an epoch. A benchmark, not a test: nothing is
+asserted. `--settings` chooses among cifar100, celeba, cityscapes and glue (default: all four).
 
 No real CIFAR-100 or CelebA is needed: the script writes each setting's fixture files (`fixture.py`: small files in
 exactly the released formats) into a temporary data root and loads them with the settings' own loaders. The images
@@ -31,8 +33,27 @@ real ones. For each setting it reports:
   load, a later load of the same sizes, and a 2-epoch `mtlcore.training.run`; the time of the first (decoding) load
   against a later (cached, memory-mapped) one.
 
-    .venv/bin/python benchmarks/bench_settings.py              # ~5–6 min on 2 CPU cores
-    .venv/bin/python benchmarks/bench_settings.py --quick      # width 16, fewer repeats: a check that it runs
+Cityscapes: fixture files of 128×256 (`--cityscapes-images`, 16 training images: only the shapes matter), DeepLabV3
+on a dilated ResNet18 (`--cityscapes-depth`; 50, the papers' size, with `--device cuda`) at full width, ASPP 256,
+batch 8 (`--cityscapes-batch`). Samples/s of the STL steps (segmentation alone, depth alone), the uniform MTL step and
+the SMTO step, the latter two alternated (median of per-pair ratios); the peak memory of each step (as above); the
+ops that dominate each step (`torch.profiler`, self time).
+
+GLUE: the real offline files (under the data root, `--data-root` or $MTLCORE_DATA_DIR) and the offline encoder
+(all-MiniLM-L6-v2, found under the data root), batch 32 per task, max_length 128 (`--glue-batch`, `--max-length`),
+Adam at lr 1e-4, summed losses, 256 training examples per task (`--glue-train-size`):
+
+* tokens/s of an STL step (the first of `--glue-tasks`, sst2) and of the uniform MTL step (sst2 + cola): each timed
+  step runs on a freshly drawn batch whose real tokens (the tokenizer's attention mask, no padding) are counted
+  outside the timing; the median of the per-step rates;
+* each trajectory factor (sharpness, fisher_trace, coherence) at one checkpoint, as the trainer measures it
+  (`FactorSchedule.measure` with the run's model, data, tasks and update direction) on the first 64 examples of each
+  task (`--factor-examples`; coherence's large batch is then 64, the per-example gradients in chunks of 8 as in the
+  GLUE runs of the project's profiles), alternated with one training epoch of the same MTL run.
+
+    .venv/bin/python benchmarks/bench_settings.py              # ~5–6 min on 2 CPU cores for CIFAR-100 and CelebA
+    .venv/bin/python benchmarks/bench_settings.py --settings cityscapes,glue
+    .venv/bin/python benchmarks/bench_settings.py --quick      # smaller models, fewer repeats: a check that it runs (~6 min)
     .venv/bin/python benchmarks/bench_settings.py --cifar-tasks all --width 64 --device cuda
 
 Writes benchmarks/out/settings.md and settings.json (`settings-cuda.*` with `--device cuda`) and prints the tables.
@@ -60,10 +81,12 @@ import torch.nn.functional as F
 
 import _timing
 from mtlcore import aggregators, settings
+from mtlcore.metrics.schedule import FactorSchedule
 from mtlcore.settings.celeba import data as celeba_data
 from mtlcore.settings.celeba import fixture as celeba_fixture
 from mtlcore.settings.cifar100 import data as cifar_data
 from mtlcore.settings.cifar100 import fixture as cifar_fixture
+from mtlcore.settings.glue.model import DEFAULT_ENCODER
 
 OUT = Path(__file__).resolve().parent / "out"
 MB = 2**20
@@ -473,8 +496,272 @@ def jpeg_check(work: Path, args) -> dict:
     return {"images": n, "options": options, "loads": loads, "runs": runs}
 
 
+# -- Cityscapes ----------------------------------------------------------------------------------------------------
+CITYSCAPES_HEIGHT, CITYSCAPES_WIDTH, CITYSCAPES_VAL, CITYSCAPES_TEST = 128, 256, 2, 2
+
+
+def cityscapes_config(tasks: list[str], aggregator: str, options: dict, args) -> dict:
+    """DeepLabV3 (dilated ResNet `--cityscapes-depth`, full width) at the trainer's defaults (momentum SGD, lr 1e-2,
+    summed losses, own heads)."""
+    return {"setting": "cityscapes", "tasks": tasks, "batch_size": args.cityscapes_batch, "device": args.device,
+            "aggregator": aggregator, "model": "deeplabv3", "setting_options": options,
+            "model_options": {"depth": args.cityscapes_depth, "width": args.cityscapes_width,
+                              "aspp_channels": args.aspp_channels}}
+
+
+def bench_cityscapes(work: Path, args) -> dict:
+    """Samples/s of the STL steps (segmentation, depth) and the uniform MTL step, the SMTO step alternated with the
+    uniform one, the peak memory and the profile of each step, on fixture files of 128×256."""
+    from mtlcore.settings.cityscapes import data as cityscapes_data
+    from mtlcore.settings.cityscapes import fixture as cityscapes_fixture
+
+    device = torch.device(args.device)
+    root = work / "cityscapes"
+    train = args.cityscapes_images
+    cityscapes_fixture.write(root, train=train + CITYSCAPES_VAL, val=CITYSCAPES_TEST, height=CITYSCAPES_HEIGHT,
+                             width=CITYSCAPES_WIDTH)
+    options = {"train_size": train, "val_size": CITYSCAPES_VAL, "test_size": CITYSCAPES_TEST}
+    every = list(cityscapes_data.TASKS)
+    setting_obj = settings.get("cityscapes")
+    data = setting_obj.load(every, options, root=root)  # single input: one load serves every task subset
+    result = {"options": options, "batch": args.cityscapes_batch, "depth": args.cityscapes_depth,
+              "width": args.cityscapes_width, "aspp_channels": args.aspp_channels, "steps": {}, "profiles": {},
+              "memory": {}}
+
+    def trainer(tasks, aggregator):
+        t = _timing.trainer(cityscapes_config(tasks, aggregator, options, args), data=data)
+        t.model.train()
+        return t
+
+    def step_of(t):
+        return lambda: _timing.training_step(t)
+
+    configs = {}
+    for label, tasks in (("STL segmentation", ["segmentation"]), ("STL depth", ["depth"])):
+        t = trainer(tasks, "uniform")
+        step_of(t)()  # warm-up (momentum buffers)
+        rows = _timing.alternated({label: step_of(t)}, device, args.cityscapes_repeats, args.steps)
+        result["steps"][label] = {"s": _timing.median_seconds(rows, label), "rows": rows}
+        log(f"cityscapes: {label} step {1e3 * result['steps'][label]['s']:.0f} ms")
+        if not args.no_profile:
+            result["profiles"][label] = profile_step(step_of(t), device, top=args.top)
+        configs[label] = t.config
+        del t
+        gc.collect()
+
+    uniform, smto = trainer(every, "uniform"), trainer(every, SMTO)
+    step_of(uniform)()
+    step_of(smto)()
+    rows = _timing.alternated({"smto": step_of(smto), "uniform": step_of(uniform)}, device,
+                              args.cityscapes_smto_repeats, 1)
+    result["steps"]["MTL uniform"] = {"s": _timing.median_seconds(rows, "uniform"), "rows": rows}
+    result["steps"][f"MTL {SMTO}"] = {"s": _timing.median_seconds(rows, "smto"), "rows": rows,
+                                      "ratio": _timing.median_ratio(rows, "smto", "uniform")}
+    log(f"cityscapes: uniform {result['steps']['MTL uniform']['s']:.2f} s, {SMTO} "
+        f"{result['steps'][f'MTL {SMTO}']['s']:.2f} s, ratio {result['steps'][f'MTL {SMTO}']['ratio']:.2f}")
+    result["draw_s"] = _timing.seconds(uniform._batch, device, 10)
+    if not args.no_profile:
+        result["profiles"]["MTL uniform"] = profile_step(step_of(uniform), device, top=args.top)
+        result["profiles"][f"MTL {SMTO}"] = profile_step(step_of(smto), device, top=args.top)
+        for label, p in result["profiles"].items():
+            log(f"cityscapes: profile {label}: {[(e['op'], round(e['share'], 3)) for e in p['top'][:4]]}")
+    configs["MTL uniform"], configs[f"MTL {SMTO}"] = uniform.config, smto.config
+
+    if not args.no_memory:
+        if device.type == "cuda":
+            for label, cfg in configs.items():
+                t = uniform if label == "MTL uniform" else smto if label == f"MTL {SMTO}" else None
+                if t is None:
+                    t = trainer(list(cfg.tasks), "uniform")
+                    step_of(t)()
+                result["memory"][label] = cuda_peak(step_of(t), device)
+        else:
+            del uniform, smto
+            gc.collect()
+            for label, cfg in configs.items():
+                result["memory"][label] = cpu_peak(cfg.to_dict(), root, "trainer", args.threads)
+                log(f"cityscapes: memory {label} {result['memory'][label]}")
+    for p in result["profiles"].values():
+        p.pop("ops", None)
+    return result
+
+
+# -- GLUE ----------------------------------------------------------------------------------------------------------
+def glue_config(tasks: list[str], options: dict, args, metrics: dict | None = None) -> dict:
+    """The offline encoder at `--max-length`, Adam at lr 1e-4 (the GLUE runs of the project's profiles), summed
+    losses, uniform update."""
+    return {"setting": "glue", "tasks": tasks, "batch_size": args.glue_batch, "device": args.device,
+            "aggregator": "uniform", "model": "transformer", "optimizer": "adam", "lr": 1e-4, "loss_scale": "sum",
+            "setting_options": options, "model_options": {"max_length": args.max_length},
+            **({"metrics": metrics} if metrics else {})}
+
+
+def glue_tokens(t, batch) -> tuple[int, int]:
+    """(real tokens, token positions the encoder runs) of a step's batch: the tokenizer's attention mask summed, and
+    every row padded to the step's longest example (the trainer joins the tasks' batches into one forward)."""
+    real, rows, longest = 0, 0, 0
+    for x, _ in batch:
+        _, _, mask = t.model.encoder.tokenize(x["text_a"], x["text_b"], x["pair"])
+        real, rows, longest = real + int(mask.sum()), rows + mask.shape[0], max(longest, mask.shape[1])
+    return real, rows * longest
+
+
+def bench_glue(args) -> dict:
+    """Tokens/s of the STL and MTL uniform steps on the real offline files, and each trajectory factor at one
+    checkpoint against one training epoch, alternated."""
+    device = torch.device(args.device)
+    mtl_tasks = args.glue_tasks.split(",")
+    stl_tasks = mtl_tasks[:1]
+    options = {"train_size": args.glue_train_size, "val_size": 8, "test_size": 8, "data_seed": 0}
+    setting_obj = settings.get("glue")
+    data = {len(t): setting_obj.load(t, options, root=args.data_root) for t in (stl_tasks, mtl_tasks)}
+    result = {"options": options, "stl_tasks": stl_tasks, "mtl_tasks": mtl_tasks, "batch": args.glue_batch,
+              "max_length": args.max_length, "steps": {}, "factors": {}, "profiles": {}}
+
+    # Tokens/s: each repeat draws a batch (not timed), counts its tokens and times one step on it.
+    for label, tasks in ((f"STL {stl_tasks[0]}", stl_tasks), (f"MTL uniform ({' + '.join(mtl_tasks)})", mtl_tasks)):
+        t = _timing.trainer(glue_config(tasks, options, args), args.data_root, data=data[len(tasks)])
+        t.model.train()
+        t.train_step()  # warm-up (Adam's state, the tokenizer's cache)
+        rows = []
+        for _ in range(args.glue_repeats):
+            batch = t._batch()
+            real, positions = glue_tokens(t, batch)
+            s = _timing.seconds(lambda t=t, b=batch: t.train_step(b), device)
+            rows.append({"s": s, "tokens": real, "positions": positions, "examples": sum(len(y) for _, y in batch)})
+        result["steps"][label] = {
+            "s": statistics.median(r["s"] for r in rows),
+            "tokens_per_s": statistics.median(r["tokens"] / r["s"] for r in rows),
+            "positions_per_s": statistics.median(r["positions"] / r["s"] for r in rows),
+            "tokens": statistics.mean(r["tokens"] for r in rows),
+            "positions": statistics.mean(r["positions"] for r in rows),
+            "examples": rows[0]["examples"], "rows": rows}
+        if not args.no_profile:
+            batch = t._batch()
+            profile = profile_step(lambda t=t, b=batch: t.train_step(b), device, top=args.top)
+            profile.pop("ops", None)
+            profile["tokens"], profile["positions"] = glue_tokens(t, batch)
+            result["profiles"][label] = profile
+            log(f"glue: profile {label}: {[(e['op'], round(e['share'], 3)) for e in profile['top'][:4]]}")
+        log(f"glue: {label}: {result['steps'][label]['s']:.2f} s, {result['steps'][label]['tokens_per_s']:,.0f} "
+            f"tokens/s")
+        del t
+        gc.collect()
+
+    # Factors at one checkpoint against one epoch: the schedule's `measure`, as the trainer calls it at a record.
+    t = _timing.trainer(glue_config(mtl_tasks, options, args), args.data_root, data=data[len(mtl_tasks)])
+    t.model.train()
+    t.train_step()
+    steps = t.steps_per_epoch
+    result["epoch_steps"] = steps
+
+    def epoch():
+        t.model.train()
+        for _ in range(steps):
+            t.train_step()
+
+    metrics_options = {"examples": args.factor_examples, "coherence": {"large_batch": args.factor_examples,
+                                                                      "chunk_size": args.factor_chunk},
+                       "fisher_trace": {"chunk_size": args.factor_chunk}}
+    result["metrics_options"] = metrics_options
+    for factor in [f for f in args.glue_factors.split(",") if f]:
+        schedule = FactorSchedule({"factors": [factor], **metrics_options}, t.config.seed, t.config.batch_size,
+                                  t.config.loss_scale)
+
+        def measure(schedule=schedule):
+            t.model.eval()  # as at the trainer's record (after `evaluate`)
+            schedule.measure(t.model, t.data, t.specs, 0, t.update.direction())
+
+        if factor != "sharpness":  # warm-up (per-example gradients under vmap; sharpness runs the epoch's kernels)
+            measure()
+        rows = _timing.alternated({"factor": measure, "epoch": epoch}, device, args.factor_repeats, 1)
+        result["factors"][factor] = {"s": _timing.median_seconds(rows, "factor"),
+                                     "epoch_s": _timing.median_seconds(rows, "epoch"),
+                                     "ratio": _timing.median_ratio(rows, "factor", "epoch"), "rows": rows}
+        log(f"glue: {factor} {result['factors'][factor]['s']:.2f} s, epoch {result['factors'][factor]['epoch_s']:.2f}"
+            f" s, ratio {result['factors'][factor]['ratio']:.2f}")
+    return result
+
+
+def cityscapes_section(r: dict, args) -> str:
+    device = torch.device(args.device)
+    o = r["options"]
+    memory_column = "step's peak RSS (MB)" if args.device == "cpu" else "step's peak allocated (MB)"
+    lines = [f"| step | step (ms) | samples/s | step / uniform MTL | {memory_column} |", "|---|---:|---:|---:|---:|"]
+    for label, s in r["steps"].items():
+        m = r["memory"].get(label)
+        mem = "not measured" if m is None else f"{'≥ ' if m['masked'] else ''}{m['step_mb']:,.0f}"
+        ratio = s.get("ratio", 1.0 if label == "MTL uniform" else None)
+        lines.append(f"| {label} | {1e3 * s['s']:,.0f} | {r['batch'] / s['s']:,.2f} | "
+                     f"{'' if ratio is None else f'{ratio:.2f}'} | {mem} |")
+    head = (f"# Cityscapes\n\nMeasured {time.strftime('%Y-%m-%d')}, {_timing.machine(device)}, {os.cpu_count()} "
+            f"cores, torch.set_num_threads({args.threads}), torch {torch.__version__}, device {args.device}; "
+            f"DeepLabV3, dilated ResNet{r['depth']} width {r['width']}, ASPP {r['aspp_channels']} channels; batch "
+            f"{r['batch']} images of {CITYSCAPES_HEIGHT}×{CITYSCAPES_WIDTH}; fixture files ({o['train_size']} "
+            f"training images, synthetic, in the released layout). STL: {args.cityscapes_repeats} repeat(s) of "
+            f"{args.steps} step(s); MTL uniform and {SMTO}: {args.cityscapes_smto_repeats} alternated pair(s) after a "
+            f"warm-up step each (the ratio is the median of the per-pair ratios). Drawing a batch takes "
+            f"{1e3 * r['draw_s']:.2f} ms (included in each step).")
+    sections = [head, "## Training steps\n\n" + "\n".join(lines)]
+    if r["memory"]:
+        sections.append("## Peak memory of one step\n\n" + memory_table({"cityscapes": r}))
+    if r["profiles"]:
+        rows = ["| step | op | self time (ms) | share of the step | calls |", "|---|---|---:|---:|---:|"]
+        notes = []
+        for label, p in r["profiles"].items():
+            for e in p["top"]:
+                rows.append(f"| {label} | `{e['op']}` | {e['ms']:,.1f} | {100 * e['share']:.1f}% | {e['calls']} |")
+            notes.append(f"- {label}: convolution ops {100 * p['conv_share']:.0f}% of the step's self time, batch "
+                         f"norm {100 * p['batch_norm_share']:.0f}% (profiled step {p['total_ms']:,.0f} ms).")
+        sections.append("## What dominates a step (torch.profiler, self time)\n\n" + "\n".join(rows + [""] + notes))
+    return "\n\n".join(sections)
+
+
+def glue_section(r: dict, args) -> str:
+    device = torch.device(args.device)
+    o = r["options"]
+    lines = [("| step | examples / step | real tokens / step (mean) | padded positions / step (mean) | step (ms) | "
+              "tokens/s (real) | positions/s |"), "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, s in r["steps"].items():
+        lines.append(f"| {label} | {s['examples']} | {s['tokens']:,.0f} | {s['positions']:,.0f} | "
+                     f"{1e3 * s['s']:,.0f} | {s['tokens_per_s']:,.0f} | {s['positions_per_s']:,.0f} |")
+    head = (f"# GLUE\n\nMeasured {time.strftime('%Y-%m-%d')}, {_timing.machine(device)}, {os.cpu_count()} cores, "
+            f"torch.set_num_threads({args.threads}), torch {torch.__version__}, device {args.device}; the offline "
+            f"encoder ({DEFAULT_ENCODER}), max_length {r['max_length']}, batch {r['batch']} per task, Adam lr 1e-4, "
+            f"summed losses; the real GLUE files, {o['train_size']} training examples per task. Tokens/s: "
+            f"{args.glue_repeats} steps, each on a freshly drawn batch whose real (non-padding) tokens are counted "
+            f"with the model's tokenizer; the median of the per-step rates. Padded positions: every row at the "
+            f"step's longest example (the trainer joins the tasks' batches into one forward).")
+    f_lines = ["| factor | one checkpoint (s) | one epoch (s) | checkpoint / epoch |", "|---|---:|---:|---:|"]
+    for name, f in r["factors"].items():
+        f_lines.append(f"| {name} | {f['s']:.2f} | {f['epoch_s']:.2f} | {f['ratio']:.2f} |")
+    m = r["metrics_options"]
+    f_note = (f"{' + '.join(r['mtl_tasks'])}, uniform MTL; one epoch = {r['epoch_steps']} steps of {r['batch']} "
+              f"examples per task; each factor is `FactorSchedule.measure` as the trainer calls it at a record, on the "
+              f"first {m['examples']} training examples of each task, the project's defaults otherwise "
+              f"(sharpness: ρ 1e-3, 20 ascent steps, batch 128; Fisher trace: the true Fisher; coherence: small batch "
+              f"16, large batch {m['examples']}, and the multi-task coherence), with per-example gradients in chunks "
+              f"of {args.factor_chunk} examples; {args.factor_repeats} alternated pairs (after a warm-up measurement "
+              f"for the Fisher trace and coherence), the ratio "
+              f"the median of the per-pair ratios.")
+    sections = [head, "## Training steps\n\n" + "\n".join(lines)]
+    if r.get("profiles"):
+        rows = ["| step | op | self time (ms) | share of the step | calls |", "|---|---|---:|---:|---:|"]
+        for label, p in r["profiles"].items():
+            for e in p["top"]:
+                rows.append(f"| {label} | `{e['op']}` | {e['ms']:,.1f} | {100 * e['share']:.1f}% | {e['calls']} |")
+        notes = [f"- {label}: profiled step {p['total_ms']:,.0f} ms on a batch of {p['tokens']:,} real tokens in "
+                 f"{p['positions']:,} positions." for label, p in r["profiles"].items()]
+        sections.append("## What dominates a step (torch.profiler, self time)\n\n" + "\n".join(rows + [""] + notes))
+    if r["factors"]:
+        sections.append("## Trajectory factors at one checkpoint against one training epoch\n\n" + "\n".join(f_lines)
+                        + "\n\n" + f_note)
+    return "\n\n".join(sections)
+
+
 # -- report --------------------------------------------------------------------------------------------------------
-NAMES = {"cifar100": "CIFAR-100", "celeba": "CelebA"}
+NAMES = {"cifar100": "CIFAR-100", "celeba": "CelebA", "cityscapes": "Cityscapes", "glue": "GLUE"}
+IMAGE_SETTINGS = ("cifar100", "celeba")
 
 
 def throughput_table(results: dict, args) -> str:
@@ -586,7 +873,8 @@ def jpeg_table(j: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--settings", default="cifar100,celeba")
+    parser.add_argument("--settings", default="cifar100,celeba,cityscapes,glue",
+                        help="comma-separated: cifar100, celeba, cityscapes, glue (default: all four)")
     parser.add_argument("--width", type=int, default=None, help="ResNet18's width (default 64, the real one)")
     parser.add_argument("--batch", type=int, default=32, help="batch per task (CIFAR-100), per step (CelebA)")
     parser.add_argument("--cifar-tasks", default="4", help="MTL tasks of CIFAR-100: a number or all (20)")
@@ -608,7 +896,31 @@ def main() -> None:
     parser.add_argument("--no-jpeg", action="store_true")
     parser.add_argument("--profile-smto", action="store_true", help=f"also profile one {SMTO} step")
     parser.add_argument("--quick", action="store_true", help="width 16 (the plain-loop bound at 8), 2, 1 and 4 "
-                        "repeats, 120 CelebA images")
+                        "repeats, 120 CelebA images; Cityscapes at width 8; GLUE at batch 8, max_length 64, 64 "
+                        "examples per task, factors on 32")
+    parser.add_argument("--cityscapes-batch", type=int, default=8, help="Cityscapes' batch (images of 128×256)")
+    parser.add_argument("--cityscapes-depth", type=int, default=None, help="the backbone's ResNet depth (18; 50 "
+                        "with --device cuda, the papers' size)")
+    parser.add_argument("--cityscapes-width", type=int, default=None, help="the backbone's width (64, the real one)")
+    parser.add_argument("--aspp-channels", type=int, default=None, help="the ASPP heads' channels (256)")
+    parser.add_argument("--cityscapes-images", type=int, default=None, help="fixture training images (16)")
+    parser.add_argument("--cityscapes-repeats", type=int, default=None, help="timed STL steps per task (3)")
+    parser.add_argument("--cityscapes-smto-repeats", type=int, default=None,
+                        help=f"alternated pairs of {SMTO} and uniform MTL steps (3)")
+    parser.add_argument("--top", type=int, default=8, help="ops listed per profiled step (Cityscapes)")
+    parser.add_argument("--glue-tasks", default="sst2,cola", help="GLUE's MTL tasks; the first is the STL task")
+    parser.add_argument("--glue-batch", type=int, default=None, help="GLUE's batch per task (32)")
+    parser.add_argument("--max-length", type=int, default=None, help="GLUE's model option max_length (128)")
+    parser.add_argument("--glue-train-size", type=int, default=None, help="GLUE training examples per task (256)")
+    parser.add_argument("--glue-repeats", type=int, default=None, help="timed GLUE steps, each on a new batch (10)")
+    parser.add_argument("--glue-factors", default="sharpness,fisher_trace,coherence",
+                        help="GLUE's factors timed against an epoch (comma-separated; empty: none)")
+    parser.add_argument("--factor-examples", type=int, default=None, help="examples per task the factors see (64)")
+    parser.add_argument("--factor-chunk", type=int, default=8, help="per-example gradients per chunk (Fisher trace, "
+                        "coherence; 8, as the GLUE runs of the project's profiles)")
+    parser.add_argument("--factor-repeats", type=int, default=None, help="alternated factor / epoch pairs (2)")
+    parser.add_argument("--data-root", default=None, help="the data root holding GLUE and the encoder "
+                        "($MTLCORE_DATA_DIR)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -616,72 +928,92 @@ def main() -> None:
     if args.memory_child:
         memory_child(json.loads(args.memory_child))
         return
-    quick = {"width": 16, "repeats": 2, "smto_repeats": 1, "celeba_images": 120, "plain_width": 8, "plain_repeats": 4}
+    quick = {"width": 16, "repeats": 2, "smto_repeats": 1, "celeba_images": 120, "plain_width": 8, "plain_repeats": 4,
+             "cityscapes_width": 8, "aspp_channels": 16, "cityscapes_images": 8, "cityscapes_repeats": 1,
+             "cityscapes_smto_repeats": 1, "glue_train_size": 64, "glue_repeats": 2, "factor_examples": 32,
+             "glue_batch": 8, "max_length": 64,
+             "factor_repeats": 1}
     normal = {"width": 64, "repeats": 4, "smto_repeats": 2, "celeba_images": 500, "plain_width": 16,
-              "plain_repeats": 10}
+              "plain_repeats": 10, "cityscapes_width": 64, "aspp_channels": 256, "cityscapes_images": 16,
+              "cityscapes_repeats": 3, "cityscapes_smto_repeats": 3, "glue_train_size": 256, "glue_repeats": 10, "glue_batch": 32, "max_length": 128,
+              "factor_examples": 64, "factor_repeats": 2}
     for key, value in (quick if args.quick else normal).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.cityscapes_depth is None:
+        args.cityscapes_depth = 50 if args.device.startswith("cuda") else 18
+    chosen = args.settings.split(",")
+    unknown = [s for s in chosen if s not in NAMES]
+    if unknown:
+        parser.error(f"unknown setting(s) {unknown}; valid: {list(NAMES)}")
     torch.set_num_threads(args.threads)
     logging.getLogger("mtlcore").setLevel(logging.ERROR)  # the fixtures are not the releases: MD5 warnings
     device = torch.device(args.device)
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="mtlcore-bench-settings-"))
     try:
-        results = {s: bench_setting(s, work, args) for s in args.settings.split(",")}
-        jpeg = jpeg_check(work, args) if "celeba" in args.settings and not args.no_jpeg else None
+        results = {s: bench_setting(s, work, args) for s in chosen if s in IMAGE_SETTINGS}
+        jpeg = jpeg_check(work, args) if "celeba" in chosen and not args.no_jpeg else None
+        cityscapes = bench_cityscapes(work, args) if "cityscapes" in chosen else None
+        glue = bench_glue(args) if "glue" in chosen else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     wall = time.perf_counter() - started
-
-    sizes = []
-    for s, r in results.items():
-        o = r["options"]
-        extra = f", {o['image_size']}×{o['image_size']} images" if s == "celeba" else ", 32×32 images"
-        sizes.append(f"{NAMES[s]}: STL 1 task, MTL {r['mtl_tasks']} tasks{extra}, fixture files of "
-                     f"{o['train_size']}/{o['val_size']}/{o['test_size']} train/val/test examples"
-                     f"{' per task' if s == 'cifar100' else ''}")
-    header = (f"Measured {time.strftime('%Y-%m-%d')}, {_timing.machine(device)}, {os.cpu_count()} cores, "
-              f"torch.set_num_threads({args.threads}), torch {torch.__version__}, device {args.device}; ResNet18 width "
-              f"{args.width}, batch {args.batch} ({'per task' if 'cifar100' in results else ''}; CelebA: one batch for "
-              f"every attribute); {args.repeats} alternated repeats of {args.steps} step(s), {SMTO}: "
-              f"{args.smto_repeats}. {'; '.join(sizes)}. The data are the settings' fixture files, synthetic images "
-              f"in the released formats: for throughput and memory only their shapes matter. Run time {wall:.0f} s.")
-    step_note = ("Each step is the trainer's (`Trainer.train_step`). STL: the median of the repeats, each drawing its "
-                 "batch; MTL uniform: the median of the trainer's steps of the plain-loop comparison below (one fixed "
-                 f"batch) plus the time of drawing a batch; {SMTO}: {args.smto_repeats} pair(s) alternated with the "
-                 "uniform step after a warm-up step each (the median of the per-pair ratios). Samples/s counts every "
-                 "task's examples (CIFAR-100) or the images (CelebA: each image carries all the attributes' targets).")
-    memory_note = ("Peak memory, CPU: one step in a fresh process per configuration, its peak resident set reset "
-                   "just before the step (`/proc/self/clear_refs`); the peak after the step (VmHWM) "
-                   "minus the resident set before it (model, data, optimizer built, batch drawn). It includes the "
-                   "gradients and momentum buffers the first step creates. ≥: the peak could not be reset and the "
-                   "process had peaked higher before the step." if device.type == "cpu" else
-                   "Peak memory, CUDA: `torch.cuda.max_memory_allocated` over one step after a warm-up, minus the "
-                   "memory allocated before it.")
-    sections = [f"# Settings: CIFAR-100 and CelebA\n\n{header}",
-                "## Training steps\n\n" + throughput_table(results, args) + "\n\n" + step_note + "\n\n" + memory_note
-                + "\n\n" + "\n".join(f"- {NAMES[s]}: drawing a batch takes {1e3 * r['draw_s']:.2f} ms." for s, r in
-                                      results.items())]
-    if any("memory" in r for r in results.values()):
-        sections.append("## Peak memory of one step\n\n" + memory_table(results))
-    sections.append("## The trainer's uniform MTL step against a plain PyTorch loop (same modules, same batch)\n\n"
-                    + plain_table(results))
-    if any("profile" in r or "profile_smto" in r for r in results.values()):
-        sections.append("## What dominates a step (torch.profiler, self time)\n\n" + profile_table(results))
-    if jpeg is not None:
-        sections.append("## CelebA: JPEG decoding\n\n" + jpeg_table(jpeg))
-    text = "\n\n".join(sections) + "\n"
-    print(text)
     OUT.mkdir(exist_ok=True)
     stem = "settings" if device.type == "cpu" else f"settings-{device.type}"
-    (OUT / f"{stem}.md").write_text(text)
     for r in results.values():
         r.get("profile", {}).pop("ops", None)
         r.get("profile_smto", {}).pop("ops", None)
     report = {"args": vars(args), "smto": SMTO, "torch": torch.__version__, "wall_s": wall, "results": results,
-              "jpeg": jpeg}
+              "jpeg": jpeg, "cityscapes": cityscapes, "glue": glue}
     (OUT / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+
+    sections = []
+    if results:  # CIFAR-100 and CelebA
+        sizes = []
+        for s, r in results.items():
+            o = r["options"]
+            extra = f", {o['image_size']}×{o['image_size']} images" if s == "celeba" else ", 32×32 images"
+            sizes.append(f"{NAMES[s]}: STL 1 task, MTL {r['mtl_tasks']} tasks{extra}, fixture files of "
+                         f"{o['train_size']}/{o['val_size']}/{o['test_size']} train/val/test examples"
+                         f"{' per task' if s == 'cifar100' else ''}")
+        header = (f"Measured {time.strftime('%Y-%m-%d')}, {_timing.machine(device)}, {os.cpu_count()} cores, "
+                  f"torch.set_num_threads({args.threads}), torch {torch.__version__}, device {args.device}; ResNet18 width "
+                  f"{args.width}, batch {args.batch} ({'per task' if 'cifar100' in results else ''}; CelebA: one batch for "
+                  f"every attribute); {args.repeats} alternated repeats of {args.steps} step(s), {SMTO}: "
+                  f"{args.smto_repeats}. {'; '.join(sizes)}. The data are the settings' fixture files, synthetic images "
+                  f"in the released formats: for throughput and memory only their shapes matter. Run time {wall:.0f} s.")
+        step_note = ("Each step is the trainer's (`Trainer.train_step`). STL: the median of the repeats, each drawing its "
+                     "batch; MTL uniform: the median of the trainer's steps of the plain-loop comparison below (one fixed "
+                     f"batch) plus the time of drawing a batch; {SMTO}: {args.smto_repeats} pair(s) alternated with the "
+                     "uniform step after a warm-up step each (the median of the per-pair ratios). Samples/s counts every "
+                     "task's examples (CIFAR-100) or the images (CelebA: each image carries all the attributes' targets).")
+        memory_note = ("Peak memory, CPU: one step in a fresh process per configuration, its peak resident set reset "
+                       "just before the step (`/proc/self/clear_refs`); the peak after the step (VmHWM) "
+                       "minus the resident set before it (model, data, optimizer built, batch drawn). It includes the "
+                       "gradients and momentum buffers the first step creates. ≥: the peak could not be reset and the "
+                       "process had peaked higher before the step." if device.type == "cpu" else
+                       "Peak memory, CUDA: `torch.cuda.max_memory_allocated` over one step after a warm-up, minus the "
+                       "memory allocated before it.")
+        sections += [f"# Settings: CIFAR-100 and CelebA\n\n{header}",
+                    "## Training steps\n\n" + throughput_table(results, args) + "\n\n" + step_note + "\n\n" + memory_note
+                    + "\n\n" + "\n".join(f"- {NAMES[s]}: drawing a batch takes {1e3 * r['draw_s']:.2f} ms." for s, r in
+                                          results.items())]
+        if any("memory" in r for r in results.values()):
+            sections.append("## Peak memory of one step\n\n" + memory_table(results))
+        sections.append("## The trainer's uniform MTL step against a plain PyTorch loop (same modules, same batch)\n\n"
+                        + plain_table(results))
+        if any("profile" in r or "profile_smto" in r for r in results.values()):
+            sections.append("## What dominates a step (torch.profiler, self time)\n\n" + profile_table(results))
+        if jpeg is not None:
+            sections.append("## CelebA: JPEG decoding\n\n" + jpeg_table(jpeg))
+    if cityscapes is not None:
+        sections.append(cityscapes_section(cityscapes, args))
+    if glue is not None:
+        sections.append(glue_section(glue, args))
+    text = "\n\n".join(sections) + "\n"
+    print(text)
+    (OUT / f"{stem}.md").write_text(text)
 
 
 if __name__ == "__main__":
