@@ -180,9 +180,14 @@ class MultiTaskModel(nn.Module):
         return [p for p in modules[-1].parameters(recurse=False) if p.requires_grad]
 
 
+DATA_ROOT_PARAMETER = "root"  # a builder's keyword for the run's data root (a pretrained encoder's folder): no option
+
+
 def options_of(builder: Callable) -> dict[str, Any]:
-    """A model builder's options and their defaults (its keyword-only parameters)."""
-    return {p.name: p.default for p in inspect.signature(builder).parameters.values() if p.kind == p.KEYWORD_ONLY}
+    """A model builder's options and their defaults (its keyword-only parameters but `root`, which `build_model`
+    fills with the run's data root)."""
+    return {p.name: p.default for p in inspect.signature(builder).parameters.values()
+            if p.kind == p.KEYWORD_ONLY and p.name != DATA_ROOT_PARAMETER}
 
 
 # -- loaded data ---------------------------------------------------------------------------------------
@@ -298,10 +303,13 @@ class Setting:
 
     def build_model(self, name: str | None, tasks: Sequence[str], options: Mapping[str, Any] | None = None,
                     root: str | Path | None = None) -> MultiTaskModel:
-        """The model `name` for `tasks`; `root` is the run's data root, for settings whose models read files from it
-        (a pretrained encoder's folder): the others ignore it."""
+        """The model `name` for `tasks`; `root`, the run's data root, goes to a builder that takes a `root` keyword
+        (models that read files under it, e.g. a pretrained encoder's folder)."""
         name, options = self.resolve_model(name, options)
-        return self.models[name](list(tasks), **options)
+        builder = self.models[name]
+        if DATA_ROOT_PARAMETER in inspect.signature(builder).parameters:
+            options[DATA_ROOT_PARAMETER] = root
+        return builder(list(tasks), **options)
 
     # data and tasks --------------------------------------------------------------------------------
     def load(self, tasks: Sequence[str], options: Mapping[str, Any], root: str | Path | None = None,

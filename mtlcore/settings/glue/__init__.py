@@ -68,18 +68,6 @@ class GLUE(Setting):
             except DataNotFoundError as error:
                 raise ValueError(str(error)) from None
 
-    def resolve_model(self, name, options):
-        """As for any setting, without `root`: the run's data root, which `build_model` passes, is no model option."""
-        if options and "root" in options:
-            raise ValueError("model option 'root' is not an option: the encoder folder is found under the run's data root")
-        name, options = super().resolve_model(name, options)
-        options.pop("root", None)
-        return name, options
-
-    def build_model(self, name, tasks, options=None, root=None):
-        name, options = self.resolve_model(name, options)
-        return self.models[name](list(tasks), **options, root=root)
-
     def task(self, name: str) -> Task:
         self.check_tasks([name])
         loss = SquaredError(self.stsb_sigma) if name == "stsb" else CrossEntropy()
