@@ -174,6 +174,15 @@ class PlainLoop:
 
 
 # -- memory --------------------------------------------------------------------------------------------------------
+def trainer_and_plain_loops(t, setting: str) -> dict:
+    """On one fixed batch: the trainer's step, the plain loop, and (CIFAR-100) the plain loop of the joined batches."""
+    batch = t._batch()
+    loops = {"trainer": lambda: t.train_step(batch), "plain": (lambda plain: lambda: plain.step(batch))(PlainLoop(t))}
+    if setting == "cifar100":
+        loops["plain_joint"] = (lambda plain: lambda: plain.step(batch))(PlainLoop(t, joint=True))
+    return loops
+
+
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -286,13 +295,7 @@ def narrow_comparison(setting: str, tasks: list[str], options: dict, data, args)
     narrow = argparse.Namespace(**{**vars(args), "width": args.plain_width})
     t = _timing.trainer(config(setting, tasks, "uniform", options, narrow), data=data)
     t.model.train()
-    batch = t._batch()
-    loops = {"trainer": lambda: t.train_step(batch)}
-    plain = PlainLoop(t)
-    loops["plain"] = lambda: plain.step(batch)
-    if setting == "cifar100":
-        plain_joint = PlainLoop(t, joint=True)
-        loops["plain_joint"] = lambda: plain_joint.step(batch)
+    loops = trainer_and_plain_loops(t, setting)
     for fn in loops.values():
         for _ in range(2):
             fn()
@@ -335,13 +338,7 @@ def bench_setting(setting: str, work: Path, args) -> dict:
 
     # MTL uniform: the trainer against the plain loop(s) on one fixed batch, alternated.
     uniform = trainer(mtl_tasks, "uniform")
-    batch = uniform._batch()
-    loops = {"trainer": lambda: uniform.train_step(batch)}
-    plain = PlainLoop(uniform)
-    loops["plain"] = lambda: plain.step(batch)
-    if setting == "cifar100":
-        plain_joint = PlainLoop(uniform, joint=True)
-        loops["plain_joint"] = lambda: plain_joint.step(batch)
+    loops = trainer_and_plain_loops(uniform, setting)
     for fn in loops.values():
         fn()  # warm-up (the optimizers' momentum buffers)
     kernel = {name: [] for name in loops}  # per step: system seconds and minor page faults (getrusage)
@@ -401,7 +398,7 @@ def bench_setting(setting: str, work: Path, args) -> dict:
                 if kind != "trainer":
                     memory[label] = cuda_peak(loops[kind], device)
         else:
-            del smto, uniform, plain, loops
+            del smto, uniform, loops
             gc.collect()
             for label, (cfg, kind) in configs.items():
                 memory[label] = cpu_peak(cfg.to_dict(), root, kind, args.threads)
