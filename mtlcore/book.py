@@ -1,10 +1,15 @@
 """Papermill batch execution: every section notebook with a profile's parameters, saved into the book."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import difflib
 import json
 import logging
+import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 from mtlcore.training.config import load_yaml
@@ -33,7 +38,15 @@ def profile_parameters(profile: str, params_dir: Path = PROJECT_ROOT / "params")
         if not path.exists():
             raise FileNotFoundError(f"profile {profile!r} has no parameters for notebook {name!r}: create {path}")
         out[name] = load_yaml(path) or {}
-        if "studies" in declared_parameters(name):
+        declared = declared_parameters(name)
+        if not isinstance(out[name], dict):
+            raise ValueError(f"{path}: expected a mapping of parameter names to values")
+        unknown = sorted(set(out[name]) - declared)
+        if unknown:  # papermill would only warn, and the notebook would run with its default
+            hints = {k: difflib.get_close_matches(k, declared, n=1) for k in unknown}
+            hint = "; ".join(f"{k!r} (did you mean {h[0]!r}?)" if h else repr(k) for k, h in hints.items())
+            raise ValueError(f"{path}: {hint} is not a parameter of notebook {name}; valid: {sorted(declared)}")
+        if "studies" in declared:
             out[name].setdefault("studies", studies)
     return out
 
@@ -77,37 +90,128 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
 
 def run_batch(profile: str, *, notebooks: list[str] | None = None, data_root: str | None = None,
               results_root: Path = PROJECT_ROOT / "results", book_dir: Path = PROJECT_ROOT / "book",
-              progress: bool = True) -> list[Path]:
+              progress: bool = True, executor: str | None = None, cached_only: bool = False) -> list[Path]:
     """Execute the notebooks of `profile` with papermill into `book_dir`; return the executed paths.
 
-    A notebook that raises stops the batch with papermill's error (naming the failing cell); runs that
+    `executor` (see `mtlcore.training.executor`) is where the notebooks' runs train: a cluster is started once and
+    every notebook's `load_runs` sends its runs there. `cached_only`: train nothing, and fail on a run that is not
+    in the results folder (a book from runs precomputed elsewhere). Each notebook is written under a temporary name
+    and moved into `book_dir` only once it finished, so an interrupted batch never leaves a notebook that reads as
+    complete. A notebook that raises stops the batch with papermill's error (naming the failing cell); runs that
     finished before stay on disk, so the next batch resumes there.
     """
     import jupytext
     import papermill
 
     from mtlcore.settings import data_root as resolve_data_root
+    from mtlcore.training.executor import ENV_VAR, Executor
+    from mtlcore.training.results import temporary_name
+    from mtlcore.training.runner import CACHED_ONLY_ENV, PROGRESS_ENV
 
     parameters = profile_parameters(profile)
     chosen = notebooks or list(NOTEBOOKS)
     unknown = [n for n in chosen if n not in NOTEBOOKS]
     if unknown:
         raise ValueError(f"unknown notebook(s) {unknown}; valid notebooks: {list(NOTEBOOKS)}")
+    spec = Executor.parse(executor)
     results_dir = (results_root / profile).resolve()
     root = str(resolve_data_root(data_root))
     write_run_info(profile, parameters, root, book_dir)
+    environment = {CACHED_ONLY_ENV: "1" if cached_only else "",
+                   ENV_VAR: spec.client().scheduler.address if spec.distributed else "sequential"}
     executed = []
-    for name in chosen:
-        source = PROJECT_ROOT / "notebooks" / f"{name}.py"
-        notebook = jupytext.read(source)
-        notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-        output = book_dir / f"{name}.ipynb"
-        params = {**parameters[name], "profile": profile, "results_dir": str(results_dir), "data_root": root}
-        log.info("executing %s (profile %s) -> %s", source.name, profile, output)
-        papermill.execute_notebook(notebook, str(output), parameters=params, kernel_name="python3",
-                                   cwd=str(PROJECT_ROOT / "notebooks"), progress_bar=progress)
-        executed.append(output)
+    with _environment(environment):
+        for name in chosen:
+            source = PROJECT_ROOT / "notebooks" / f"{name}.py"
+            notebook = jupytext.read(source)
+            notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+            output = book_dir / f"{name}.ipynb"
+            partial = temporary_name(output).with_suffix(".ipynb")  # not an .ipynb the book would render as done
+            params = {**parameters[name], "profile": profile, "results_dir": str(results_dir), "data_root": root}
+            log.info("executing %s (profile %s, executor %s) -> %s", source.name, profile, spec, output)
+            with _follow_runs(name, progress) as events:
+                os.environ[PROGRESS_ENV] = str(events)
+                try:
+                    papermill.execute_notebook(notebook, str(partial), parameters=params, kernel_name="python3",
+                                               cwd=str(PROJECT_ROOT / "notebooks"), progress_bar=False)
+                    os.replace(partial, output)
+                finally:
+                    partial.unlink(missing_ok=True)
+            executed.append(output)
     return executed
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """Set environment variables for the notebooks' kernels (they inherit this process's environment)."""
+    saved = {key: os.environ.get(key) for key in (*values, "MTLCORE_PROGRESS_FILE")}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _follow_runs(notebook: str, show: bool):
+    """A progress bar of the runs a notebook asks for: its kernel appends the counts of every `ensure_runs` call to
+    an events file (`mtlcore.training.runner.RunProgress`), which a thread of this process follows."""
+    import tempfile
+    import threading
+
+    from tqdm import tqdm
+
+    with tempfile.TemporaryDirectory(prefix="mtlcore-batch-") as folder:
+        events = Path(folder) / "runs.jsonl"
+        events.touch()
+        done, calls = threading.Event(), []  # the latest counts of each `ensure_runs` call
+        bar = tqdm(desc=notebook, unit="run", disable=not show, total=0)
+        keys = ("cached", "trained", "running", "diverged", "failed")
+
+        def totals() -> dict:
+            return {k: sum(c[k] for c in calls) for k in ("total", *keys)}
+
+        def follow():
+            offset = 0
+            while True:
+                finished = done.is_set()
+                with open(events) as handle:
+                    handle.seek(offset)
+                    lines = handle.readlines()
+                    offset = handle.tell()
+                for line in lines:
+                    try:
+                        event = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if event["event"] == "start":
+                        calls.append(event)
+                    elif calls:
+                        calls[-1] = event
+                    t = totals()
+                    bar.total, bar.n = t["total"], t["cached"] + t["trained"] + t["failed"]
+                    label = f" | {event['label']}" if event.get("label") and event["running"] else ""
+                    bar.set_postfix_str(", ".join(f"{k} {t[k]}" for k in keys if t[k]) + label)
+                if finished:
+                    return
+                time.sleep(0.5)
+
+        thread = threading.Thread(target=follow, daemon=True)
+        thread.start()
+        try:
+            yield events
+        finally:
+            done.set()
+            thread.join()
+            bar.close()
+            t = totals()
+            if show and calls:
+                print(f"{notebook}: {t['total']} runs: {t['cached']} on disk, {t['trained']} trained, "
+                      f"{t['diverged']} diverged, {t['failed']} failed", file=sys.stderr)
 
 
 def missing_chapters(book_dir: Path = PROJECT_ROOT / "book") -> list[str]:

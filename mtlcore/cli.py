@@ -20,10 +20,19 @@ def _run(args) -> int:
 def _batch(args) -> int:
     from mtlcore.book import run_batch
 
-    paths = run_batch(args.profile, notebooks=args.notebook, data_root=args.data_root)
+    paths = run_batch(args.profile, notebooks=args.notebook, data_root=args.data_root,
+                      executor=_executor(args), cached_only=args.cached_only)
     for path in paths:
         print(f"executed: {path}")
     return 0
+
+
+def _executor(args) -> str | None:
+    if args.dask and args.executor:
+        raise ValueError("give --executor or --dask (its older spelling), not both")
+    if args.dask:  # `--dask local`: a local cluster; else a scheduler address
+        return "dask" if args.dask == "local" else args.dask
+    return args.executor
 
 
 def _sweep(args) -> int:
@@ -38,24 +47,20 @@ def _sweep(args) -> int:
     if unknown:
         raise ValueError(f"sweep file {args.grid}: unknown top-level key(s) {unknown}; valid: ['base', 'grid']")
     configs = grid(spec.get("base", {}), **spec.get("grid", {}))
-    client = None
-    if args.dask:
-        from distributed import Client
-
-        if not args.verbose:  # distributed logs every worker start at INFO
-            logging.getLogger("distributed").setLevel(logging.WARNING)
-        client = Client(args.dask) if args.dask != "local" else Client(processes=True, threads_per_worker=1)
     try:
-        paths = ensure_runs(configs, args.results_dir, data_root=args.data_root,
-                            executor="dask" if client else "local", dask_client=client,
+        paths = ensure_runs(configs, args.results_dir, data_root=args.data_root, executor=_executor(args),
                             retry_failed=args.retry_failed, claim_timeout=args.claim_timeout)
     except RunsFailed as error:  # the other runs are saved; the message lists the failed ones
         print(f"mtlcore sweep: error: {error}", file=sys.stderr)
         return 1
-    finally:
-        if client is not None:  # else its workers are killed at exit, with warnings
-            client.close()
     print(f"{len(paths)} runs under {Path(args.results_dir) / 'runs'}")
+    return 0
+
+
+def _job_script(args) -> int:
+    from mtlcore.training.executor import job_script
+
+    print(job_script(args.executor))
     return 0
 
 
@@ -78,6 +83,13 @@ def _data(args) -> int:
     return 0
 
 
+def _executor_options(p) -> None:
+    p.add_argument("--executor", default=None, metavar="SPEC",
+                   help="where runs train: sequential (default, or $MTLCORE_EXECUTOR), processes:N (N local worker "
+                        "processes), tcp://HOST:PORT (a Dask scheduler), slurm:FILE or pbs:FILE (dask-jobqueue)")
+    p.add_argument("--dask", default=None, help=argparse.SUPPRESS)  # older spelling: 'local' or an address
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mtlcore", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -91,17 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="quick")
     p.add_argument("--notebook", action="append", help="only these notebooks (repeatable)")
     p.add_argument("--data-root", default=None)
+    _executor_options(p)
+    p.add_argument("--cached-only", action="store_true",
+                   help="train nothing: build from runs precomputed into the results folder, failing on a missing one")
     p.set_defaults(func=_batch)
     p = sub.add_parser("sweep", help="run a grid of configs, locally or on Dask")
     p.add_argument("grid", help="YAML with `base:` (a run config) and `grid:` (key -> list of values)")
     p.add_argument("--results-dir", default="results/sweep")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--dask", default=None, help="'local' for a local cluster, or a scheduler address")
+    _executor_options(p)
     p.add_argument("--retry-failed", action="store_true",
                    help="train again the runs an earlier sweep recorded as failed (<run>.failed.json)")
     p.add_argument("--claim-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="take over a run another process claimed but has not refreshed for this long (default 600)")
     p.set_defaults(func=_sweep)
+    p = sub.add_parser("job-script", help="print the batch job a slurm:/pbs: executor submits for each worker")
+    p.add_argument("executor", help="slurm:FILE or pbs:FILE (a YAML file of cluster settings)")
+    p.set_defaults(func=_job_script)
     p = sub.add_parser("data", help="check (and download when online) a setting's data files")
     p.add_argument("setting", help="a setting name (`mtlcore data --list` lists them)", nargs="?")
     p.add_argument("--list", action="store_true", help="list the settings")

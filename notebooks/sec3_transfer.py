@@ -43,7 +43,7 @@ metrics = {}
 selection = {}  # e.g. {"grid": {"lr": [0.01, 0.001]}, "seeds": [0]}: choose those values on validation first
 studies = []  # the other settings: one mapping each (see mtlcore.analysis.studies)
 device = "auto"
-executor = "local"
+executor = ""  # where runs train: "" = what `mtlcore batch --executor` chose (else sequential)
 
 # %%
 import json

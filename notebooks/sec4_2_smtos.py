@@ -40,7 +40,7 @@ metrics = {"factors": ["sharpness", "fisher_trace", "coherence"], "examples": 51
 selection = {}  # as in §3 (with its `task_sets`), so that the uniform runs are §3's
 studies = []  # the other settings (see mtlcore.analysis.studies): all their tasks under each aggregator
 device = "auto"
-executor = "local"
+executor = ""  # where runs train: "" = what `mtlcore batch --executor` chose (else sequential)
 
 # %%
 import json

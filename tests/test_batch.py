@@ -161,3 +161,42 @@ def test_an_unexecuted_book_names_what_is_missing(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}")
     assert missing_chapters(tmp_path) == []
+
+
+def test_a_misspelled_profile_key_is_an_error_naming_the_valid_ones(tmp_path):
+    import shutil
+
+    shutil.copytree(PROJECT_ROOT / "params" / "profiles" / "smoke", tmp_path / "profiles" / "mine")
+    path = tmp_path / "profiles" / "mine" / "sec3_transfer.yaml"
+    path.write_text(path.read_text() + "\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"'learning_rate' is not a parameter of notebook sec3_transfer; "
+                                         r"valid: \[.*'lr'"):
+        profile_parameters("mine", tmp_path)
+    path.write_text(path.read_text().replace("learning_rate", "epoch"))
+    with pytest.raises(ValueError, match=r"'epoch' \(did you mean 'epochs'\?\)"):
+        profile_parameters("mine", tmp_path)
+
+
+def test_an_interrupted_batch_leaves_no_notebook_that_reads_as_complete(tmp_path, monkeypatch):
+    import papermill
+
+    from mtlcore.book import run_batch
+
+    def interrupted(notebook, output, **kwargs):  # papermill writes the output as it goes, then the user presses ^C
+        jupytext.write(notebook, output, fmt="ipynb")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(papermill, "execute_notebook", interrupted)
+    (tmp_path / "sec4_1_factors.ipynb").write_text("{}")  # from an earlier, finished batch
+    with pytest.raises(KeyboardInterrupt):
+        run_batch("smoke", notebooks=["sec3_transfer"], book_dir=tmp_path, results_root=tmp_path / "results",
+                  progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["sec4_1_factors.ipynb"]
+
+    def finished(notebook, output, **kwargs):
+        jupytext.write(notebook, output, fmt="ipynb")
+
+    monkeypatch.setattr(papermill, "execute_notebook", finished)
+    assert run_batch("smoke", notebooks=["sec3_transfer"], book_dir=tmp_path, results_root=tmp_path / "results",
+                     progress=False) == [tmp_path / "sec3_transfer.ipynb"]
+    assert (tmp_path / "sec3_transfer.ipynb").is_file()

@@ -138,6 +138,7 @@ class RunConfig:
             aggregator = aggregators.get(self.aggregator, **self.aggregator_options)
             aggregator.reset(len(self.tasks))  # e.g. fixed weights, one per task: refused before any run trains
             schedule.validate_metrics_config(self.metrics, setting.train_size(options))
+            train_size = setting.train_size(options)
         except (ValueError, TypeError) as error:
             raise ConfigError(str(error)) from None
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -145,6 +146,9 @@ class RunConfig:
         _choice("head_update", self.head_update, HEAD_UPDATES)
         _positive("lr", self.lr)
         _positive("batch_size", self.batch_size, integer=True)
+        if train_size and self.batch_size > train_size:
+            raise ConfigError(f"batch_size={self.batch_size} is larger than the training set ({train_size} examples "
+                              f"per task); use batch_size <= {train_size} or a larger setting_options.train_size")
         _positive("eval_batch_size", self.eval_batch_size, integer=True)
         _positive("epochs", self.epochs, integer=True)
         for name, low, high in (("momentum", 0, 1), ("weight_decay", 0, math.inf)):

@@ -18,11 +18,33 @@ import xarray as xr
 
 # Per (epoch, task) float variables; NaN where not measured.
 VARIABLES = ("train_loss", "val_loss", "test_loss", "val_score", "test_score", "sharpness", "fisher_trace",
-             "grad_cov_trace", "grad_norm_sq", "conflict", "task_weight")
+             "grad_cov_trace", "grad_norm_sq", "conflict", "task_weight", "conflict_to_mean")
 # Per-epoch variables of the multi-task gradient (MTL runs with the coherence factor).
 EPOCH_VARIABLES = ("multitask_grad_cov_trace", "multitask_grad_norm_sq")
 # Per (epoch, task, score): every score of every task.
 SCORE_VARIABLES = ("val_scores", "test_scores")
+# long_name and units of each variable (CF conventions), written into every run file.
+LOSS_UNITS = "the task's loss (cross-entropy in nats for classification)"
+VARIABLE_ATTRS = {
+    "train_loss": ("training loss over the whole training split", LOSS_UNITS),
+    "val_loss": ("validation loss", LOSS_UNITS),
+    "test_loss": ("test loss", LOSS_UNITS),
+    "val_score": ("validation score (the task's primary score)", "the score's; see primary_score, score_percent"),
+    "test_score": ("test score (the task's primary score)", "the score's; see primary_score, score_percent"),
+    "sharpness": ("sharpness: worst-case loss increase in an adaptive l-inf ball (paper A, Eq. 3)", LOSS_UNITS),
+    "fisher_trace": ("trace of the Fisher information matrix (paper A, Eq. 5)", "squared loss gradient"),
+    "grad_cov_trace": ("trace of the per-example gradient covariance (paper A, Eq. 4)", "squared loss gradient"),
+    "grad_norm_sq": ("squared norm of the full-data loss gradient (paper A, Eq. 4)", "squared loss gradient"),
+    "conflict": ("gradient conflict of the task with the applied update (paper A, Eq. 6)", "1 (a cosine-based ratio)"),
+    "task_weight": ("mean weight of the task in the epoch's updates", "1"),
+    "conflict_to_mean": ("cosine of the task's gradient with the mean task gradient (paper B's conflict measure "
+                         "is its mean over the tasks)", "1"),
+    "multitask_grad_cov_trace": ("trace of the gradient covariance of the uniform multi-task loss",
+                                 "squared loss gradient"),
+    "multitask_grad_norm_sq": ("squared norm of the uniform multi-task gradient", "squared loss gradient"),
+    "val_scores": ("every validation score of the task", "the score's; see score_percent"),
+    "test_scores": ("every test score of the task", "the score's; see score_percent"),
+}
 REQUIRED_ATTRS = ("run_id", "setting", "mode", "aggregator", "seed", "tasks", "config", "status")
 STATUSES = ("complete", "diverged")
 ENGINE = "h5netcdf"
@@ -40,9 +62,18 @@ def new_run_dataset(tasks: list[str], epochs: int, scores: dict[str, Sequence], 
               "step": ("epoch", np.zeros(epochs + 1, dtype=np.int64)),
               "primary_score": ("task", [scores[t][0].name for t in tasks]),
               "higher_is_better": ("task", np.array([int(scores[t][0].higher_is_better) for t in tasks]))}
-    ds = xr.Dataset(data, coords=coords, attrs=_netcdf_attrs(attrs))
-    for name in ("val_score", "test_score"):
-        ds[name].attrs["long_name"] = f"primary score ({name.split('_')[0]}); direction in `higher_is_better`"
+    by_name = {score.name: score for task in tasks for score in scores[task]}
+    coords["score_higher_is_better"] = ("score", np.array([int(by_name[n].higher_is_better) for n in names]))
+    coords["score_percent"] = ("score", np.array([int(by_name[n].percent) for n in names]))
+    from mtlcore.training.config import RESULTS_VERSION
+
+    ds = xr.Dataset(data, coords=coords, attrs=_netcdf_attrs({**attrs, "results_version": RESULTS_VERSION}))
+    for name, (long_name, units) in VARIABLE_ATTRS.items():
+        ds[name].attrs.update(long_name=long_name, units=units)
+    ds["epoch"].attrs.update(long_name="epoch (0: before training)", units="1")
+    ds["higher_is_better"].attrs["long_name"] = "1 where a higher primary score is better"
+    ds["score_higher_is_better"].attrs["long_name"] = "1 where a higher score is better"
+    ds["score_percent"].attrs["long_name"] = "1 for a rate in [0, 1] that tables show in percentage points"
     return ds
 
 
@@ -120,7 +151,10 @@ def check_results_dir(results_dir: str | Path) -> Path:
     return results_dir
 
 
-def load_run(path: str | Path) -> xr.Dataset:
+def load_run(path: str | Path, lazy: bool = False) -> xr.Dataset:
+    """A run file in memory, or (`lazy`) as Dask arrays read when computed."""
+    if lazy:
+        return xr.open_dataset(path, engine=ENGINE, chunks={})
     with xr.open_dataset(path, engine=ENGINE) as ds:
         return ds.load()
 
@@ -132,13 +166,14 @@ def run_config(ds: xr.Dataset) -> dict:
 RUN_COORDS = ("run_id", "setting", "mode", "aggregator", "seed", "tasks", "status")
 
 
-def combine_runs(runs: Iterable[xr.Dataset | str | Path]) -> xr.Dataset:
+def combine_runs(runs: Iterable[xr.Dataset | str | Path], lazy: bool = False) -> xr.Dataset:
     """Stack runs along a `run` dimension; their attrs become coordinates along it (`config` too, as JSON).
 
     Runs with different task sets are outer-joined on `task` (NaN where a run lacks the task), and
-    runs of different lengths on `epoch`.
+    runs of different lengths on `epoch`. `lazy`: run files are opened as Dask arrays and nothing is read until
+    computed (`.compute()`, `.load()`, or a reduction's result), so a thousand runs need not fit in memory.
     """
-    datasets = [load_run(r) if isinstance(r, (str, Path)) else r for r in runs]
+    datasets = [load_run(r, lazy=lazy) if isinstance(r, (str, Path)) else r for r in runs]
     if not datasets:
         raise ValueError("combine_runs needs at least one run")
     # step is per run: keep it as a variable so runs of other batch sizes still align on epoch.
@@ -148,10 +183,12 @@ def combine_runs(runs: Iterable[xr.Dataset | str | Path]) -> xr.Dataset:
     names = list(dict.fromkeys([*RUN_COORDS, *(name for ds in datasets for name in ds.attrs)]))
     coords = {name: ("run", _attr_column(datasets, name)) for name in names}
     # each task's primary score and direction, from whichever run has the task (the outer join left NaN elsewhere)
-    for name in ("primary_score", "higher_is_better"):
-        if name in combined.coords:
-            found = {t: v for ds in datasets if name in ds.coords for t, v in zip(ds["task"].values, ds[name].values)}
-            coords[name] = ("task", np.array([found[t] for t in combined["task"].values]))
+    # and each score's direction and scale (runs of older versions lack these: -1 where no run says)
+    for name, dim in (("primary_score", "task"), ("higher_is_better", "task"), ("score_higher_is_better", "score"),
+                      ("score_percent", "score")):
+        if any(name in ds.coords for ds in datasets):
+            found = {k: v for ds in datasets if name in ds.coords for k, v in zip(ds[dim].values, ds[name].values)}
+            coords[name] = (dim, np.array([found.get(k, -1) for k in combined[dim].values]))
     return combined.assign_coords(coords).assign_coords(run=[ds.attrs["run_id"] for ds in datasets])
 
 

@@ -3,7 +3,10 @@ failures, and share a results folder with other processes without training a run
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,7 +16,10 @@ from tqdm import tqdm
 
 from mtlcore.training.claims import STALE_AFTER, RunClaimed, RunFailed, first_line, read_failure
 from mtlcore.training.config import RunConfig
-from mtlcore.training.results import check_results_dir, combine_runs, load_run
+from mtlcore.training.results import ENGINE, check_results_dir, combine_runs, load_run
+
+PROGRESS_ENV = "MTLCORE_PROGRESS_FILE"
+CACHED_ONLY_ENV = "MTLCORE_CACHED_ONLY"
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +56,14 @@ class RunsFailed(RuntimeError):
 
 
 def _attempt(config: RunConfig, results_dir: str, data_root: str | None, progress: bool, retry_failed: bool,
-             claim_timeout: float) -> tuple[str, dict | None]:
-    """Train `config` unless it is done or claimed: ("done", None), ("busy", None) or ("failed", its record)."""
+             claim_timeout: float) -> tuple[str, str | dict | None]:
+    """Train `config` unless it is done or claimed: ("done", its status), ("busy", None) or ("failed", its record)."""
     from mtlcore.training import trainer  # imported in the worker process
 
     path = trainer.run_path(config, results_dir)
     try:
-        trainer.run(config, data_root=data_root, results_dir=results_dir, progress=progress, wait=False,
-                    retry_failed=retry_failed, claim_timeout=claim_timeout)
+        ds = trainer.run(config, data_root=data_root, results_dir=results_dir, progress=progress, wait=False,
+                         retry_failed=retry_failed, claim_timeout=claim_timeout)
     except RunClaimed:
         return "busy", None
     except RunFailed as error:
@@ -67,32 +73,92 @@ def _attempt(config: RunConfig, results_dir: str, data_root: str | None, progres
                   type(error).__name__, first_line(str(error)))
         return "failed", read_failure(trainer.failure_path(path)) or {"type": type(error).__name__,
                                                                       "message": str(error)}
-    return "done", None
+    return "done", str(ds.attrs.get("status"))
+
+
+class RunsMissing(ValueError):
+    """Runs that are not on disk where training was ruled out (`cached_only`)."""
+
+
+def _label(config: RunConfig) -> str:
+    return f"{config.mode} {'+'.join(config.tasks)} {config.aggregator} seed {config.seed}"
+
+
+class RunProgress:
+    """The counts of a call of `ensure_runs`, shown as a bar (cached / trained / diverged / failed / running) and
+    appended as JSON lines to ``$MTLCORE_PROGRESS_FILE`` where `mtlcore batch` follows its notebooks."""
+
+    def __init__(self, total: int, cached: int, failed_before: int, show: bool, diverged_cached: int = 0):
+        self.counts = {"total": total, "cached": cached, "trained": 0, "diverged": diverged_cached,
+                       "failed": failed_before, "running": 0}
+        self.file = os.environ.get(PROGRESS_ENV)
+        self.bar = tqdm(total=total, initial=cached + failed_before, desc="runs", disable=not show, leave=False)
+        self._emit("start")
+
+    def _emit(self, event: str, label: str = "") -> None:
+        self.bar.set_postfix_str(", ".join(f"{k} {v}" for k, v in self.counts.items() if k != "total" and v)
+                                 + (f" | {label}" if label else ""), refresh=True)
+        if self.file:
+            with open(self.file, "a") as handle:
+                handle.write(json.dumps({"event": event, "label": label, **self.counts}) + "\n")
+
+    def running(self, count: int, label: str = "") -> None:
+        self.counts["running"] = count
+        self._emit("running", label)
+
+    def finished(self, outcome: str, detail, label: str) -> None:
+        if outcome == "failed":
+            self.counts["failed"] += 1
+        else:
+            self.counts["trained"] += 1
+            self.counts["diverged"] += detail != "complete"
+        self.counts["running"] = max(0, self.counts["running"] - 1)
+        self.bar.update(1)
+        self._emit("finished", label)
+
+    def close(self) -> str:
+        self.bar.close()
+        c = self.counts
+        summary = (f"{c['total']} runs: {c['cached']} on disk, {c['trained']} trained, {c['diverged']} diverged "
+                   f"(kept, status 'diverged'), {c['failed']} failed")
+        self._emit("end")
+        return summary
+
+
+def _status_of(path: Path) -> str:
+    with xr.open_dataset(path, engine=ENGINE) as ds:
+        return str(ds.attrs.get("status"))
 
 
 def ensure_runs(configs: Iterable[RunConfig], results_dir: str | Path, *, data_root: str | Path | None = None,
-                executor: str = "local", dask_client=None, progress: bool = True, retry_failed: bool = False,
-                claim_timeout: float = STALE_AFTER, poll_seconds: float = 5.0) -> list[Path]:
+                executor: "str | Executor | None" = None, dask_client=None, progress: bool = True,
+                retry_failed: bool = False, claim_timeout: float = STALE_AFTER, poll_seconds: float = 5.0,
+                cached_only: bool | None = None) -> list[Path]:
     """Make sure every config has a finished run file under `results_dir/runs/`; return the paths.
 
-    `executor="dask"` maps the missing runs over `dask_client` (or a new local `distributed.Client`).
-    A diverged run is saved with status "diverged" and the others go on. Configs that resolve to the same
-    run (same content hash, e.g. `seed: [0, 0]` or `lr: [0.01, 1.0e-2]`) are trained and returned once,
-    so a repeated value never counts as two seeds.
+    `executor` says where the missing runs train (`mtlcore.training.executor`: "sequential", "processes:N", a
+    scheduler address, "slurm:FILE" or "pbs:FILE"; None: ``$MTLCORE_EXECUTOR``, else sequential); `dask_client`, a
+    client of your own, overrides it. Paths are made absolute before anything is submitted. A diverged run is saved
+    with status "diverged" and the others go on. Configs that resolve to the same run (same content hash, e.g.
+    `seed: [0, 0]` or `lr: [0.01, 1.0e-2]`) are trained and returned once, so a repeated value never counts as two
+    seeds. `cached_only` (None: ``$MTLCORE_CACHED_ONLY``): train nothing, and raise `RunsMissing` if a run is not
+    on disk (a book built from runs precomputed elsewhere).
 
     Several processes may share `results_dir`: a run another live process is training is left for later and
     waited for (polling every `poll_seconds`), so each run is trained once (see `trainer.run` for the claims and
     `claim_timeout`). A run that raises is recorded in `<hash>.failed.json` and the others go on; at the end
     `RunsFailed` lists the failed runs. A run recorded as failed by an earlier call is reported again, not
-    retrained, unless `retry_failed`.
+    retrained, unless `retry_failed`. The end logs a summary: runs on disk, trained, diverged and failed.
     """
+    from mtlcore.training.executor import Executor
     from mtlcore.training.trainer import failure_path, run_path
 
-    if executor not in ("local", "dask"):
-        raise ValueError(f"executor={executor!r}; use 'local' or 'dask'")
+    chosen = Executor.parse(executor)
     check_results_dir(results_dir)
-    results_dir = str(results_dir)
-    root = None if data_root is None else str(data_root)
+    results_dir = str(Path(results_dir).expanduser().resolve())  # workers may start elsewhere
+    root = None if data_root is None else str(Path(data_root).expanduser().resolve())
+    if cached_only is None:
+        cached_only = os.environ.get(CACHED_ONLY_ENV, "") not in ("", "0")
     configs = list(configs)
     unique: dict[Path, RunConfig] = {}
     for config in configs:
@@ -109,53 +175,73 @@ def ensure_runs(configs: Iterable[RunConfig], results_dir: str | Path, *, data_r
             if record is not None:
                 failed[path] = record
                 del todo[path]
-    log.info("%d runs requested, %d on disk, %d failed before, %d to train", len(paths),
-             len(paths) - len(todo) - len(failed), len(failed), len(todo))
-    if todo:
-        options = {"results_dir": results_dir, "data_root": root, "retry_failed": retry_failed,
-                   "claim_timeout": claim_timeout}
-        if executor == "local":
-            def attempt_all(batch):
-                return (_attempt(config, progress=progress, **options) for config in batch)  # one at a time
-        else:
-            from distributed import Client
+    if todo and cached_only:
+        raise RunsMissing(f"{len(todo)} of {len(paths)} runs are not in {results_dir}/runs and training is ruled "
+                          f"out (cached_only / ${CACHED_ONLY_ENV}), e.g. {_label(next(iter(todo.values())))}: "
+                          "precompute them where they can train (`mtlcore batch --profile P --executor ...`) and "
+                          "copy the results folder here")
+    diverged = sum(_status_of(p) != "complete" for p in paths if p not in todo and p not in failed)
+    followed = bool(os.environ.get(PROGRESS_ENV))  # `mtlcore batch` shows the bar and the summary instead
+    bar = RunProgress(len(paths), len(paths) - len(todo) - len(failed), len(failed), progress and not followed,
+                      diverged)
+    options = {"results_dir": results_dir, "data_root": root, "retry_failed": retry_failed,
+               "claim_timeout": claim_timeout}
+    client = dask_client if dask_client is not None else chosen.client() if chosen.distributed else None
+    try:
+        while todo:
+            busy = {}
+            if client is None:  # one at a time, in this process
+                for path, config in todo.items():
+                    bar.running(1, _label(config))
+                    outcome, detail = _attempt(config, progress=progress and not followed, **options)
+                    if outcome == "busy":
+                        busy[path] = config
+                        bar.running(0)
+                        continue
+                    bar.finished(outcome, detail, _label(config))
+                    if outcome == "failed":
+                        failed[path] = detail
+            else:
+                from distributed import as_completed
 
-            client = dask_client or Client(processes=True, threads_per_worker=1)
-
-            def attempt_all(batch):
-                return client.gather(client.map(_attempt, batch, progress=False, pure=False, **options))
-        try:
-            with tqdm(total=len(todo), desc="runs", disable=not progress) as bar:
-                while todo:
-                    busy = {}
-                    for (path, config), (outcome, record) in zip(list(todo.items()), attempt_all(list(todo.values()))):
-                        if outcome == "busy":
-                            busy[path] = config
-                        else:
-                            bar.update(1)
-                            if outcome == "failed":
-                                failed[path] = record
-                    if busy:
-                        log.info("%d runs are being trained by other processes; checking again in %.0f s",
-                                 len(busy), poll_seconds)
-                        time.sleep(poll_seconds)
-                    todo = busy
-        finally:
-            if executor == "dask" and dask_client is None:  # ours: close it, or its workers outlive the call
-                client.close()
+                futures = client.map(_attempt, list(todo.values()), progress=False, pure=False, **options)
+                where = {future.key: path for future, path in zip(futures, todo)}
+                bar.running(len(futures))
+                for future in as_completed(futures):
+                    path = where[future.key]
+                    outcome, detail = future.result()
+                    if outcome == "busy":
+                        busy[path] = todo[path]
+                        bar.running(bar.counts["running"] - 1)
+                        continue
+                    bar.finished(outcome, detail, _label(todo[path]))
+                    if outcome == "failed":
+                        failed[path] = detail
+            if busy:
+                log.info("%d runs are being trained by other processes; checking again in %.0f s",
+                         len(busy), poll_seconds)
+                time.sleep(poll_seconds)
+            todo = busy
+    finally:
+        summary = bar.close()
+    if progress and not followed:
+        print(summary, file=sys.stderr)
+    (log.warning if bar.counts["failed"] or bar.counts["diverged"] else log.info)("%s (results %s)", summary,
+                                                                                 results_dir)
     if failed:
         raise RunsFailed(failed, len(paths))
     return paths
 
 
-def load_runs(configs: Iterable[RunConfig], results_dir: str | Path, **kwargs) -> xr.Dataset:
-    """`ensure_runs`, then combine the run files along a `run` dimension. Raises `RunsFailed` when some runs
-    failed (the others are saved), rather than combining fewer runs than asked for."""
-    return combine_runs(ensure_runs(configs, results_dir, **kwargs))
+def load_runs(configs: Iterable[RunConfig], results_dir: str | Path, *, lazy: bool = False, **kwargs) -> xr.Dataset:
+    """`ensure_runs`, then combine the run files along a `run` dimension (`lazy`: Dask arrays read from the files
+    when computed, for more runs than fit in memory). Raises `RunsFailed` when some runs failed (the others are
+    saved), rather than combining fewer runs than asked for."""
+    return combine_runs(ensure_runs(configs, results_dir, **kwargs), lazy=lazy)
 
 
 def diverged_runs(combined: xr.Dataset) -> list[str]:
     return [str(r) for r, s in zip(combined["run"].values, combined["status"].values) if s != "complete"]
 
 
-__all__ = ["base_config", "grid", "ensure_runs", "load_runs", "load_run", "diverged_runs", "RunsFailed"]
+__all__ = ["base_config", "grid", "ensure_runs", "load_runs", "load_run", "diverged_runs", "RunsFailed", "RunsMissing"]

@@ -54,7 +54,10 @@ class BatchSampler:
     """Draws batches from one task's training set: a fresh seeded permutation each pass (epoch)."""
 
     def __init__(self, size: int, batch_size: int, generator: torch.Generator):
-        self.size, self.batch_size, self.generator = size, min(batch_size, size), generator
+        if batch_size > size:  # never clamped silently: the run file would record a batch size it did not use
+            raise ValueError(f"batch_size={batch_size} is larger than the training set ({size} examples); use "
+                             f"batch_size <= {size}, or more training data (setting_options.train_size)")
+        self.size, self.batch_size, self.generator = size, batch_size, generator
         self.order = torch.randperm(size, generator=generator)
         self.position = 0
 
@@ -297,6 +300,8 @@ class Trainer:
             "mtlcore_version": __version__, "torch_version": torch.__version__, "numpy_version": np.__version__,
             "model_info": json.dumps(self.model.describe(self.device), sort_keys=True),
             "python_version": platform.python_version(),
+            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cudnn_deterministic": json.dumps(bool(torch.backends.cudnn.deterministic)),
             "host": platform.node(), "data_info": json.dumps(self.data.info, sort_keys=True), "wall_seconds": 0.0,
         }
 
