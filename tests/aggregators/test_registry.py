@@ -16,15 +16,16 @@ from mtlcore.aggregators.gramian import gramian
 
 def test_available_and_kinds():
     assert available() == sorted(available())
-    assert len(available()) == 21
+    assert len(available()) == 31
     for name in available():
         agg = make(name)
         assert agg.kind in ("gradient", "loss") and agg.name == name
         assert isinstance(agg, GradientAggregator if agg.kind == "gradient" else LossAggregator)
         assert isinstance(agg.options, dict)
-    assert set(LOSS_METHODS) == {"gradnorm", "uncertainty", "dwa", "rlw", "imtl_l", "famo", "scale_invariant"}
+    assert set(LOSS_METHODS) == {"gradnorm", "uncertainty", "dwa", "rlw", "imtl_l", "famo", "scale_invariant",
+                                 "gls", "stch", "pbi"}
     on_jacobians = {name for name in GRADIENT_METHODS if not isinstance(make(name), WeightedAggregator)}
-    assert on_jacobians == {"graddrop", "dbmtl"}
+    assert on_jacobians == {"graddrop", "dbmtl", "trimmed_mean", "excess_mtl", "moco"}
     assert issubclass(NonFiniteGradientError, FloatingPointError)
 
 
@@ -42,7 +43,7 @@ def test_unknown_option_lists_valid_options():
 
 @pytest.mark.parametrize("name", available())
 def test_flags_the_trainer_reads(name):
-    agg = make(name)
+    agg = make(name, 3)  # krum and trimmed_mean need three tasks
     if agg.kind == "gradient":
         assert agg.jacobian_of == ("representation" if name == "mgda_ub" else "shared")
     assert agg.randomised == (name in ("pcgrad", "gradvac", "graddrop", "rlw"))
@@ -50,7 +51,7 @@ def test_flags_the_trainer_reads(name):
     # draws used on the host come from a CPU generator in a CUDA run; GradDrop's mask J on its device
     assert agg.generator_device("cuda:1") == torch.device("cpu" if agg.draws_on_host else "cuda:1")
     assert agg.needs_losses_after == (name == "famo") and agg.needs_last_shared == (name == "gradnorm")
-    agg.reset(2)
+    agg.reset(3)
     assert len(agg.parameters()) == (1 if name in ("uncertainty", "imtl_l") else 0)
 
 
@@ -85,7 +86,8 @@ def test_weighting_of_a_gramian_formed_without_the_jacobian():
     rotated by an orthogonal Q) and the Gramian itself give the same weights."""
     J = random_jacobian(4, 6, None, seed=5).double()
     Q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64))
-    for name in ("mgda", "upgrad", "dualproj", "imtl_g", "cagrad", "nashmtl", "aligned_mtl", "pcgrad"):
+    for name in ("mgda", "upgrad", "dualproj", "imtl_g", "cagrad", "nashmtl", "aligned_mtl", "pcgrad", "krum", "config",
+                 "fairgrad", "cr_mogm"):
         from_gramian = make(name, 4).weighting(gramian(J))
         torch.testing.assert_close(make(name, 4).weights_from(J @ Q), from_gramian, rtol=1e-6, atol=1e-10)
         torch.testing.assert_close(make(name, 4).weighting(J @ J.T), from_gramian, rtol=1e-9, atol=1e-12)

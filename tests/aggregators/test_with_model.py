@@ -39,7 +39,7 @@ def test_trains_lenet_three_steps(name):
         update.after_step(lambda: step().losses)
         update.end_epoch(current.losses.detach())
         assert weights.shape == (3,)
-        if name not in ("graddrop", "dbmtl"):
+        if name not in ("graddrop", "dbmtl", "trimmed_mean", "moco"):  # no w with d = Jᵀw: NaN
             assert torch.isfinite(weights).all()
         # the direction Eq. 6 measures: finite, and measuring it leaves the method's state as it was
         state = update.state_dict()
