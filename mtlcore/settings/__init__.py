@@ -22,6 +22,7 @@ from mtlcore.settings.locate import ENV_VAR, DataNotFoundError, data_root
 # name -> "module:class"; imported on first use, so a setting's dependencies load only when it is used
 _REGISTRY: dict[str, str | type[Setting]] = {
     "fashion_mtl": "mtlcore.settings.fashion_mtl:FashionMTL",
+    "fashion_pool": "mtlcore.settings.fashion_pool:FashionPool",
     "cifar100": "mtlcore.settings.cifar100:CIFAR100",
     "celeba": "mtlcore.settings.celeba:CelebA",
     "glue": "mtlcore.settings.glue:GLUE",
