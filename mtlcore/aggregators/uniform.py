@@ -46,10 +46,11 @@ class Uniform(ConstantWeighting):
 
 
 class Fixed(ConstantWeighting):
-    """d = Σ w_k g_k for given constant weights (e.g. an SMTO's EMA-smoothed mean weights)."""
+    """d = Σ w_k g_k for given constant weights (e.g. an SMTO's EMA-smoothed mean weights). `source`: where the
+    weights came from (the run id of the SMTO run they were derived from, say), recorded with the run; "" for none."""
 
     name = "fixed"
-    defaults = {"weights": None}
+    defaults = {"weights": None, "source": ""}
 
     def _check_options(self, options):
         message = f"fixed: weights must be a non-empty list of finite numbers, got {options['weights']!r}"
@@ -61,6 +62,8 @@ class Fixed(ConstantWeighting):
             raise ValueError(message) from None
         require(len(weights) > 0 and all(math.isfinite(w) for w in weights), message)
         options["weights"] = weights
+        require(isinstance(options["source"], str),
+                f"fixed: source must be a string (e.g. the run id the weights came from), got {options['source']!r}")
 
     def reset(self, num_tasks, device=None):
         # Checked here, so that a run config with the wrong count is refused before anything trains,

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 PALETTE = {"STL": "tab:blue"}
 CYCLE = ["tab:green", "tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
@@ -231,6 +231,70 @@ def generalization_grid(panels: Sequence[tuple[str, xr.Dataset]], *, group: str,
                                ylabel=f"test {runs['primary_score'].values}")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def delta_mtm_by_method(tables: Sequence[tuple], *, title: str = "") -> plt.Figure:
+    """Paper B's comparison: Δ_mtm (%, positive: better than the single-task baselines) of every tuned method, one
+    panel per setting, mean over seeds with ±2 std whiskers; the uniform loss in black, the fixed weights hatched.
+    `tables`: (setting, `tuned.method_table`) pairs."""
+    height = max(len(table) for _, table in tables) * 0.32 + 1.3
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.6 * len(tables), height), squeeze=False)
+    for ax, (name, table) in zip(axes[0], tables):
+        table = table.sort_values("delta_mtm", na_position="first")
+        y = np.arange(len(table))
+        mean, std = table["delta_mtm"].to_numpy(float), np.nan_to_num(table["delta_mtm_std"].to_numpy(float))
+        colors = ["black" if m == "uniform" else "tab:orange" if m.startswith("fixed") else "tab:blue"
+                  for m in table.index]
+        bars = ax.barh(y, mean, color=colors, alpha=0.75)
+        for bar, method in zip(bars, table.index):
+            if method.startswith("fixed"):
+                bar.set_hatch("//")
+        ax.errorbar(mean, y, xerr=2 * std, fmt="none", ecolor="gray", elinewidth=1, capsize=2)
+        ax.axvline(0, color="gray", lw=0.8)
+        if "uniform" in table.index:
+            ax.axvline(float(table.loc["uniform", "delta_mtm"]), color="black", lw=0.8, ls="--")
+        ax.set_yticks(y, list(table.index))
+        ax.set_xlabel("Δ_mtm vs single-task (%; ±2 std)")
+        ax.set_title(name)
+        ax.grid(True, axis="x", alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def conflict_along_training(panels: Sequence[tuple[str, xr.Dataset]], labels: Sequence[Sequence[str]], *,
+                            title: str = "") -> plt.Figure:
+    """Paper B's conflict measure (1/K) Σ_k cos(g_k, ḡ) along training (mean over seeds, band ±1 std), one panel per
+    setting; `panels`: (setting, runs with a `label` coordinate), `labels`: the runs' labels to draw in each."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+    for ax, (name, runs), chosen in zip(axes[0], panels, labels):
+        others = iter([c for c in CYCLE if c != "tab:orange"])
+        colors = {label: "black" if label == "uniform" else "tab:orange" if label.startswith("fixed") else next(others)
+                  for label in chosen}
+        for label in chosen:
+            members = runs.where(runs["label"] == label, drop=True)
+            if members.sizes.get("run", 0) == 0:
+                continue
+            values = members["conflict_to_mean"].mean("task", skipna=False).transpose("run", "epoch").values
+            epochs = members["epoch"].values
+            keep = np.isfinite(values).any(axis=0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, std = np.nanmean(values[:, keep], axis=0), np.nanstd(values[:, keep], axis=0, ddof=1)
+            ax.plot(epochs[keep], mean, marker="o", ms=3, color=colors[label],
+                    label=f"{label} (n={members.sizes['run']})")
+            ax.fill_between(epochs[keep], mean - std, mean + std, color=colors[label], alpha=0.15, lw=0)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("(1/K) Σ cos(g_k, ḡ)")
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+        ax.legend(frameon=False, fontsize="small")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -22,7 +22,13 @@ from mtlcore.metrics.sharpness import sharpness
 
 log = logging.getLogger(__name__)
 
-FACTORS = ("sharpness", "fisher_trace", "coherence", "conflict")
+
+def mean_gradient(jacobian: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """ḡ, the mean of the task gradients (the rows of J): the direction of paper B's conflict measure."""
+    return jacobian.mean(dim=0)
+
+
+FACTORS = ("sharpness", "fisher_trace", "coherence", "conflict", "conflict_to_mean")
 DEFAULTS = {
     "factors": [],
     "every": 1,  # epochs between measurements; epoch 0 is always measured
@@ -32,11 +38,12 @@ DEFAULTS = {
     "fisher_trace": {"empirical": False},
     "coherence": {"small_batch": 16, "large_batch": 1024},
     "conflict": {"num_batches": 200},
+    "conflict_to_mean": {"num_batches": 200},  # cos(g_k, ḡ); paper B's measure is its task mean
 }
 # Variables each factor fills in the run dataset (per epoch and task unless noted).
 VARIABLES = {"sharpness": ["sharpness"], "fisher_trace": ["fisher_trace"],
              "coherence": ["grad_cov_trace", "grad_norm_sq", "multitask_grad_cov_trace", "multitask_grad_norm_sq"],
-             "conflict": ["conflict"]}
+             "conflict": ["conflict"], "conflict_to_mean": ["conflict_to_mean"]}
 
 
 def validate_metrics_config(metrics: dict, train_size: int | None = None) -> None:
@@ -74,7 +81,7 @@ def _option_names(factor: str) -> set[str]:
     import inspect
 
     function = {"sharpness": sharpness, "fisher_trace": fisher_trace, "coherence": gradient_coherence,
-                "conflict": gradient_conflict}[factor]
+                "conflict": gradient_conflict, "conflict_to_mean": gradient_conflict}[factor]
     names = {p.name for p in inspect.signature(function).parameters.values() if p.kind == p.KEYWORD_ONLY}
     if factor == "sharpness":
         names |= {"steps", "step_size", "momentum", "halving_checkpoints", "min_update_ratio", "random_init"}
@@ -155,5 +162,10 @@ class FactorSchedule:
                 cosines = gradient_conflict(model, measured, update, losses=losses, reduction=self.loss_scale,
                                             single_input=single_input, generator=generator("conflict"), **options)
                 out["conflict"] = np.array([cosines[t] for t in names])
+            if "conflict_to_mean" in self.factors and len(names) > 1:  # paper B: cos(g_k, ḡ) whatever the update
+                options = {"batch_size": self.batch_size, **self.config["conflict_to_mean"]}
+                cosines = gradient_conflict(model, measured, mean_gradient, losses=losses, single_input=single_input,
+                                            generator=generator("conflict_to_mean"), **options)
+                out["conflict_to_mean"] = np.array([cosines[t] for t in names])
         self.spent += time.perf_counter() - start
         return out

@@ -27,6 +27,7 @@ _REGISTRY: dict[str, str | type[Setting]] = {
     "celeba": "mtlcore.settings.celeba:CelebA",
     "glue": "mtlcore.settings.glue:GLUE",
     "cityscapes": "mtlcore.settings.cityscapes:Cityscapes",
+    "multi_fashion": "mtlcore.settings.multi_fashion:MultiFashion",
 }
 
 

@@ -23,6 +23,7 @@ from mtlcore.training.config import ConfigError, RunConfig
 from mtlcore.training.runner import grid, load_runs
 
 SELECTION_KEYS = ("grid", "seeds", "task_sets")
+SEARCH_KEYS = ("grid", "options", "seeds")
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,16 @@ def rank_points(scores: np.ndarray, higher_is_better: np.ndarray) -> np.ndarray:
     return np.apply_along_axis(stats.rankdata, 0, oriented)
 
 
-def select(base: dict, spec: dict, task_sets: list[list[str]], results_dir: str | Path, **load_kwargs) -> Selection:
+def select(base: dict, spec: dict, task_sets: list[list[str]], results_dir: str | Path, *,
+           metrics: dict | None = None, **load_kwargs) -> Selection:
     """Train the grid of `spec` (`grid:` field -> values, `seeds:` the selection's seeds, default [0], `task_sets:`
     the task sets to select on, default `task_sets`) over `base` (a run config; the selection runs measure no
-    factor) and choose a point; `load_kwargs` go to `load_runs` (data root, executor)."""
+    factor unless `metrics` names some) and choose a point; `load_kwargs` go to `load_runs` (data root, executor)."""
     check_selection(spec)
     points = grid_points(spec["grid"])
     seeds = spec.get("seeds", [0])
     task_sets = spec.get("task_sets") or task_sets
-    base = {**base, "metrics": {}}
+    base = {**base, "metrics": metrics or {}}
     configs = [(p, c) for p, point in enumerate(points) for c in grid({**base, **point}, tasks=task_sets, seed=seeds)]
     runs = load_runs([c for _, c in configs], results_dir, **load_kwargs)
     by_id = {str(r): i for i, r in enumerate(runs["run"].values)}  # run coordinate: the config's content hash
@@ -125,3 +127,59 @@ def describe(selection: Selection) -> str:
     chosen = ", ".join(f"`{k}` = {v}" for k, v in selection.chosen.items())
     return (f"Chosen on validation: {chosen} (the lowest mean rank over every task, task set and selection seed; "
             f"{len(selection.table)} grid points, {selection.runs} runs without factor measurements).")
+
+
+def method_grid(axes: dict, method: str, options: dict | None = None) -> dict:
+    """The grid of one method in a search: the shared `axes` (learning rate, regularisation, ...) with `aggregator`
+    set to `method` and, when `options` (option -> values) are given, `aggregator_options` over every combination."""
+    grid_points(axes)  # the shared axes alone are checked first, so that their errors name them
+    if "aggregator" in axes or "aggregator_options" in axes:
+        raise ConfigError("search.grid cannot vary `aggregator` or `aggregator_options`: the search sets them per "
+                          "method (its `options:` block holds each method's own option grid)")
+    out = {**axes, "aggregator": [method]}
+    if options:
+        out["aggregator_options"] = [dict(zip(options, values))
+                                     for values in itertools.product(*_option_lists(method, options))]
+    return out
+
+
+def _option_lists(method: str, options: dict) -> list[list]:
+    bad = [k for k, v in options.items() if not isinstance(v, list) or not v]
+    if bad:
+        raise ConfigError(f"search.options.{method}: {bad} must be non-empty lists of values, e.g. c: [0.2, 0.5]")
+    return list(options.values())
+
+
+def check_search(spec: dict, methods: list[str]) -> None:
+    """Refuse a malformed `search:` block before anything trains: unknown keys, a bad shared grid, option grids for
+    methods the search does not run, no seeds."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"search must be a mapping with keys {list(SEARCH_KEYS)}, got {spec!r}")
+    unknown = sorted(set(spec) - set(SEARCH_KEYS))
+    if unknown:
+        raise ConfigError(f"search: unknown key(s) {unknown}; valid keys: {list(SEARCH_KEYS)}")
+    options = spec.get("options") or {}
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise ConfigError(f"search.options must map a method to its option grid (option -> values), got {options!r}")
+    outside = sorted(set(options) - set(methods))
+    if outside:
+        raise ConfigError(f"search.options names {outside}, which the search does not run; methods: {methods}")
+    for method in methods:
+        method_grid(spec.get("grid"), method, options.get(method))
+    check_selection({"grid": spec["grid"], "seeds": spec.get("seeds", [0])})
+
+
+def search(base: dict, methods: list[str], spec: dict, task_sets: list[list[str]], results_dir: str | Path, *,
+           metrics: dict | None = None, **load_kwargs) -> dict[str, Selection]:
+    """Tune each method on its own (paper B): for every aggregator in `methods`, the grid of `spec["grid"]` (shared
+    axes such as `lr` and `weight_decay`) times the method's own options in `spec["options"][method]` (e.g.
+    `cagrad: {c: [0.2, 0.5, 0.8]}`) is trained on `spec["seeds"]` (default [0]) for `task_sets` and chosen by
+    `select`'s rule: the lowest mean rank of the best validation score over every (task set, task, seed) cell, the
+    first in grid order among equal ranks. Runs are cached by content hash, so a second call trains nothing and a
+    killed one resumes. `metrics`: factors the search runs measure (none by default). Method -> its `Selection`."""
+    check_search(spec, list(methods))
+    options = spec.get("options") or {}
+    selection = {"seeds": spec.get("seeds", [0])}
+    return {method: select(base, {**selection, "grid": method_grid(spec["grid"], method, options.get(method))},
+                           task_sets, results_dir, metrics=metrics, **load_kwargs)
+            for method in methods}
