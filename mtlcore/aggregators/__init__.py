@@ -30,6 +30,9 @@ excess_mtl         gradient  robust_step_size=0.01                         Σw =
 moco               gradient  beta=0.5, beta_sigma=0.5, gamma=0.1,          d = yᵀλ, Σλ = 1 (y: the     Fernando et al. 2023
                              gamma_sigma=0.5, rho=0.0                      tracked g rescaled to L_k)
 cr_mogm            gradient  base="mgda", base_options={}, alpha=0.9       the base's (EMA of its w)   Zhou et al. 2022
+modo               gradient  gamma=1e-3, rho=0.1 (3 batches a step)        d = J_ζᵀλ, Σλ = 1           Chen et al. 2023
+sdmgrad            gradient  lamda=0.3, lr=10.0, momentum=0.5, n_iter=20   (w + λ/K)/(1 + λ), Σ = 1    Xiao et al. 2023
+                             (3 batches a step)
 gradnorm           loss      alpha=1.5, lr=0.025 (internal Adam)           Σw = K                      Chen et al. 2018
 uncertainty        loss      init=0.0 (s = log σ²)                         ½e^{−s} L + ½s              Kendall et al. 2018
 dwa                loss      temperature=2.0                               Σλ = K                      Liu et al. 2019
@@ -44,7 +47,8 @@ pbi                loss      preference=None (equal), theta=5.0            d₁ 
 
 How a gradient-level method computes d (TorchJD's split)
 --------------------------------------------------------
-* ``WeightedAggregator`` (every gradient-level method but graddrop, dbmtl, trimmed_mean, excess_mtl and moco):
+* ``WeightedAggregator`` (every gradient-level method but graddrop, dbmtl, trimmed_mean, excess_mtl, moco, modo
+  and sdmgrad):
   ``G = gramian(J)`` from ``mtlcore.aggregators.gramian`` (K×K, float64 sums of J's entries, in column blocks on
   J's device), then ``w = agg.weighting(G, losses)`` (a float64 CPU tensor, computed on the K×K problem; the
   losses only where ``agg.needs_losses``), then ``d = Jᵀw`` by ``torch.mv`` in J's dtype on J's device.
@@ -52,6 +56,9 @@ How a gradient-level method computes d (TorchJD's split)
   code. uniform and fixed skip G: their w is known in advance.
 * graddrop, dbmtl, trimmed_mean and moco act on J itself; their ``weights`` are NaN (no w with d = Jᵀw).
   excess_mtl reads J for its running sums of squared gradients and reports its w (d = Jᵀw).
+* modo and sdmgrad need three independent batches a step (``agg.batches_per_step``):
+  ``d = agg.aggregate_batches([J_ζ, J_ξ, J_ξ'], losses)`` learns w from J_ξ J_ξ'ᵀ and returns J_ζᵀw; ``agg(J)``
+  alone is refused. ``JacobianUpdate`` draws the two extra batches from the batch source the trainer gives it.
 
 How the trainer uses them
 -------------------------
@@ -70,6 +77,8 @@ How the trainer uses them
 * Hooks: if ``agg.needs_losses_after`` (famo), after ``optimizer.step()`` recompute the same batch's
   losses under ``torch.no_grad()`` and call ``agg.after_step(losses_after)``. At the end of every
   epoch call ``agg.end_epoch(epoch_mean_train_losses)`` (dwa and stch use it; others ignore it).
+  For modo and sdmgrad the update rule draws ``batches_per_step − 1`` more batches a step from the batch source
+  the trainer gives it once (``Update.set_batch_source``, see ``mtlcore.training.updates``).
 * ``agg.weights``: the K effective task weights of the last step (d = Jᵀw, or the weights on the
   loss gradients), float64 on the CPU; NaN where the method has none (graddrop, dbmtl,
   trimmed_mean, moco).
@@ -115,11 +124,13 @@ from mtlcore.aggregators.jacobian import set_grad, task_jacobian, unflatten_into
 from mtlcore.aggregators.krum import Krum
 from mtlcore.aggregators.mgda import MGDA, MGDAUB
 from mtlcore.aggregators.moco import MoCo
+from mtlcore.aggregators.modo import MoDo
 from mtlcore.aggregators.nashmtl import NashMTL
 from mtlcore.aggregators.pbi import PBI
 from mtlcore.aggregators.pcgrad import PCGrad
 from mtlcore.aggregators.rlw import RLW
 from mtlcore.aggregators.scale_invariant import ScaleInvariant
+from mtlcore.aggregators.sdmgrad import SDMGrad
 from mtlcore.aggregators.stch import STCH
 from mtlcore.aggregators.trimmed_mean import TrimmedMean
 from mtlcore.aggregators.uncertainty import Uncertainty
@@ -131,7 +142,7 @@ _METHODS: dict[str, type[Aggregator]] = {
     for cls in (
         Uniform, Fixed, MGDA, MGDAUB, PCGrad, CAGrad, NashMTL, IMTLG, GradDrop, GradVac, AlignedMTL,
         UPGrad, DualProj, DBMTL, GradNorm, Uncertainty, DWA, RLW, IMTLL, FAMO, ScaleInvariant,
-        Krum, TrimmedMean, ConFIG, FairGrad, ExcessMTL, MoCo, CRMOGM, GLS, STCH, PBI,
+        Krum, TrimmedMean, ConFIG, FairGrad, ExcessMTL, MoCo, CRMOGM, MoDo, SDMGrad, GLS, STCH, PBI,
     )
 }
 

@@ -138,6 +138,7 @@ class Trainer:
         self.update = make_update(config.aggregator, config.aggregator_options, self.model, self.tasks,
                                   loss_scale=config.loss_scale, head_update=config.head_update, seed=config.seed,
                                   device=device)
+        self.update.set_batch_source(lambda: self._losses(self._batch()))  # for rules that need more than one batch
         self.optimizer = make_optimizer(config, list(self.model.parameters()) + self.update.parameters())
         options = setting.resolve_options(config.setting_options)
         self.steps_per_epoch = math.ceil(setting.train_size(options) / config.batch_size)

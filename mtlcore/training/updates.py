@@ -11,6 +11,14 @@ the gradient conflict of Eq. 6 (it never changes the rule's state). The trainer 
 
 Heads get their own task's loss gradient, unweighted (`head_update: own`), or weighted as the method weighs it
 ("weighted").
+
+More than one batch per step: the trainer gives every rule, once, a batch source (`set_batch_source(draw)`): `draw()`
+draws the run's next batch from its seeded, checkpointed samplers and returns that batch's `Step`, its losses'
+graphs included. A method with `batches_per_step` > 1 (MoDo, SDMGrad: independent batches for an unbiased product
+of Jacobians) gets, from `JacobianUpdate`, the step's own Jacobian and those of `batches_per_step` − 1 batches drawn
+from it; every other rule ignores the source. So an epoch of such a method draws `batches_per_step` times the
+batches of the others, in the same number of steps, and a killed run resumes bit for bit (the samplers are in the
+checkpoint).
 """
 from __future__ import annotations
 
@@ -50,6 +58,7 @@ class Update:
 
     def __init__(self, model: MultiTaskModel, tasks: list[str], scale: float, head_update: str):
         self.model, self.tasks, self.scale, self.own_heads = model, tasks, scale, head_update == "own"
+        self.draw: Callable[[], Step] | None = None
 
     def apply(self, step: Step) -> torch.Tensor:
         raise NotImplementedError
@@ -66,6 +75,11 @@ class Update:
 
     def end_epoch(self, mean_losses: torch.Tensor) -> None:
         """The epoch's mean training loss of each task (DWA's history)."""
+
+    def set_batch_source(self, draw: Callable[[], Step]) -> None:
+        """Called once by the trainer: `draw()` returns the Step of the run's next batch. Kept for the methods that need
+        more than one batch per step (`batches_per_step` > 1); no rule draws from it otherwise."""
+        self.draw = draw
 
     def state_dict(self) -> Any:
         return None
@@ -161,6 +175,15 @@ class JacobianUpdate(_MethodUpdate):
             grads = torch.autograd.grad((w.to(losses) * losses).sum(), shared, retain_graph=True)
             for p, g in zip(shared, grads):
                 set_grad(p, g)
+        elif getattr(agg, "batches_per_step", 1) > 1:  # MoDo, SDMGrad: this batch's J and independent ones'
+            draw = self.draw
+            if draw is None:
+                raise ValueError(f"{agg.name} needs {agg.batches_per_step} batches per step: give the update rule a "
+                                 "batch source with set_batch_source(draw)")
+            extra = [draw() for _ in range(agg.batches_per_step - 1)]
+            jacobians = [task_jacobian(s.parts, shared, method="loop", retain_graph=s is step)
+                         for s in (step, *extra)]
+            unflatten_into_grads(agg.aggregate_batches(jacobians, [s.losses.detach() for s in (step, *extra)]), shared)
         else:
             jacobian = task_jacobian(step.parts, shared, method="loop")
             unflatten_into_grads(agg(jacobian, losses.detach()), shared)
@@ -169,7 +192,9 @@ class JacobianUpdate(_MethodUpdate):
         return agg.weights.to(torch.float64)
 
     def direction(self) -> Direction:
-        if self.aggregator.jacobian_of == "representation":  # its last step's weights on the shared parameters
+        # MGDA-UB: its last step's weights on the shared parameters; MoDo, SDMGrad: their last weights (J of one
+        # batch cannot update them)
+        if self.aggregator.jacobian_of == "representation" or getattr(self.aggregator, "batches_per_step", 1) > 1:
             weights = self.aggregator.weights.clone()
             return lambda jacobian, losses: weights.to(jacobian) @ jacobian
         frozen = copy.deepcopy(self.aggregator)  # measuring leaves the run's aggregator and its state untouched

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import SMALL
 
 from mtlcore.training import RunConfig, trainer as train
 from mtlcore.training.results import SCORE_VARIABLES, VARIABLES
+from mtlcore.training.updates import Step, make_update
 
 BASE = {"setting": "fashion_mtl", "setting_options": SMALL, "epochs": 3, "batch_size": 32, "lr": 0.05,
         "optimizer": "momentum", "device": "cpu", "tasks": ["fashion1", "fashion2", "noisy_fashion"]}
@@ -24,6 +26,7 @@ def assert_identical(a, b) -> None:
 
 @pytest.mark.parametrize("aggregator, options", [
     ("stch", {"warmup_epochs": 1}), ("excess_mtl", {}), ("moco", {}), ("cr_mogm", {"base": "pcgrad"}),
+    ("modo", {"gamma": 0.1}), ("sdmgrad", {}),  # their extra batches come from the checkpointed samplers
 ])
 def test_a_killed_run_resumes_bit_for_bit(fake_data_root, tmp_path, monkeypatch, aggregator, options):
     cfg = config(aggregator, options)
@@ -53,3 +56,31 @@ def test_trains_and_learns(fake_data_root, aggregator):
     assert ds.attrs["status"] == "complete"
     loss = ds["train_loss"].sel(task="fashion1").values  # noisy_fashion's labels are noise: it need not learn
     assert np.isfinite(ds["train_loss"].values).all() and loss[-1] < 0.8 * loss[0]
+
+
+def test_a_multi_batch_method_draws_its_extra_batches_from_the_run(fake_data_root):
+    """modo takes the step's batch and two more from the run's samplers each step: after one step the samplers
+    stand where three steps of another method leave them."""
+    cfg = RunConfig.from_dict({**BASE, "aggregator": "modo"})
+    setting = train.settings.get("fashion_mtl")
+    data = setting.load(cfg.tasks, cfg.setting_options, root=fake_data_root)
+    modo, uniform = (train.Trainer(c, setting, data, torch.device("cpu"))
+                     for c in (cfg, RunConfig.from_dict({**BASE, "aggregator": "uniform"})))
+    modo.train_step()
+    for _ in range(3):
+        uniform._batch()
+    for key in modo.samplers:
+        assert modo.samplers[key].position == uniform.samplers[key].position
+        assert torch.equal(modo.samplers[key].order, uniform.samplers[key].order)
+
+
+def test_without_a_batch_source_a_multi_batch_method_is_refused():
+    tasks = ["fashion1", "fashion2"]
+    model = train.settings.get("fashion_mtl").build_model("lenet", tasks)
+    update = make_update("sdmgrad", {}, model, tasks, loss_scale="sum", head_update="own", seed=0,
+                         device=torch.device("cpu"))
+    loss = train.settings.get("fashion_mtl").task("fashion1").loss
+    features = model.encoder(torch.randn(4, 1, 28, 28))
+    parts = [loss.mean(model.heads[t](features), torch.randint(0, 10, (4,))) for t in tasks]
+    with pytest.raises(ValueError, match="sdmgrad needs 3 batches per step: give the update rule a batch source"):
+        update.apply(Step(torch.stack(parts), parts, features))
