@@ -27,6 +27,10 @@ method's own (marked ≈), its memory is that step's peak (≈) plus the aggrega
 
     .venv/bin/python benchmarks/bench_aggregators.py                      # both settings ((a) ≈ 4 min, (b) ≈ 30–40 min)
     .venv/bin/python benchmarks/bench_aggregators.py --settings a --repeats 7 --steps 20
+    .venv/bin/python benchmarks/bench_aggregators.py --settings aJ --only krum,config    # some methods only
+
+MoDo and SDMGrad take three batches a step: their training step is timed as is (three Jacobians), never estimated,
+and their aggregation alone is `aggregate_batches([J, J, J])`.
 
 Writes benchmarks/out/aggregators.md (and prints it). A benchmark, not a test: nothing is asserted.
 """
@@ -68,13 +72,27 @@ TORCHJD = {
     "nashmtl": lambda K: tjd.NashMTL(n_tasks=K), "imtl_g": lambda K: tjd.IMTLG(), "graddrop": lambda K: tjd.GradDrop(),
     "gradvac": lambda K: tjd.GradVac(), "aligned_mtl": lambda K: tjd.AlignedMTL(), "upgrad": lambda K: tjd.UPGrad(),
     "dualproj": lambda K: tjd.DualProj(), "rlw": lambda K: tjd.Random(),
+    "krum": lambda K: tjd.Krum(n_byzantine=0), "trimmed_mean": lambda K: tjd.TrimmedMean(trim_number=1),
+    "config": lambda K: tjd.ConFIG(), "fairgrad": lambda K: tjd.FairGrad(alpha=1.0),
+    "excess_mtl": lambda K: tjd.ExcessMTL(robust_step_size=1e-2),
+    "cr_mogm": lambda K: tjd.GramianWeightedAggregator(tjd.CRMOGMWeighting(tjd.MGDAWeighting(), alpha=0.9)),
+    # TorchJD's MoDo and SDMGrad are weightings of J_ξJ_ξ'ᵀ: their aggregation here is that product, the weighting
+    # and J_ζᵀw, on the same J thrice (as mtlcore's `aggregate_batches([J, J, J])` below)
+    "modo": lambda K: _cross_weighted(tjd.MoDoWeighting(gamma=1e-3, rho=0.1)),
+    "sdmgrad": lambda K: _cross_weighted(tjd.SDMGradWeighting(lr=10.0, momentum=0.5, n_iter=20, lambda_=0.3)),
 }
+ONLY: set[str] | None = None  # --only: the methods to time (None: all)
+
+
+def _cross_weighted(weighting):
+    return lambda J: J.T @ weighting(J @ J.T)
 
 
 def methods(K: int) -> list[tuple[str, str, dict]]:
     """(label, aggregator, options); "uniform" is the trainer's fast path, "uniform (via J)" its Jacobian path."""
     rows = [("uniform", "uniform", {}), ("uniform (via J)", "uniform", {"reduction": "mean"})]
-    return rows + [(n, n, {"weights": [1 / K] * K} if n == "fixed" else {}) for n in aggregators.available() if n != "uniform"]
+    rows += [(n, n, {"weights": [1 / K] * K} if n == "fixed" else {}) for n in aggregators.available() if n != "uniform"]
+    return [row for row in rows if row[0] == "uniform" or ONLY is None or row[0] in ONLY]
 
 
 def make_aggregator(name: str, options: dict, K: int):
@@ -135,7 +153,10 @@ def aggregation_rows(J: torch.Tensor, losses: torch.Tensor, repeats: int, n: int
         agg = make_aggregator(name, options, K)
         if agg.kind == "loss" and name != "rlw" or getattr(agg, "jacobian_of", "shared") != "shared":
             continue
-        ours = (lambda: agg.combine(losses)) if agg.kind == "loss" else (lambda: agg(J, losses))
+        if getattr(agg, "batches_per_step", 1) > 1:  # modo, sdmgrad: the same J as all three batches
+            ours = lambda: agg.aggregate_batches([J, J, J], [losses] * 3)  # noqa: E731
+        else:
+            ours = (lambda: agg.combine(losses)) if agg.kind == "loss" else (lambda: agg(J, losses))
         ours()  # warm-up
         row = {"method": label, "ms": None, "tjd_ms": None, "ratio": None, "mb": peak_bytes(ours) / MB, "tjd_mb": None}
         theirs = None
@@ -262,7 +283,8 @@ def resnet(args) -> tuple[list[dict], list[dict]]:
     for label, name, options in methods(K):
         t = base if label == "uniform" else trainer(name, options)
         if (DEVICE.type == "cpu" and not isinstance(t.update, UniformUpdate) and t.update.aggregator.kind == "gradient"
-                and t.update.aggregator.jacobian_of == "shared"):
+                and t.update.aggregator.jacobian_of == "shared"
+                and getattr(t.update.aggregator, "batches_per_step", 1) == 1):  # modo, sdmgrad: three J a step
             ms = 1e3 * (j_seconds - j_agg) + agg_ms[label]  # estimated from the measured Jacobian step
             rows.append({"method": label, "kind": "gradient", "ms": ms, "ratio": ms / (1e3 * u_seconds),
                          "mb": j_peak / MB, "mem_ratio": j_peak / base_peak, "estimated": True})
@@ -314,10 +336,16 @@ def main() -> None:
     parser.add_argument("--model", default="lenet_fused", help="(a)'s FashionMTL model: lenet_fused (the fused CPU "
                         "kernels) or lenet (PyTorch's ops)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda; on cuda every (b) step is timed, none estimated")
+    parser.add_argument("--only", default="", help="comma-separated methods to time (default: all); the uniform step "
+                        "is always timed as the baseline")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global DEVICE
+    global DEVICE, ONLY
     DEVICE = torch.device(args.device)
+    ONLY = {name for name in args.only.split(",") if name} or None
+    unknown = sorted((ONLY or set()) - set(aggregators.available()) - {"uniform (via J)"})
+    if unknown:
+        parser.error(f"--only: unknown method(s) {unknown}; valid: {', '.join(aggregators.available())}")
 
     header = (f"{time.strftime('%Y-%m-%d')}, {_timing.machine(DEVICE)}, {os.cpu_count()} cores, "
               f"torch.set_num_threads({args.threads}), torch {torch.__version__}, "
@@ -341,7 +369,9 @@ def main() -> None:
                     "`Random()(J)`.")
     text = "\n\n".join(sections) + "\n"
     OUT.mkdir(exist_ok=True)
-    (OUT / ("aggregators.md" if DEVICE.type == "cpu" else f"aggregators-{DEVICE.type}.md")).write_text(text)
+    suffix = "" if DEVICE.type == "cpu" else f"-{DEVICE.type}"
+    suffix += "" if ONLY is None else "-only"
+    (OUT / f"aggregators{suffix}.md").write_text(text)
     print(text)
 
 
