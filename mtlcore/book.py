@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The paper's order; the book's table of contents follows it.
-NOTEBOOKS = ("sec3_transfer", "sec4_1_factors", "sec4_2_smtos", "paperb_uniform")
+NOTEBOOKS = ("sec3_transfer", "sec4_1_factors", "sec4_2_smtos", "sec5_conflict", "appendix_c", "paperb_uniform")
 
 
 def profiles(params_dir: Path = PROJECT_ROOT / "params") -> list[str]:

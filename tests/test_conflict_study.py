@@ -133,3 +133,36 @@ def test_finding_reads_the_signs_and_p_values():
     assert not result.agrees_with_paper and result.generalization_follows == ["b"]
     table.loc[("b", "sharpness"), "spearman_rho"] = 0.8  # grows the other way for b
     assert conflict_study.finding(table, ["sharpness"]).factors_follow_conflict == []
+
+
+def _notebook_defaults(name):
+    import ast
+
+    import jupytext
+
+    from mtlcore.book import PROJECT_ROOT
+
+    cell = next(c for c in jupytext.read(PROJECT_ROOT / "notebooks" / f"{name}.py").cells
+                if "parameters" in c.metadata.get("tags", []))
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
+
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "paper"])
+def test_every_run_of_a_profile_is_a_valid_config(profile):
+    """The §5 chapter's runs in each profile: its sets drawn, every run config validated (nothing trains)."""
+    from mtlcore import settings
+    from mtlcore.book import profile_parameters
+    from mtlcore.training import RunConfig, base_config
+    p = {**_notebook_defaults("sec5_conflict"), **profile_parameters(profile)["sec5_conflict"]}
+    pool = p["pool"] or list(settings.get(p["setting"]).tasks)
+    assert len(p["set_sizes"]) >= 2 and "conflict" in p["metrics"]["factors"]
+    for target in p["targets"]:
+        for aux in conflict_study.draw_aux_sets(target, pool, p["set_sizes"], p["sets_per_size"], seed=p["draw_seed"]):
+            for seed in p["seeds"]:
+                config = RunConfig.from_dict(base_config(p) | {"tasks": aux.run_tasks, "seed": seed})
+                assert config.mode == "mtl" and config.tasks[0] == target
+    if profile == "quick":
+        assert p["setting"] == "fashion_pool" and len(p["set_sizes"]) >= 3 and p["analog"]
+    if profile == "paper":  # the paper's study: CIFAR-100 targets (Fish among them) on a GPU, not an analog
+        assert p["setting"] == "cifar100" and "fish" in p["targets"] and not p["analog"]
+        assert p["device"] == "cuda" and p["metrics"]["every"] == 1 and p["epochs"] >= 20

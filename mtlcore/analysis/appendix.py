@@ -2,50 +2,55 @@
 significance."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
 from mtlcore.analysis import comparisons, trajectories
+from mtlcore.settings.base import Score
 
 
-def score_summaries(runs: xr.Dataset, k: int = 10) -> xr.Dataset:
-    """For the runs of one task (dims run, epoch, score): each score's mean test value at the `k` trained checkpoints
-    of best primary validation score (the generalization of Appendix B.4, for every score the task has). One variable
-    per score the task has, each carrying its direction as the coordinate `higher_is_better`."""
+def score_summaries(runs: xr.Dataset, scores: Sequence[Score], k: int = 10) -> xr.Dataset:
+    """For the runs of one task (dims run, epoch, score): each of the task's `scores` (its `Setting.task(...).scores`,
+    the first primary) as its mean test value at the `k` trained checkpoints of best primary validation score (the
+    generalization of Appendix B.4, for every score). One variable per score (dim `run`); NaN for a run that did not
+    complete."""
     if "task" in runs.dims:
         raise ValueError("score_summaries takes the runs of one task: select it first (runs.sel(task=...))")
-    val, direction = comparisons._trained(runs["val_score"]), bool(comparisons.orientation(runs["val_score"]) > 0)
+    missing = [s.name for s in scores if s.name not in runs["score"].values]
+    if missing:
+        raise ValueError(f"scores {missing} are not in the runs; their scores: {list(runs['score'].values)}")
+    val = comparisons._trained(runs["val_score"])
     out = {}
-    for score in runs["score"].values:
-        test = comparisons._trained(runs["test_scores"].sel(score=score))
-        if not bool(test.notnull().any()):
-            continue  # a score of another task of the runs
-        summary = trajectories.best_validation_mean(val, test, k=k, higher_is_better=direction)
-        higher = bool(runs["score_higher_is_better"].sel(score=score)) if "score_higher_is_better" in runs.coords else True
-        out[str(score)] = comparisons._completed(summary, runs).drop_vars(
-            [c for c in summary.coords if c not in ("run",)], errors="ignore").assign_coords(higher_is_better=int(higher))
+    for score in scores:
+        test = comparisons._trained(runs["test_scores"].sel(score=score.name, drop=True))
+        summary = trajectories.best_validation_mean(val, test, k=k, higher_is_better=scores[0].higher_is_better)
+        summary = comparisons._completed(summary, runs)
+        out[score.name] = summary.drop_vars([c for c in summary.coords if c != "run"])
     return xr.Dataset(out)
 
 
-def task_table(runs: xr.Dataset, labels: xr.DataArray, reference: str = "STL", k: int = 10) -> pd.DataFrame:
-    """Per configuration of one task's runs: every score's seed mean, std, Δ to `reference` (oriented: positive is
-    better) and its significance (`comparisons.delta_table`)."""
-    summaries = score_summaries(runs, k)
-    return comparisons.delta_table(summaries, labels, reference, scores=tuple(summaries.data_vars))
+def task_table(runs: xr.Dataset, labels: xr.DataArray, scores: Sequence[Score], reference: str = "STL",
+               k: int = 10) -> pd.DataFrame:
+    """Per configuration of one task's runs: every score's seed mean, std, Δ to `reference` (oriented by the score's
+    direction: positive is better) and its significance (`comparisons.delta_table`)."""
+    table = comparisons.delta_table(score_summaries(runs, scores, k), labels, reference, scores=())
+    for score in scores:  # Δ = MTL − STL; for a lower-is-better score STL − MTL, so that positive is better
+        if not score.higher_is_better:
+            table[f"delta_{score.name}"] = -table[f"delta_{score.name}"]
+    return table
 
 
-def shown_task_table(table: pd.DataFrame, percent: Mapping[str, bool], reference: str = "STL") -> pd.DataFrame:
+def shown_task_table(table: pd.DataFrame, scores: Sequence[Score], reference: str = "STL") -> pd.DataFrame:
     """`task_table` as the appendix prints it: mean ± std per score (rates in points), Δ with ✱ when significant."""
-    scores = [c for c in table.columns if f"{c}_std" in table.columns and f"delta_{c}" in table.columns]
     out = pd.DataFrame(index=table.index)
     for score in scores:
-        scale = 100.0 if percent.get(score) else 1.0
-        out[score] = [f"{m * scale:.2f} ± {s * scale:.2f}" if np.isfinite(m) else "–"
-                      for m, s in zip(table[score], table[f"{score}_std"])]
-        out[f"Δ {score}"] = ["" if label == reference else f"{d * scale:+.2f}" + (" ✱" if sig else "")
-                             for label, d, sig in zip(table.index, table[f"delta_{score}"], table[f"significant_{score}"])]
+        name, scale = score.name, 100.0 if score.percent else 1.0
+        out[name] = [f"{m * scale:.2f} ± {sd * scale:.2f}" if np.isfinite(m) else "–"
+                     for m, sd in zip(table[name], table[f"{name}_std"])]
+        out[f"Δ {name}"] = ["" if label == reference else f"{d * scale:+.2f}" + (" ✱" if sig else "")
+                            for label, d, sig in zip(table.index, table[f"delta_{name}"], table[f"significant_{name}"])]
     out["seeds"] = table["seeds"].values
     return out

@@ -155,6 +155,32 @@ def trajectory_summaries(runs: xr.Dataset, k_best: int = 10, k_last: int = 20, k
     return _completed(xr.Dataset(out), runs)
 
 
+# Appendix B.4's comparison at similar training loss: factor -> how its band of loss is chosen.
+BINNED_FACTORS = {"fisher_trace": "early", "sharpness": "end", "grad_cov_trace": "end"}
+
+
+def binned_summaries(runs: xr.Dataset, n_bins: int = 20, *, skip_highest: int = 2, early_width: int = 4,
+                     end_width: int = 3) -> tuple[xr.Dataset, dict[str, tuple[float, float]]]:
+    """One number per trajectory read at comparable training loss (Appendix B.4), for the runs of one task: the
+    Fisher trace averaged over the early-phase band (`trajectories.early_phase_band` of `n_bins` geometric bins over
+    every trajectory's losses together), sharpness and the gradient covariance over the end-of-training band set by
+    the trajectory with the highest minimum loss (`trajectories.end_of_training_band`). Unlike the epoch windows of
+    `trajectory_summaries`, every trajectory is measured at the same losses; a run with no measured checkpoint in a
+    band gets NaN. Returns the summaries (dim `run`) and each factor's band (low, high)."""
+    loss = runs["train_loss"].transpose("run", "epoch")
+    complete = (runs["status"] == "complete").values if "status" in runs.coords else np.ones(runs.sizes["run"], bool)
+    finite = loss.where(np.isfinite(loss) & (loss > 0))
+    kept = finite.isel(run=np.flatnonzero(complete))
+    bands = {"early": trajectories.early_phase_band(kept.values, n_bins, skip_highest, early_width),
+             "end": trajectories.end_of_training_band(kept, n_bins, end_width)}
+    out, used = {}, {}
+    for name, which in BINNED_FACTORS.items():
+        if name in runs and bool(runs[name].notnull().any()):
+            out[name] = trajectories.band_mean(finite, runs[name].transpose("run", "epoch"), bands[which])
+            used[name] = bands[which]
+    return _completed(xr.Dataset(out), runs), used
+
+
 # --- Δ tables ---------------------------------------------------------------------------------------------
 
 

@@ -172,3 +172,43 @@ def shown_table(table: pd.DataFrame, names: Mapping[str, str] | None = None) -> 
                              zip(table["spearman_rho"], table["spearman_p"])]
     out["runs"] = table["n"].values
     return out.rename(index=lambda v: names.get(v, v))
+
+
+def scatter_against_conflict(summary: pd.DataFrame, quantities: Sequence[str], table: pd.DataFrame, *,
+                             labels: Mapping[str, str] | None = None, names: Mapping[str, str] | None = None,
+                             reference: pd.DataFrame | None = None, title: str = ""):
+    """Figures 5 and 6: each quantity (columns) of each target (rows) against the mean conflict, one point per run
+    coloured by the size of its auxiliary set, Pearson r and Spearman ρ (p-values) of `table` in each panel;
+    `reference`: the target's runs alone (one row per run), drawn as a dashed line at their mean."""
+    import matplotlib.pyplot as plt
+
+    labels, names = labels or {}, names or {}
+    targets = list(dict.fromkeys(summary["target"]))
+    sizes = sorted(summary.loc[summary["size"] > 0, "size"].unique())
+    colors = dict(zip(sizes, plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(sizes), 1)))))
+    fig, axes = plt.subplots(len(targets), len(quantities), figsize=(3.9 * len(quantities), 3.3 * len(targets)),
+                             squeeze=False)
+    for row, target in enumerate(targets):
+        mine = summary[(summary["target"] == target) & (summary["size"] > 0)]
+        for ax, quantity in zip(axes[row], quantities):
+            for size in sizes:
+                part = mine[mine["size"] == size]
+                ax.scatter(part[CONFLICT], part[quantity], color=colors[size], s=28, label=f"{size} auxiliary")
+            if reference is not None:
+                alone = reference.loc[reference["target"] == target, quantity].to_numpy(float)
+                if np.isfinite(alone).any():
+                    ax.axhline(np.nanmean(alone), color="tab:blue", ls="--", lw=1, label="alone (STL)")
+            if quantity in ("fisher_trace", "grad_cov_trace") and (mine[quantity] > 0).all():
+                ax.set_yscale("log")
+            if (target, quantity) in table.index:
+                c = table.loc[(target, quantity)]
+                ax.set_title(f"r={c['pearson_r']:+.2f} (p={c['pearson_p']:.2g}), ρ={c['spearman_rho']:+.2f} "
+                             f"(p={c['spearman_p']:.2g})", fontsize="small")
+            ax.set_xlabel("mean cos(g_target, d)  (← more conflict)")
+            ax.set_ylabel(f"{names.get(target, target)}: {labels.get(quantity, quantity.replace('_', ' '))}")
+            ax.grid(True, alpha=0.3)
+    axes[0][0].legend(frameon=False, fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
