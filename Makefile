@@ -30,10 +30,11 @@ book: $(STAMP)
 	$(BIN)/mtlcore batch --profile $(PROFILE)
 	@$(MAKE) --no-print-directory html
 
-# Render the notebooks already executed into book/ (on a fresh clone there are none: the build stops and says so).
+# Render the notebooks executed into book/; jupyter-book executes first, with $(PROFILE), the chapters that are not
+# there (on a fresh clone: all of them).
 html: $(STAMP)
 	rm -rf book/_build
-	$(BIN)/jupyter-book build book --warningiserror --keep-going
+	MTLCORE_PROFILE=$(PROFILE) $(BIN)/jupyter-book build book --warningiserror --keep-going
 	@echo "book: $(CURDIR)/book/_build/html/index.html"
 
 test: $(STAMP)

@@ -7,6 +7,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -129,16 +130,102 @@ def run_batch(profile: str, *, notebooks: list[str] | None = None, data_root: st
             partial = temporary_name(output).with_suffix(".ipynb")  # not an .ipynb the book would render as done
             params = {**parameters[name], "profile": profile, "results_dir": str(results_dir), "data_root": root}
             log.info("executing %s (profile %s, executor %s) -> %s", source.name, profile, spec, output)
+            started = time.perf_counter()
             with _follow_runs(name, progress) as events:
                 os.environ[PROGRESS_ENV] = str(events)
                 try:
                     papermill.execute_notebook(notebook, str(partial), parameters=params, kernel_name="python3",
                                                cwd=str(PROJECT_ROOT / "notebooks"), progress_bar=False)
+                    hide_machine_paths(partial, {str(results_dir): "<results folder>", root: "<data root>"})
                     os.replace(partial, output)
                 finally:
                     partial.unlink(missing_ok=True)
+            record_chapter(book_dir, name, profile, time.perf_counter() - started)
             executed.append(output)
+    write_generated_pages(profile, results_dir, book_dir)
     return executed
+
+
+def hide_machine_paths(notebook_path: Path, replacements: dict[str, str]) -> None:
+    """In an executed notebook, the cell of parameters papermill injected: collapsed (`hide-cell`), with the building
+    machine's folders shown as placeholders; and any output naming those folders gets the placeholders too."""
+    content = json.loads(Path(notebook_path).read_text())
+    ordered = sorted(replacements.items(), key=lambda item: -len(item[0]))  # the longest (most specific) first
+
+    def clean(text: str) -> str:
+        for path, placeholder in ordered:
+            text = text.replace(path, placeholder)
+        return text
+
+    for cell in content["cells"]:
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if "injected-parameters" in tags and "hide-cell" not in tags:
+            tags.append("hide-cell")
+        cell["source"] = clean("".join(cell["source"]))
+        for output in cell.get("outputs", []):
+            if "text" in output:
+                output["text"] = clean("".join(output["text"]))
+            for kind, data in output.get("data", {}).items():
+                if kind.startswith("text/") and isinstance(data, (str, list)):
+                    output["data"][kind] = clean("".join(data))
+    Path(notebook_path).write_text(json.dumps(content, indent=1, ensure_ascii=False))
+
+
+def record_chapter(book_dir: Path, name: str, profile: str, seconds: float) -> None:
+    """Keep when and how long each chapter ran (`_generated/chapters.json`), for the reproducibility page."""
+    path = Path(book_dir) / "_generated" / "chapters.json"
+    chapters = json.loads(path.read_text()) if path.is_file() else {}
+    chapters[name] = {"profile": profile, "seconds": round(seconds, 1),
+                      "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(chapters, indent=1))
+
+
+def write_generated_pages(profile: str, results_dir: Path, book_dir: Path) -> None:
+    """The claims scoreboard (first page) and the reproducibility page's tables, from the chapters' datasets and
+    run files under `results_dir`."""
+    from mtlcore.analysis import claims
+
+    folder = Path(book_dir) / "_generated"
+    folder.mkdir(parents=True, exist_ok=True)
+    board = claims.scoreboard(results_dir, NOTEBOOKS)
+    (folder / "scoreboard.md").write_text(claims.scoreboard_markdown(board) + "\n")
+    (folder / "provenance.md").write_text(provenance_markdown(profile, results_dir, book_dir))
+
+
+def provenance_markdown(profile: str, results_dir: Path, book_dir: Path) -> str:
+    """Profile, commit, versions, each chapter's runtime, the run files and the data files' digests: no machine path."""
+    import numpy
+    import torch
+    import xarray as xr
+
+    from mtlcore import __version__
+    from mtlcore.training.config import RESULTS_VERSION
+
+    chapters_path = Path(book_dir) / "_generated" / "chapters.json"
+    chapters = json.loads(chapters_path.read_text()) if chapters_path.is_file() else {}
+    runs = sorted((Path(results_dir) / "runs").glob("*.nc"))
+    files, statuses, seconds = {}, {}, 0.0
+    for path in runs:
+        with xr.open_dataset(path, engine="h5netcdf") as ds:
+            for name, digest in json.loads(ds.attrs.get("data_files", "{}")).items():
+                files.setdefault(name, set()).add(digest)
+            statuses[ds.attrs.get("status")] = statuses.get(ds.attrs.get("status"), 0) + 1
+            seconds += float(ds.attrs.get("wall_seconds", 0.0))
+    lines = [f"- **Profile:** `{profile}`; **commit:** `{git_commit()}`; **results version:** {RESULTS_VERSION}",
+             f"- **Packages:** mtlcore {__version__}, torch {torch.__version__}, numpy {numpy.__version__}, "
+             f"xarray {xr.__version__}, Python {sys.version.split()[0]}",
+             f"- **Runs in the results folder:** {len(runs)} ("
+             + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) + f"), {seconds / 3600:.2f} hours of training "
+             "as their files record", "", "| chapter | profile | ran for | finished |", "|---|---|---:|---|"]
+    for name in NOTEBOOKS:
+        c = chapters.get(name)
+        lines.append(f"| {name} | {c['profile']} | {c['seconds'] / 60:.1f} min | {c['finished']} |" if c else
+                     f"| {name} | not executed in this book | | |")
+    lines += ["", "Data files the runs read (paths under the data root) and their SHA-256 (first 16 hex digits; "
+              "several digests: runs read different versions of the file):", "", "| file | SHA-256 |", "|---|---|"]
+    lines += [f"| `{name}` | {', '.join(f'`{d}`' for d in sorted(digests))} |" for name, digests in sorted(files.items())]
+    return "\n".join(lines) + "\n"
 
 
 @contextlib.contextmanager
@@ -215,27 +302,42 @@ def _follow_runs(notebook: str, show: bool):
 
 
 def missing_chapters(book_dir: Path = PROJECT_ROOT / "book") -> list[str]:
-    """What `mtlcore batch` writes into the book folder and is not there: the executed notebooks and the intro's
-    provenance block."""
-    wanted = [f"{name}.ipynb" for name in NOTEBOOKS] + ["_generated/run_info.md"]
-    return [name for name in wanted if not (Path(book_dir) / name).is_file()]
+    """The executed notebooks that are not in the book folder (what `mtlcore batch` writes there)."""
+    return [f"{name}.ipynb" for name in NOTEBOOKS if not (Path(book_dir) / f"{name}.ipynb").is_file()]
+
+
+PROFILE_ENV = "MTLCORE_PROFILE"
 
 
 def setup(app):
-    """A Sphinx extension (book/_config.yml lists it): `jupyter-book build book` on notebooks that were never
-    executed stops here, saying what to run, instead of failing on a missing table-of-contents entry."""
-    from sphinx.errors import ConfigError as SphinxConfigError
+    """A Sphinx extension (book/_config.yml lists it): `jupyter-book build book` executes, with the profile
+    ``$MTLCORE_PROFILE`` (default `quick`), every chapter that `mtlcore batch` has not executed into the book folder,
+    then renders them all as they are; it also writes the first page's scoreboard and the reproducibility page."""
 
-    def check(app, config):
-        missing = missing_chapters(Path(app.srcdir))
+    def execute_missing(app, config):
+        book_dir = Path(app.srcdir)
+        missing = [name.removesuffix(".ipynb") for name in missing_chapters(book_dir)]
+        built = _built_profile(book_dir)
+        profile = (os.environ.get(PROFILE_ENV) or built if missing else built or os.environ.get(PROFILE_ENV)) or "quick"
         if missing:
-            raise SphinxConfigError(
-                f"the book has not been executed yet (missing in {app.srcdir}: {', '.join(missing)}). Run "
-                "`mtlcore batch --profile quick` (or `make book`, which also renders it) first: it executes the "
-                "section notebooks into book/.")
+            log.warning("executing the chapters not executed yet (%s) with profile %r", ", ".join(missing), profile)
+            run_batch(profile, notebooks=missing, book_dir=book_dir)  # also writes the generated pages
+        else:
+            if not (book_dir / "_generated" / "run_info.md").is_file():
+                write_run_info(profile, profile_parameters(profile), "", book_dir)
+            write_generated_pages(profile, (PROJECT_ROOT / "results" / profile).resolve(), book_dir)
 
-    app.connect("config-inited", check)
+    app.connect("config-inited", execute_missing)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
+def _built_profile(book_dir: Path) -> str | None:
+    """The profile of the chapters already in the book (from `_generated/chapters.json`), if any."""
+    path = Path(book_dir) / "_generated" / "chapters.json"
+    if not path.is_file():
+        return None
+    profiles_seen = {c["profile"] for c in json.loads(path.read_text()).values()}
+    return profiles_seen.pop() if len(profiles_seen) == 1 else None
 
 
 def write_run_info(profile: str, parameters: dict[str, dict], data_root: str, book_dir: Path) -> Path:
@@ -249,7 +351,8 @@ def write_run_info(profile: str, parameters: dict[str, dict], data_root: str, bo
         f"- **Commit:** `{git_commit()}`",
         f"- **Built:** {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} with mtlcore {__version__}, "
         f"torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}",
-        f"- **Data root:** `{data_root}`",
+        "- **Data root:** the folder given by `--data-root` or `$MTLCORE_DATA_DIR` (not shown: a path of the "
+        "building machine); the files read and their digests are on the reproducibility page",
         "",
         "| notebook | setting | data per task (train / val / test) | seeds | epochs | optimizer | lr | batch |",
         "|---|---|---|---|---|---|---|---|",
@@ -280,3 +383,38 @@ def write_run_info(profile: str, parameters: dict[str, dict], data_root: str, bo
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
+
+
+# A folder of a machine, as it would show in a page (not in a URL: no ':', '/' or word character before it).
+MACHINE_PATH = re.compile(r"(?<![\w:/.%-])/(?:home|root|tmp|Users|mnt|work|private|var|opt|scratch|data)/[\w.-]+")
+
+
+def check_rendered(html_dir: Path, forbidden: list[str] = ()) -> list[str]:
+    """What a reader must not meet in the rendered book: a machine path (`MACHINE_PATH`, or one of `forbidden`), a
+    chapter figure without its numbered caption, a claim missing from the first page's scoreboard. Returns the
+    problems (empty: the book passes)."""
+    import html as html_module
+
+    from mtlcore.analysis.claims import CLAIMS
+
+    html_dir = Path(html_dir)
+    problems = []
+    pages = sorted(html_dir.glob("*.html"))
+    if not pages:
+        return [f"no rendered page in {html_dir}"]
+    for page in pages:
+        text = page.read_text(errors="replace")
+        body = text[text.find("<main"):] if "<main" in text else text
+        for path in sorted({*MACHINE_PATH.findall(body), *(p for p in forbidden if p and p in body)}):
+            problems.append(f"{page.name}: shows the machine path {path}")
+        if page.stem in NOTEBOOKS:
+            images = [m.start() for m in re.finditer(r"<img ", body)]
+            for n, start in enumerate(images):
+                end = images[n + 1] if n + 1 < len(images) else len(body)
+                if not re.search(r"<strong>Figure [^<]+</strong>", body[start:end]):
+                    problems.append(f"{page.name}: figure {n + 1} of {len(images)} has no numbered caption "
+                                    "(plots.publish)")
+    index = html_dir / "index.html"
+    shown = html_module.unescape(re.sub(r"<[^>]+>", "", index.read_text())) if index.is_file() else ""
+    problems += [f"index.html: the scoreboard lacks the claim {c.id!r}" for c in CLAIMS if c.text not in shown]
+    return problems

@@ -57,6 +57,21 @@ def _sweep(args) -> int:
     return 0
 
 
+def _check_book(args) -> int:
+    import os
+
+    from mtlcore.book import PROJECT_ROOT, check_rendered
+    from mtlcore.settings import data_root
+
+    forbidden = [str(PROJECT_ROOT), str(Path.home()), str(data_root(args.data_root)),
+                 os.environ.get("MTLCORE_DATA_DIR", "")]
+    problems = check_rendered(Path(args.html_dir), [p for p in forbidden if len(p) > 1])
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"{args.html_dir}: {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
 def _job_script(args) -> int:
     from mtlcore.training.executor import job_script
 
@@ -117,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--claim-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="take over a run another process claimed but has not refreshed for this long (default 600)")
     p.set_defaults(func=_sweep)
+    p = sub.add_parser("check-book", help="check a rendered book: no machine path, captioned figures, every claim")
+    p.add_argument("html_dir", nargs="?", default="book/_build/html")
+    p.add_argument("--data-root", default=None)
+    p.set_defaults(func=_check_book)
     p = sub.add_parser("job-script", help="print the batch job a slurm:/pbs: executor submits for each worker")
     p.add_argument("executor", help="slurm:FILE or pbs:FILE (a YAML file of cluster settings)")
     p.set_defaults(func=_job_script)

@@ -43,9 +43,10 @@ metrics = {}
 selection = {}  # e.g. {"grid": {"lr": [0.01, 0.001]}, "seeds": [0]}: choose those values on validation first
 studies = []  # the other settings: one mapping each (see mtlcore.analysis.studies)
 device = "auto"
-executor = ""  # where runs train: "" = what `mtlcore batch --executor` chose (else sequential)
+# where runs train; empty: what mtlcore batch was given (--executor), else sequential
+executor = ""
 
-# %%
+# %% tags=["hide-input"]
 import json
 import logging
 from pathlib import Path
@@ -54,6 +55,7 @@ import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
 from mtlcore import settings
+from mtlcore.analysis import claims as paper_claims
 from mtlcore.analysis import comparisons, plots, sections
 from mtlcore.analysis import studies as other_settings
 from mtlcore.training import selection as validation_selection
@@ -75,7 +77,7 @@ study_specs = [other_settings.Study.from_dict(spec) for spec in studies]  # chec
 # seeds for every configuration below, each (configuration, task, seed) ranks the points by its best
 # validation score, and the point with the lowest mean rank is used for everything that follows.
 
-# %% tags=["remove-stderr"]
+# %% tags=["remove-stderr", "hide-input"]
 if selection:
     chosen = validation_selection.select(base, selection, task_sets, results_dir, data_root=data_root or None,
                                          executor=executor)
@@ -88,7 +90,7 @@ else:
 configs = grid(base, tasks=task_sets, seed=seeds)
 print(f"{len(configs)} runs: {len(task_sets)} configurations x {len(seeds)} seeds")
 
-# %% tags=["remove-stderr"]
+# %% tags=["remove-stderr", "hide-input"]
 runs = load_runs(configs, results_dir, data_root=data_root or None, executor=executor)
 runs = comparisons.label_configurations(runs, target, names)
 print("diverged runs (left out of every summary):", diverged_runs(runs) or "none")
@@ -100,7 +102,7 @@ print("diverged runs (left out of every summary):", diverged_runs(runs) or "none
 # band of ±2 standard deviations over seeds. Left: the whole trajectory; right: the same curves over the
 # second half of training, where the configurations separate.
 
-# %%
+# %% tags=["hide-input"]
 target_runs = runs.sel(task=target)
 order = ["STL"] + [comparisons.configuration_label([target, p], target, names) for p in partners]
 target_name = names.get(target, target)
@@ -110,7 +112,9 @@ for ax, options in ((ax_all, {"title": f"{setting_name} ({profile} profile): {ta
                     (ax_late, {"legend": False, "zoom_last": 0.5, "title": "second half of training (zoom)"})):
     plots.generalization_vs_loss(target_runs, group="configuration", order=order, ax=ax,
                                  ylabel=f"{target_name} test {score_name}", **options)
-plt.show()
+plots.publish(fig, "Figure 1 (paper A)", f"{target_name}'s test {score_name} against its training loss, trained alone "
+              f"(STL) and with each partner (MTL), mean ± 2 std over {len(seeds)} seeds; the loss axis decreases to the "
+              "right, and the right panel zooms on the second half of training.", results_dir, "sec3-figure1")
 
 # %% [markdown]
 # ## Final transfer
@@ -119,7 +123,7 @@ plt.show()
 # of STL, signed so that a positive Δ is better (for a lower-is-better score, STL − MTL); significant
 # when the ±2 std intervals do not overlap.
 
-# %%
+# %% tags=["hide-input"]
 summary = comparisons.generalization(target_runs["val_score"], target_runs["test_score"], k=10)
 table = comparisons.transfer_table(summary, target_runs["configuration"], reference="STL")
 display(table.style.format(precision=4))
@@ -132,13 +136,17 @@ display(table.style.format(precision=4))
 # and a straight line across that jump is no trajectory.
 # "× final" is how far the level lies above the STL run's final training loss.
 
-# %%
+# %% tags=["hide-input"]
 gaps = comparisons.gaps_at_loss(target_runs["train_loss"], target_runs["test_score"], target_runs["configuration"],
                                 reference="STL", n_levels=6)
 shown = gaps.assign(cell=[f"{d:+.4f}" + (" ✱" if s else "") for d, s in zip(gaps["delta"], gaps["significant"])])
 shown = shown.pivot_table(index=["loss_level", "x_final", "reference"], columns="configuration", values="cell", aggfunc="first")
-display(Markdown("Δ test score against STL at each common training loss (positive: better; ✱: significant, ±2 std)."))
-display(shown.sort_index(ascending=False))
+if len(gaps):
+    display(Markdown("Δ test score against STL at each common training loss (positive: better; ✱: significant, ±2 std)."))
+    display(shown.sort_index(ascending=False))
+else:
+    display(Markdown(f"No gap at comparable loss can be read here: after their first epoch the trajectories share no "
+                     f"training-loss range (runs of {epochs} epoch{'s' if epochs != 1 else ''}). Train more epochs."))
 
 # %% [markdown]
 # ## Does the paper's finding hold in this run?
@@ -162,7 +170,7 @@ statuses = [other_settings.prepare(study, data_root or None, results_dir) for st
 display(Markdown(other_settings.overview_markdown(  # with the files to get for each study that lacked them
     statuses, fashion_mtl=f"ran on the real data: {names.get(target, target)} with each partner (above)")))
 
-# %% tags=["remove-stderr"]
+# %% tags=["remove-stderr", "hide-input"]
 study_tables = {}
 for status in [s for s in statuses if s.ran]:
     study = status.study
@@ -178,24 +186,31 @@ for status in [s for s in statuses if s.ran]:
     display(Markdown("Generalization (mean ± std over seeds; rates in points), Δ = MTL − STL (positive: better; "
                      "✱ significant, ±2 std), and paper A's Δ (Table 1) where it gives one and the run used the real data."))
     display(shown)
-    plots.transfer_by_task(study_table, list(shown.index), other_settings.display_scale(study, study_table.index),
-                           title=f"{study.display_name} ({profile} profile): transfer to each task")
-    plt.show()
+    figure = plots.transfer_by_task(study_table, list(shown.index), other_settings.display_scale(study, study_table.index),
+                                    title=f"{study.display_name} ({profile} profile): transfer to each task")
+    plots.publish(figure, f"Figure §3.{study.setting}.a (Table 1 of paper A, drawn)",
+                  f"{study.display_name}: Δ generalization (MTL − STL, positive: better) of each task, whiskers "
+                  "2(σ_MTL + σ_STL), which cross zero exactly when Δ is not significant; diamonds: paper A's Δ.",
+                  results_dir, f"sec3-{study.setting}-delta")
     drawn = other_settings.curve_targets(study_table)
     display(Markdown(f"Test score against training loss, STL and MTL (mean ± 2 std over seeds), of "
                      f"{'every target' if len(drawn) == len(study.targets) else f'{len(drawn)} targets (significant transfer first)'}."))
     study_names = settings.get(study.setting).display_names
-    plots.generalization_grid([(study_names.get(t, t), other_settings.target_runs(study_runs, study, t)) for t in drawn],
-                              group="configuration", order=["STL", "MTL"],
-                              title=f"{study.display_name} ({profile} profile): generalization against training loss")
-    plt.show()
+    figure = plots.generalization_grid(
+        [(study_names.get(t, t), other_settings.target_runs(study_runs, study, t)) for t in drawn],
+        group="configuration", order=["STL", "MTL"],
+        title=f"{study.display_name} ({profile} profile): generalization against training loss")
+    plots.publish(figure, f"Figure §3.{study.setting}.b (Figure 1 of paper A, for {study.display_name})",
+                  "Test score against training loss of each target, STL and MTL, mean ± 2 std over seeds.",
+                  results_dir, f"sec3-{study.setting}-curves")
 
 # %% tags=["hide-input"]
 analysis_ds = comparisons.analysis_dataset(
     summary, target_runs["configuration"], table, gaps,
     attrs={"profile": profile, "target": target, "seeds": str(seeds), "runs": ",".join(map(str, runs["run"].values)),
            "expected": json.dumps(expected), "finding": finding.answer,
-           "other_settings": json.dumps({s.study.setting: s.reason.split(chr(10))[0] for s in statuses})})
+           "other_settings": json.dumps({s.study.setting: s.reason.split(chr(10))[0] for s in statuses}),
+           **paper_claims.claims_attr(paper_claims.transfer_claims(finding))})
 for status in [s for s in statuses if s.ran]:
     analysis_ds = analysis_ds.merge(other_settings.table_dataset(study_tables[status.study.setting], status.study))
 save_atomic(analysis_ds, results_dir / "sec3_transfer.nc")

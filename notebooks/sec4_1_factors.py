@@ -39,9 +39,10 @@ metrics = {"factors": ["sharpness", "fisher_trace", "coherence"], "examples": 51
 selection = {}  # e.g. {"grid": {"lr": [0.01, 0.001]}, "seeds": [0]}: choose those values on validation first
 studies = []  # the other settings: one mapping each (see mtlcore.analysis.studies)
 device = "auto"
-executor = ""  # where runs train: "" = what `mtlcore batch --executor` chose (else sequential)
+# where runs train; empty: what mtlcore batch was given (--executor), else sequential
+executor = ""
 
-# %%
+# %% tags=["hide-input"]
 import json
 import logging
 from pathlib import Path
@@ -49,6 +50,7 @@ from pathlib import Path
 from IPython.display import Markdown, display
 
 from mtlcore import settings
+from mtlcore.analysis import claims as paper_claims
 from mtlcore.analysis import comparisons, plots, sections
 from mtlcore.analysis import studies as other_settings
 from mtlcore.training import selection as validation_selection
@@ -71,7 +73,7 @@ configs = grid(base, tasks=task_sets, seed=seeds)
 print(f"{len(configs)} runs; factors {metrics['factors']} on the first {metrics.get('examples', 2048)} "
       f"training examples, every {metrics.get('every', 1)} epoch(s)")
 
-# %% tags=["remove-stderr"]
+# %% tags=["remove-stderr", "hide-input"]
 runs = load_runs(configs, results_dir, data_root=data_root or None, executor=executor)
 runs = comparisons.label_configurations(runs, target, names)
 print("diverged runs (left out of every summary):", diverged_runs(runs) or "none")
@@ -82,10 +84,13 @@ order = ["STL"] + [comparisons.configuration_label([target, p], target, names) f
 # ## Figure 3: each factor of the target task against its training loss
 # Mean ± 2 std over seeds at every measured epoch; the loss axis decreases to the right.
 
-# %%
+# %% tags=["hide-input"]
 variables = comparisons.table1_variables(metrics["factors"])  # coherence: the gradient-covariance trace
 fig = plots.factors_vs_loss(target_runs, variables, group="configuration", order=order,
                             title=f"{setting_name} ({profile} profile): factors of {names.get(target, target)}")
+plots.publish(fig, "Figure 3 (paper A)", f"The factors of {names.get(target, target)}'s trajectory against its training "
+              "loss, STL and each MTL pair, mean ± 2 std over seeds at every measured epoch.", results_dir,
+              "sec4_1-figure3")
 
 # %% [markdown]
 # ## Table 1: Δ = MTL − STL
@@ -96,7 +101,7 @@ fig = plots.factors_vs_loss(target_runs, variables, group="configuration", order
 # of generalization is signed so that positive is better; the factors' Δ is MTL − STL (lower is better).
 # ✱ marks a significant Δ (the ±2 std intervals over seeds do not overlap).
 
-# %%
+# %% tags=["hide-input"]
 summaries = comparisons.trajectory_summaries(target_runs)
 quantities = ["generalization"] + variables
 table = comparisons.delta_table(summaries[quantities], target_runs["configuration"])
@@ -131,7 +136,7 @@ statuses = [other_settings.prepare(study, data_root or None, results_dir) for st
 display(Markdown(other_settings.overview_markdown(  # with the files to get for each study that lacked them
     statuses, fashion_mtl=f"ran on the real data: {names.get(target, target)} with each partner (above)")))
 
-# %% tags=["remove-stderr"]
+# %% tags=["remove-stderr", "hide-input"]
 study_tables, study_findings = {}, {}
 for status in [s for s in statuses if s.ran]:
     study = status.study
@@ -155,7 +160,8 @@ analysis_ds = analysis_ds.merge(comparisons.table_dataset(table, "table1"))
 analysis_ds.attrs.update(profile=profile, target=target, seeds=str(seeds), factors=",".join(metrics["factors"]),
                          expected=json.dumps(expected), finding=finding.answer,
                          other_settings=json.dumps({s.study.setting: s.reason.split(chr(10))[0] for s in statuses}),
-                         other_findings=json.dumps({name: f.answer for name, f in study_findings.items()}))
+                         other_findings=json.dumps({name: f.answer for name, f in study_findings.items()}),
+                         **paper_claims.claims_attr([paper_claims.finding_claim("A4.1-factors", finding)]))
 for status in [s for s in statuses if s.ran]:
     analysis_ds = analysis_ds.merge(other_settings.table_dataset(study_tables[status.study.setting], status.study))
 save_atomic(analysis_ds, results_dir / "sec4_1_factors.nc")

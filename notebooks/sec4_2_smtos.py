@@ -40,9 +40,10 @@ metrics = {"factors": ["sharpness", "fisher_trace", "coherence"], "examples": 51
 selection = {}  # as in §3 (with its `task_sets`), so that the uniform runs are §3's
 studies = []  # the other settings (see mtlcore.analysis.studies): all their tasks under each aggregator
 device = "auto"
-executor = ""  # where runs train: "" = what `mtlcore batch --executor` chose (else sequential)
+# where runs train; empty: what mtlcore batch was given (--executor), else sequential
+executor = ""
 
-# %%
+# %% tags=["hide-input"]
 import json
 import logging
 from pathlib import Path
@@ -52,6 +53,7 @@ import xarray as xr
 from IPython.display import Markdown, display
 
 from mtlcore import settings
+from mtlcore.analysis import claims as paper_claims
 from mtlcore.analysis import comparisons, plots, sections
 from mtlcore.analysis import studies as other_settings
 from mtlcore.training import selection as validation_selection
@@ -72,7 +74,7 @@ configs = grid(base, tasks=[[target, p] for p in partners], aggregator=["uniform
 study_specs = [other_settings.Study.from_dict(spec) for spec in studies]  # checked before anything trains
 print(f"{len(configs)} runs: {len(partners)} task pairs x {1 + len(aggregators)} aggregators x {len(seeds)} seeds")
 
-# %% tags=["remove-stderr"]
+# %% tags=["remove-stderr", "hide-input"]
 runs = load_runs(configs, results_dir, data_root=data_root or None, executor=executor)
 runs = comparisons.label_configurations(runs, target, names)
 print("diverged runs (left out of every summary):", diverged_runs(runs) or "none")
@@ -81,7 +83,7 @@ print("diverged runs (left out of every summary):", diverged_runs(runs) or "none
 # ## Generalization of each task under each aggregator
 # Mean test score of the 10 best-validation checkpoints, mean ± std over seeds.
 
-# %%
+# %% tags=["hide-input"]
 summaries = comparisons.trajectory_summaries(runs)
 labels = pd.DataFrame({"run": runs["run"].values, "pair": runs["configuration"].values, "aggregator": runs["aggregator"].values})
 frame = summaries["generalization"].reset_coords(drop=True).to_dataframe().reset_index().merge(labels, on="run")
@@ -93,7 +95,7 @@ display(pivot.style.format(precision=4))
 # One point per (task pair or other setting, task, SMTO); filled when the generalization change is significant. The %Δ
 # of generalization is signed so that positive is better.
 
-# %% tags=["remove-stderr"]
+# %% tags=["remove-stderr", "hide-input"]
 changes = comparisons.smto_changes(summaries, runs["aggregator"], runs["configuration"])
 # The paper's other settings that this profile ran: all their tasks together under each aggregator.
 statuses = [other_settings.prepare(study, data_root or None, results_dir) for study in study_specs]
@@ -111,11 +113,15 @@ finding = sections.quadrant_finding(changes, list(comparisons.FACTOR_SUMMARIES),
                                     context=f"in this run ({profile} profile, {len(seeds)} seeds)")
 factors = [agreement.factor for agreement in finding.agreements if agreement.measured]
 fig = plots.quadrant_plot(changes, factors, title=f"{profile} profile: SMTOs vs the uniform gradient")
+plots.publish(fig, "Figure 4 (paper A)", "%Δ of each factor (x; lower is better) against %Δ generalization (y; "
+              "positive is better) of each SMTO over the uniform gradient, one point per (task pair or setting, task, "
+              "SMTO); filled: the generalization change is significant. Shaded: the quadrants where optimization and "
+              "generalization agree.", results_dir, "sec4_2-figure4")
 
 # %% [markdown]
 # The points of the figure (%Δ; `significant`: the generalization change passes the ±2 std test).
 
-# %%
+# %% tags=["hide-input"]
 display(changes.style.format(precision=2))
 
 # %% [markdown]
@@ -128,6 +134,7 @@ display(Markdown(finding.text))
 analysis_ds = changes.assign(significant=changes["significant"].astype(int)).to_xarray().rename(index="point")
 analysis_ds.attrs.update(profile=profile, target=target, seeds=str(seeds), aggregators=",".join(aggregators),
                          expected=json.dumps(expected), finding=finding.answer,
-                         other_settings=json.dumps({s.study.setting: s.reason.split(chr(10))[0] for s in statuses}))
+                         other_settings=json.dumps({s.study.setting: s.reason.split(chr(10))[0] for s in statuses}),
+                         **paper_claims.claims_attr([paper_claims.finding_claim("A4.2-smtos", finding)]))
 save_atomic(analysis_ds, results_dir / "sec4_2_smtos.nc")
 print("analysis written to sec4_2_smtos.nc in the results folder")

@@ -156,15 +156,50 @@ def test_cli_data_lists_the_settings(capsys):
     assert "unknown setting 'cifar'; valid settings: ['celeba', 'cifar100'," in capsys.readouterr().err
 
 
-def test_an_unexecuted_book_names_what_is_missing(tmp_path):
-    """The Sphinx hook behind `jupyter-book build book` stops on this list (a fresh clone has every entry)."""
-    from mtlcore.book import missing_chapters
+def test_jupyter_book_executes_the_chapters_batch_did_not(tmp_path, monkeypatch):
+    """The Sphinx hook behind `jupyter-book build book`: the missing chapters, with $MTLCORE_PROFILE or quick."""
+    from types import SimpleNamespace
 
-    assert missing_chapters(tmp_path) == [f"{n}.ipynb" for n in NOTEBOOKS] + ["_generated/run_info.md"]
-    for name in missing_chapters(tmp_path):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("{}")
-    assert missing_chapters(tmp_path) == []
+    import mtlcore.book as book
+
+    calls, hooks = [], {}
+    monkeypatch.setattr(book, "run_batch", lambda profile, **kw: calls.append((profile, kw["notebooks"])))
+    monkeypatch.setattr(book, "write_generated_pages", lambda *args: calls.append(("pages", args[0])))
+    book.setup(SimpleNamespace(connect=lambda event, f: hooks.setdefault(event, f)))
+    app = SimpleNamespace(srcdir=str(tmp_path))
+    monkeypatch.delenv("MTLCORE_PROFILE", raising=False)
+    hooks["config-inited"](app, None)
+    assert calls == [("quick", list(NOTEBOOKS))]
+    (tmp_path / f"{NOTEBOOKS[0]}.ipynb").write_text("{}")
+    monkeypatch.setenv("MTLCORE_PROFILE", "smoke")
+    hooks["config-inited"](app, None)
+    assert calls[-1] == ("smoke", list(NOTEBOOKS[1:]))
+    for name in NOTEBOOKS:
+        (tmp_path / f"{name}.ipynb").write_text("{}")
+    hooks["config-inited"](app, None)  # nothing to execute: the generated pages only
+    assert calls[-1] == ("pages", "smoke") and book.missing_chapters(tmp_path) == []
+
+
+def test_executed_notebooks_show_no_machine_path(tmp_path):
+    import json
+
+    from mtlcore.book import hide_machine_paths
+
+    cells = [{"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "outputs": [],
+              "source": 'results_dir = "/home/me/mtl/results/quick"\ndata_root = "/data/sets"\n'},
+             {"cell_type": "code", "metadata": {}, "source": "print(1)",
+              "outputs": [{"output_type": "stream", "text": ["written to /home/me/mtl/results/quick/a.nc\n"]},
+                          {"output_type": "display_data", "data": {"text/markdown": "files under /data/sets/x"}}]}]
+    path = tmp_path / "n.ipynb"
+    path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    hide_machine_paths(path, {"/home/me/mtl/results/quick": "<results folder>", "/data/sets": "<data root>"})
+    text = path.read_text()
+    assert "/home/me" not in text and "/data/sets" not in text
+    out = json.loads(text)["cells"]
+    assert out[0]["metadata"]["tags"] == ["injected-parameters", "hide-cell"]
+    assert out[0]["source"] == 'results_dir = "<results folder>"\ndata_root = "<data root>"\n'
+    assert out[1]["outputs"][0]["text"] == "written to <results folder>/a.nc\n"
+    assert out[1]["outputs"][1]["data"]["text/markdown"] == "files under <data root>/x"
 
 
 def test_a_misspelled_profile_key_is_an_error_naming_the_valid_ones(tmp_path):
@@ -204,3 +239,22 @@ def test_an_interrupted_batch_leaves_no_notebook_that_reads_as_complete(tmp_path
     assert run_batch("smoke", notebooks=["sec3_transfer"], book_dir=tmp_path, results_root=tmp_path / "results",
                      progress=False) == [tmp_path / "sec3_transfer.ipynb"]
     assert (tmp_path / "sec3_transfer.ipynb").is_file()
+
+
+def test_the_rendered_book_check_finds_paths_uncaptioned_figures_and_missing_claims(tmp_path):
+    from mtlcore.analysis.claims import CLAIMS
+    from mtlcore.book import check_rendered
+
+    chapter = NOTEBOOKS[0]
+    claims_html = "".join(f"<td>{c.text}</td>" for c in CLAIMS)
+    (tmp_path / "index.html").write_text(f"<main><table>{claims_html}</table></main>")
+    (tmp_path / f"{chapter}.html").write_text(
+        '<main><img src="a.png"><p><strong>Figure 1 (paper A).</strong> A caption.</p>'
+        '<a href="https://example.org/home/page">link</a><img src="b.png"><p>no caption</p></main>')
+    problems = check_rendered(tmp_path)
+    assert problems == [f"{chapter}.html: figure 2 of 2 has no numbered caption (plots.publish)"]
+    (tmp_path / "index.html").write_text(f"<main>{claims_html[:-200]} written to /home/ana/results/x.nc "
+                                         "and /srv/build/data</main>")
+    problems = check_rendered(tmp_path, ["/srv/build"])
+    assert "index.html: shows the machine path /home/ana" in problems and "index.html: shows the machine path /srv/build" in problems
+    assert f"index.html: the scoreboard lacks the claim {CLAIMS[-1].id!r}" in problems

@@ -149,3 +149,35 @@ def test_a_sweep_summary_counts_cached_trained_and_diverged_runs(fake_data_root,
     summary = capsys.readouterr().err.strip().splitlines()[-1]
     assert summary == "2 runs: 1 on disk, 1 trained, 1 diverged (kept, status 'diverged'), 0 failed", summary
     assert np.isnan(load_run(ensure_runs([diverging], tmp_path, progress=False)[0])["train_loss"].values[-1])
+
+
+def test_a_run_records_its_data_files_and_retrains_when_one_changed(fake_data_root, tmp_path, caplog):
+    import hashlib
+    import shutil
+
+    from conftest import write_fake_mnist_folder
+
+    root = tmp_path / "data"
+    shutil.copytree(fake_data_root, root)
+    first, second = config(epochs=1), config(("fashion1", "notmnist"), epochs=1)
+    paths = ensure_runs([first, second], tmp_path / "results", data_root=root, progress=False)
+    for path in paths:  # the second load comes from the readers' cache, and still names its files
+        recorded = json.loads(load_run(path).attrs["data_files"])
+        fashion = sorted(n for n in recorded if n.startswith("fashion-mnist/"))
+        assert len(fashion) == 4 and all(n.endswith(".gz") for n in fashion), recorded
+        for name, digest in recorded.items():
+            assert digest == hashlib.sha256((root / name).read_bytes()).hexdigest()[:16]
+    assert any(n.startswith("notmnist/") for n in json.loads(load_run(paths[1]).attrs["data_files"]))
+    before = load_run(paths[0])
+
+    write_fake_mnist_folder(root / "fashion-mnist", 1200, 400, seed=7)  # the same files, other images
+    caplog.set_level("WARNING")
+    again = ensure_runs([first], tmp_path / "results", data_root=root, progress=False)
+    assert "was trained on other data: fashion-mnist/" in caplog.text
+    assert len(list((tmp_path / "results" / "runs").glob(f"{paths[0].name}.stale-*"))) == 1
+    retrained = load_run(again[0])
+    assert retrained.attrs["data_files"] != before.attrs["data_files"]
+    assert not np.array_equal(retrained["train_loss"].values, before["train_loss"].values)
+    caplog.clear()
+    ensure_runs([first], tmp_path / "results", data_root=root, progress=False)  # unchanged since: reused
+    assert "trained on other data" not in caplog.text

@@ -122,7 +122,7 @@ def test_quadrant_plot_points_colours_and_shading():
     assert not {mcolors.to_hex("tab:green"), mcolors.to_hex("tab:red")} & set(edges)  # those are the shading
     filled = [p.get_facecolor().shape[0] > 0 and p.get_facecolor()[0][3] > 0 for p in points]
     assert filled == [True, False, True, False]
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]  # below the grid of panels
     assert legend == ["mgda", "pcgrad", "fashion1 (fashion1+fashion2)", "fashion2 (fashion1+fashion2)",
                       "fashion1 (fashion1+noisy_fashion)", "noisy_fashion (fashion1+noisy_fashion)"]
     shades = [c for c in ax.collections if isinstance(c, PolyCollection)]
@@ -136,3 +136,28 @@ def test_ylabel_defaults_to_the_long_name():
     assert plots.generalization_vs_loss(runs, group="configuration").axes[0].get_ylabel() == "test depth error"
     del runs["test_score"].attrs["long_name"]
     assert plots.generalization_vs_loss(runs, group="configuration").axes[0].get_ylabel() == "test score"
+
+
+def test_quadrant_plot_lays_four_factors_out_two_by_two():
+    import pandas as pd
+
+    factors = ["sharpness", "fisher_trace", "grad_cov_trace", "min_train_loss"]
+    changes = pd.DataFrame({"group": ["p"], "task": ["t"], "aggregator": ["mgda"], "significant": [True],
+                            "generalization": [1.0], **{f: [1.0] for f in factors}})
+    fig = plots.quadrant_plot(changes, factors)
+    boxes = [ax.get_position() for ax in fig.axes if ax.get_visible()]
+    assert len(boxes) == 4 and len({round(b.x0, 3) for b in boxes}) == 2 and len({round(b.y0, 3) for b in boxes}) == 2
+
+
+def test_publish_saves_the_figure_and_shows_its_caption(tmp_path, monkeypatch):
+    import IPython.display
+    import matplotlib.pyplot as plt
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    paths = plots.publish(fig, "Figure 1 (paper A)", "A line.", tmp_path, "sec3-figure1")
+    assert paths["svg"].read_text().lstrip().startswith("<?xml") and paths["png"].read_bytes()[:4] == b"\x89PNG"
+    assert shown[0] is fig and shown[1].data.startswith("**Figure 1 (paper A).** A line.")
+    assert not plt.fignum_exists(fig.number)

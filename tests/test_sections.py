@@ -35,7 +35,7 @@ TABLE = _transfer_table({"MTL: P": (0.05, True), "MTL: N": (-0.04, True), "MTL: 
 GAPS = _gaps([
     ("MTL: P", 500.0, 0.01, False), ("MTL: P", 50.0, 0.03, True), ("MTL: P", 5.0, 0.04, True),
     ("MTL: N", 100.0, 0.02, True), ("MTL: N", 10.0, -0.01, False), ("MTL: N", 1.5, -0.03, True),
-    ("MTL: weak", 50.0, 0.02, True),
+    ("MTL: weak", 50.0, 0.02, True), ("MTL: E", 50.0, -0.01, False),
 ])
 
 
@@ -70,6 +70,12 @@ def test_either_sign_and_no_expectation_are_not_checked():
     assert sections.transfer_verdict(TABLE, GAPS, "MTL: E").as_expected is None
     missing = sections.transfer_verdict(TABLE, GAPS, "MTL: nan", "positive")
     assert missing.direction == "none" and missing.as_expected is False and "no transfer measured" in missing.text
+
+
+def test_runs_too_short_for_a_common_loss_range_say_so():
+    verdict = sections.transfer_verdict(TABLE, GAPS.iloc[:0], "MTL: P", "positive")
+    assert verdict.earliest_x_final is None and verdict.same_sign_levels == 0
+    assert "not measured: the trajectories share no training-loss range after their first epoch" in verdict.text
 
 
 def test_transfer_verdict_refuses_bad_input():

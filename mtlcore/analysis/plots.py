@@ -6,19 +6,38 @@ import itertools
 import math
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-PALETTE = {"STL": "tab:blue"}
-CYCLE = ["tab:green", "tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
+# One colour per configuration in every chapter and figure; other labels take the cycle's colours in order.
+PALETTE = {"STL": "tab:blue", "MTL": "tab:orange", "MTL: Fashion2": "tab:green", "MTL: NoisyFashion": "tab:red",
+           "MTL: NotMNIST": "tab:purple", "uniform": "tab:gray"}
+CYCLE = ["tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:green", "tab:red", "tab:orange", "tab:purple"]
 
 
 def colors_for(labels: Sequence[str]) -> dict[str, str]:
-    others = iter(CYCLE)
+    others = itertools.cycle(CYCLE)
     return {label: PALETTE.get(label) or next(others) for label in labels}
+
+
+def publish(fig: plt.Figure, label: str, caption: str, folder: str | Path, name: str) -> dict[str, Path]:
+    """Show `fig` in a notebook with its caption ("**`label`.** `caption`"), and save it as `folder/figures/<name>.svg`
+    and `.png` (150 dpi) for slides and papers; returns the paths. Closes the figure."""
+    from IPython.display import Markdown, display
+
+    out = Path(folder) / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"svg": out / f"{name}.svg", "png": out / f"{name}.png"}
+    fig.savefig(paths["svg"], bbox_inches="tight")
+    fig.savefig(paths["png"], dpi=150, bbox_inches="tight")
+    display(fig)
+    plt.close(fig)
+    display(Markdown(f"**{label}.** {caption} (Saved as `figures/{name}.svg` and `.png` in the results folder.)"))
+    return paths
 
 
 def seed_band(loss: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -152,7 +171,12 @@ def quadrant_plot(changes, factors: Sequence[str], title: str = "") -> plt.Figur
     (better optimisation and better generalization; worse and worse) are top-left and bottom-right.
     Marker: the SMTO; colour: the task, and with several groups (task pairs) in `changes` the (group, task).
     Filled markers: the change in generalization is significant (±2 std)."""
-    fig, axes = plt.subplots(1, len(factors), figsize=(4.0 * len(factors), 3.8), squeeze=False)
+    columns = min(2, len(factors))  # a grid two panels wide: legible at a book's page width
+    rows = math.ceil(len(factors) / columns)
+    fig, grid_axes = plt.subplots(rows, columns, figsize=(5.6 * columns, 4.6 * rows), squeeze=False)
+    for ax in grid_axes.flat[len(factors):]:
+        ax.set_visible(False)
+    axes = [list(grid_axes.flat[:len(factors)])]
     methods = list(dict.fromkeys(changes["aggregator"]))
     if "group" in changes and changes["group"].nunique() > 1:
         keys = [f"{t} ({g})" for g, t in zip(changes["group"], changes["task"])]
@@ -180,10 +204,11 @@ def quadrant_plot(changes, factors: Sequence[str], title: str = "") -> plt.Figur
         ax.grid(True, alpha=0.3)
     handles = [plt.Line2D([], [], marker=QUADRANT_MARKERS.get(m, "D"), ls="", color="k", mfc="none", label=m) for m in methods]
     handles += [plt.Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in colors.items()]
-    axes[0][-1].legend(handles=handles, frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    fig.legend(handles=handles, frameon=False, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(4, len(handles)))
     return fig
 
 

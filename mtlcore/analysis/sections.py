@@ -81,8 +81,11 @@ def transfer_verdict(table: pd.DataFrame, gaps: pd.DataFrame, configuration: str
     if direction == "none":
         text = f"**{configuration}**: Δ = {delta:+.4f} (no transfer measured)."
     else:
+        compared = (gaps["configuration"] == configuration).any()
         when = (f"already significant at a training loss {earliest:.1f}× above {reference}'s final loss"
-                if earliest is not None else "not significant at any of the common loss levels")
+                if earliest is not None else "not significant at any of the common loss levels" if compared else
+                "not measured: the trajectories share no training-loss range after their first epoch (train more "
+                "epochs to compare them at equal loss)")
         text = (f"**{configuration}**: Δ = {delta:+.4f} ({direction}, {'significant' if significant else 'not significant'}); "
                 f"the gap in the same direction is {when}.")
     if len(opposite):

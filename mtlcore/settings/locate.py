@@ -1,9 +1,11 @@
 """Where data sets live: a parameter, else $MTLCORE_DATA_DIR, else a per-user cache folder."""
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
+import sys
 import zlib
 from pathlib import Path
 
@@ -96,3 +98,109 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(path, "wb") as handle:
         handle.write(header + array.tobytes())
+
+
+# -- which files a run read, and whether they changed since ---------------------------------------------------------
+_READS: list[tuple[Path | None, set[str]]] = []  # (root, files read under it) of each open `recording_reads`
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, for this process
+
+
+def _audit(event: str, args: tuple) -> None:
+    if not _READS or event != "open":
+        return
+    path, mode, flags = args
+    if not isinstance(path, (str, os.PathLike)):  # a file descriptor
+        return
+    if isinstance(mode, str) and any(c in mode for c in "wax+") or mode is None and flags & (os.O_WRONLY | os.O_RDWR):
+        return
+    _note(os.path.abspath(path))
+
+
+def _note(path: str) -> None:
+    for root, files in _READS:
+        if root is None:
+            files.add(path)
+            continue
+        try:
+            files.add(Path(path).relative_to(root).as_posix())
+        except ValueError:  # outside this root
+            pass
+
+
+class recording_reads:
+    """`with recording_reads(root) as files:` collects the files under `root` that Python opens for reading
+    meanwhile (paths relative to `root`; absolute paths for `root=None`), e.g. while a setting loads its data. Data
+    readers cached with `cached_reads` report the files behind a cached result again."""
+
+    _installed = False
+
+    def __init__(self, root: str | os.PathLike | None):
+        self.entry = (None if root is None else Path(os.path.abspath(root)), set())
+
+    def __enter__(self) -> set[str]:
+        if not recording_reads._installed:
+            sys.addaudithook(_audit)  # permanent, and a no-op while nothing records
+            recording_reads._installed = True
+        _READS.append(self.entry)
+        return self.entry[1]
+
+    def __exit__(self, *exc) -> None:
+        _READS.remove(self.entry)
+
+
+def cached_reads(maxsize: int):
+    """`functools.lru_cache` for a data reader that also tells `recording_reads` which files a cached result came
+    from (a cache hit opens none), and reads again when one of those files changed (size or modification time)."""
+    def decorate(func):
+        @functools.lru_cache(maxsize=maxsize)
+        def read(*args, **kwargs):
+            with recording_reads(None) as files:
+                result = func(*args, **kwargs)
+            return result, {path: _stamp(path) for path in files}
+
+        @functools.wraps(func)
+        def reader(*args, **kwargs):
+            result, files = read(*args, **kwargs)
+            if any(_stamp(path) != stamp for path, stamp in files.items()):
+                read.cache_clear()
+                result, files = read(*args, **kwargs)
+            if _READS:
+                for path in files:
+                    _note(path)
+            return result
+
+        reader.cache_clear, reader.cache_info = read.cache_clear, read.cache_info
+        return reader
+    return decorate
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes (first 16 hex digits), computed once per (path, size, mtime) in a process."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()[:16]
+    return _DIGESTS[key]
+
+
+def digests(root: Path, files) -> dict[str, str]:
+    """relative name -> digest of `files` under `root` (the ones that are still there)."""
+    return {name: file_digest(root / name) for name in sorted(files) if (root / name).is_file()}
+
+
+def changed_files(root: Path, recorded: dict[str, str]) -> list[str]:
+    """The recorded files under `root` whose digest differs now (files that are absent are not counted: data moved
+    away, say on a machine that only renders results, cannot be checked)."""
+    return [name for name, digest in recorded.items() if (root / name).is_file() and file_digest(root / name) != digest]

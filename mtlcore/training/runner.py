@@ -151,7 +151,7 @@ def ensure_runs(configs: Iterable[RunConfig], results_dir: str | Path, *, data_r
     retrained, unless `retry_failed`. The end logs a summary: runs on disk, trained, diverged and failed.
     """
     from mtlcore.training.executor import Executor
-    from mtlcore.training.trainer import failure_path, run_path
+    from mtlcore.training.trainer import failure_path, run_path, set_aside_if_stale
 
     chosen = Executor.parse(executor)
     check_results_dir(results_dir)
@@ -167,6 +167,8 @@ def ensure_runs(configs: Iterable[RunConfig], results_dir: str | Path, *, data_r
         log.warning("%d of the %d configs repeat another one (same run hash): each run is trained and counted once",
                     len(configs) - len(unique), len(configs))
     paths = list(unique)
+    for path in paths:  # a run trained on data files that changed since trains again
+        set_aside_if_stale(path, root)
     todo = {p: c for p, c in unique.items() if not p.exists()}
     failed: dict[Path, dict] = {}
     if not retry_failed:

@@ -29,6 +29,7 @@ from mtlcore._seeding import derive_seed, torch_generator
 from mtlcore.metrics.schedule import FactorSchedule
 from mtlcore.metrics.scores import evaluate
 from mtlcore.settings.base import MultiTaskModel, Setting, SettingData, count
+from mtlcore.settings.locate import changed_files, digests, recording_reads
 from mtlcore.training import claims
 from mtlcore.training.claims import first_line
 from mtlcore.training.config import RunConfig
@@ -408,6 +409,7 @@ def run(config: RunConfig | dict, *, data_root: str | Path | None = None, result
         return _train(config, data_root, data, None, progress)
     check_results_dir(results_dir)
     path = run_path(config, results_dir)
+    set_aside_if_stale(path, data_root)
     waiting = False
     while True:
         if path.exists():
@@ -441,18 +443,48 @@ def run(config: RunConfig | dict, *, data_root: str | Path | None = None, result
     return ds
 
 
+def stale_data(path: Path, data_root: str | Path | None) -> list[str]:
+    """The data files (relative to the data root) that changed since the run file `path` was trained on them."""
+    with xr.open_dataset(path, engine="h5netcdf") as ds:
+        recorded = json.loads(ds.attrs.get("data_files", "{}"))
+    return changed_files(settings.data_root(data_root), recorded) if recorded else []
+
+
+def set_aside_if_stale(path: Path, data_root: str | Path | None) -> bool:
+    """A finished run whose data files changed since is renamed `<hash>.nc.stale-<time>` (kept, not reused) with a
+    warning naming the files, so that the run trains again on the current data. True if it was."""
+    if not path.exists():
+        return False
+    changed = stale_data(path, data_root)
+    if not changed:
+        return False
+    aside = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:  # another process set it aside first
+        return True
+    log.warning("run %s was trained on other data: %s changed since (under the data root); the run file is kept as "
+                "%s and the run trains again", path.stem, ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""),
+                aside.name)
+    return True
+
+
 def _train(config: RunConfig, data_root, data: SettingData | None, path: Path | None, progress: bool) -> xr.Dataset:
     device = resolve_device(config.device)
     setting = settings.get(config.setting)
-    if data is None:
-        data = setting.load(config.tasks, config.setting_options, root=data_root)
-    trainer = Trainer(config, setting, data, device, data_root)
+    root = settings.data_root(data_root)
+    with recording_reads(root) as files:  # the data (and model) files the run reads, with their digests
+        if data is None:
+            data = setting.load(config.tasks, config.setting_options, root=data_root)
+        trainer = Trainer(config, setting, data, device, data_root)
     checkpoint = path.with_suffix(".partial.pt") if path is not None else None
+    trainer.ds.attrs["data_files"] = json.dumps(digests(root, files))
     if checkpoint is not None and checkpoint.exists():
         if _resume(trainer, checkpoint):
             log.info("resuming run %s from epoch %d", config.content_hash(), trainer.epoch)
         else:  # a fresh trainer: the failed load may have changed some of its state
             trainer = Trainer(config, setting, data, device, data_root)
+            trainer.ds.attrs["data_files"] = json.dumps(digests(root, files))
     if path is not None:
         log.info("training run %s from epoch %d (host %s, pid %d)", config.content_hash(), trainer.epoch,
                  platform.node(), os.getpid())

@@ -23,7 +23,6 @@ images at 64×64 in 2.5 GB (float32 would take 10 GB).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -39,7 +38,7 @@ from tqdm import tqdm
 
 from mtlcore._seeding import numpy_rng
 from mtlcore.settings.base import SPLITS, Examples, SettingData, single_input_data
-from mtlcore.settings.locate import DataNotFoundError, data_root, default_cache_dir, missing_data_message
+from mtlcore.settings.locate import cached_reads, DataNotFoundError, data_root, default_cache_dir, missing_data_message
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +171,7 @@ def _read_partition(path: Path) -> tuple[list[str], np.ndarray]:
     return names, np.array(codes, dtype=np.int8)
 
 
-@functools.lru_cache(maxsize=4)
+@cached_reads(maxsize=4)
 def _lists(folder: Path, signature: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, str]]:
     """The partition file's image names (in its order), their partition codes, their 0/1 attributes (N×40, in the
     partition's order) and the two files' MD5s. Cached per process; `signature` (sizes, mtimes) renews it."""

@@ -7,7 +7,6 @@ five classes; its validation set is held out from its training images. Every spl
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import pickle
@@ -19,7 +18,7 @@ import torch
 
 from mtlcore._seeding import numpy_rng
 from mtlcore.settings.base import Examples, SettingData
-from mtlcore.settings.locate import DataNotFoundError, data_root, missing_data_message
+from mtlcore.settings.locate import cached_reads, DataNotFoundError, data_root, missing_data_message
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +106,7 @@ def _stat_key(path: Path) -> tuple[Path, int, int]:
     return path, stat.st_mtime_ns, stat.st_size
 
 
-@functools.lru_cache(maxsize=4)
+@cached_reads(maxsize=4)
 def _read_split_cached(path: Path, mtime_ns: int, size: int) -> Split:
     content, md5 = _unpickle(path)
     missing = [k for k in ("data", "fine_labels", "coarse_labels") if k not in content]
@@ -137,7 +136,7 @@ def read_split(path: Path) -> Split:
     return _read_split_cached(*_stat_key(path))
 
 
-@functools.lru_cache(maxsize=4)
+@cached_reads(maxsize=4)
 def _read_meta_cached(path: Path, mtime_ns: int, size: int) -> tuple[list[str], list[str], str]:
     content, md5 = _unpickle(path)
     names = {}

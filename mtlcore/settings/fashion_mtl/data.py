@@ -7,7 +7,6 @@ whichever tasks a run asks for, so STL and MTL runs see the same Fashion1 data.
 """
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 
 from mtlcore._seeding import numpy_rng
 from mtlcore.settings.base import Examples, SettingData
-from mtlcore.settings.locate import DataNotFoundError, data_root, find_files, missing_data_message, read_idx_and_md5
+from mtlcore.settings.locate import cached_reads, DataNotFoundError, data_root, find_files, missing_data_message, read_idx_and_md5
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ def _download_notmnist(folder: Path) -> None:
             tmp.replace(target)
 
 
-@functools.lru_cache(maxsize=8)
+@cached_reads(maxsize=8)
 def _read_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     """Images, int64 labels, and the files' MD5s by `folder/name` (recorded with every run)."""
     (x, x_md5), (y, y_md5) = read_idx_and_md5(images), read_idx_and_md5(labels)
@@ -103,7 +102,7 @@ def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return arrays
 
 
-@functools.lru_cache(maxsize=8)
+@cached_reads(maxsize=8)
 def _read_fashion(folder: Path, images: str, labels: str) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     x, y, md5 = _read_pair(folder / images, folder / labels)
     for name in (images, labels):
@@ -115,7 +114,7 @@ def _read_fashion(folder: Path, images: str, labels: str) -> tuple[np.ndarray, n
     return *_read_only(x, y), md5
 
 
-@functools.lru_cache(maxsize=4)
+@cached_reads(maxsize=4)
 def _distinct_images(folder: Path, with_train: bool) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     """notMNIST's t10k images (then its train files' if `with_train`), the first copy of each distinct image in
     file order with its label, and the files' MD5s. Cached: every run of a sweep loads the same pool.

@@ -14,7 +14,6 @@ the split's `size`, which Spearman's correlation needs: `scores.py`); the other 
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch
 
 from mtlcore._seeding import numpy_rng
 from mtlcore.settings.base import Examples, SettingData
-from mtlcore.settings.locate import DataNotFoundError, data_root
+from mtlcore.settings.locate import cached_reads, DataNotFoundError, data_root
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +128,7 @@ def _column(fmt: TaskFormat, key: str | int, header: list[str], path: Path) -> i
     return header.index(key)
 
 
-@functools.lru_cache(maxsize=16)
+@cached_reads(maxsize=16)
 def _read_cached(task: str, path: Path, mtime_ns: int, size: int) -> Rows:
     fmt = FORMATS[task]
     raw = path.read_bytes()
