@@ -126,7 +126,10 @@ plots.publish(fig, "Figure 1 (paper A)", f"{target_name}'s test {score_name} aga
 # %% tags=["hide-input"]
 summary = comparisons.generalization(target_runs["val_score"], target_runs["test_score"], k=10)
 table = comparisons.transfer_table(summary, target_runs["configuration"], reference="STL")
-display(table.style.format(precision=4))
+score_scale = 100.0 if described.task(target).primary.percent else 1.0  # rates in points, as the paper writes them
+display(Markdown("✱: significant (the ±2 std intervals over seeds do not overlap); numbers rounded to what the "
+                 "seeds resolve."))
+display(comparisons.readable_transfer_table(table, score_name, score_scale))
 
 # %% [markdown]
 # ## Is the gap there early, at comparable training loss?
@@ -139,10 +142,16 @@ display(table.style.format(precision=4))
 # %% tags=["hide-input"]
 gaps = comparisons.gaps_at_loss(target_runs["train_loss"], target_runs["test_score"], target_runs["configuration"],
                                 reference="STL", n_levels=6)
-shown = gaps.assign(cell=[f"{d:+.4f}" + (" ✱" if s else "") for d, s in zip(gaps["delta"], gaps["significant"])])
-shown = shown.pivot_table(index=["loss_level", "x_final", "reference"], columns="configuration", values="cell", aggfunc="first")
+shown = gaps.assign(cell=[f"{d * score_scale:+.2f}" + (" ✱" if s else "") for d, s in zip(gaps["delta"], gaps["significant"])],
+                    reference=[f"{r * score_scale:.2f}" for r in gaps["reference"]], x_final=gaps["x_final"].round(1),
+                    loss_level=[float(f"{v:.3g}") for v in gaps["loss_level"]])
+shown = shown.rename(columns={"loss_level": "training loss", "x_final": "× STL's final loss",
+                              "reference": f"STL's test {score_name}"})
+shown = shown.pivot_table(index=["training loss", "× STL's final loss", f"STL's test {score_name}"],
+                          columns="configuration", values="cell", aggfunc="first")
 if len(gaps):
-    display(Markdown("Δ test score against STL at each common training loss (positive: better; ✱: significant, ±2 std)."))
+    display(Markdown(f"Δ test {score_name}{' (points)' if score_scale == 100 else ''} against STL at each common "
+                     "training loss (positive: better; ✱: significant, ±2 std)."))
     display(shown.sort_index(ascending=False))
 else:
     display(Markdown(f"No gap at comparable loss can be read here: after their first epoch the trajectories share no "

@@ -87,8 +87,12 @@ print("diverged runs (left out of every summary):", diverged_runs(runs) or "none
 summaries = comparisons.trajectory_summaries(runs)
 labels = pd.DataFrame({"run": runs["run"].values, "pair": runs["configuration"].values, "aggregator": runs["aggregator"].values})
 frame = summaries["generalization"].reset_coords(drop=True).to_dataframe().reset_index().merge(labels, on="run")
-pivot = frame.dropna(subset=["generalization"]).groupby(["pair", "task", "aggregator"])["generalization"].agg(["mean", "std"]).unstack("aggregator")
-display(pivot.style.format(precision=4))
+stats = frame.dropna(subset=["generalization"]).groupby(["pair", "task", "aggregator"])["generalization"].agg(["mean", "std"])
+score_scale = 100.0 if described.task(target).primary.percent else 1.0  # rates in points, as the paper writes them
+cells = [comparisons.mean_std(m, s, score_scale) for m, s in zip(stats["mean"], stats["std"])]
+pivot = stats.assign(cell=cells)["cell"].unstack("aggregator")[["uniform", *aggregators]]
+pivot.columns.name = f"generalization{' (points)' if score_scale == 100 else ''}, mean ± std over seeds"
+display(pivot)
 
 # %% [markdown]
 # ## Figure 4: %Δ factor against %Δ generalization (SMTO − uniform)
@@ -119,10 +123,14 @@ plots.publish(fig, "Figure 4 (paper A)", "%Δ of each factor (x; lower is better
               "generalization agree.", results_dir, "sec4_2-figure4")
 
 # %% [markdown]
-# The points of the figure (%Δ; `significant`: the generalization change passes the ±2 std test).
+# The points of the figure: %Δ of each factor and of generalization, SMTO over uniform; ✱: the generalization
+# change passes the ±2 std test.
 
 # %% tags=["hide-input"]
-display(changes.style.format(precision=2))
+points = changes.rename(columns={"group": "task pair", "aggregator": "SMTO"}).copy()
+points["generalization"] = [f"{g:+.1f}" + (" ✱" if sig else "") for g, sig in zip(points["generalization"], points["significant"])]
+points = points.drop(columns="significant")
+display(points.style.format(precision=1).hide(axis="index"))
 
 # %% [markdown]
 # ## Does any factor have its significant points only in the agreeing quadrants?

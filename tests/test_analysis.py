@@ -166,3 +166,20 @@ def test_common_levels_lie_inside_every_trajectory():
     assert len(levels) == 3 and (levels < 2.0).all() and (levels > 0.1).all()
     np.testing.assert_allclose(np.diff(np.log(levels)), np.log(0.1 / 2.0) / 4)  # geometric spacing
     assert trajectories.common_loss_levels(np.array([[2.0, 1.0], [0.5, 0.1]]), 3).size == 0  # no shared range
+
+
+def test_tables_round_to_what_the_seeds_resolve():
+    import pandas as pd
+
+    from mtlcore.analysis import comparisons
+
+    assert [comparisons.resolution(s) for s in (0.43, 1.7, 12.0, 0.0, float("nan"), 0.0049)] == [2, 1, 0, 2, 2, 4]
+    assert comparisons.mean_std(0.84321, 0.0043, 100) == "84.32 ± 0.43"
+    assert comparisons.mean_std(0.84321, 0.017, 100) == "84.3 ± 1.7"
+    assert comparisons.marked_delta(0.0191, True, 0.017, 100) == "+1.9 ✱"
+    assert comparisons.marked_delta(-0.0191, False, 0.12, 100) == "-2" and comparisons.marked_delta(float("nan"), 0, 1) == "—"
+    table = pd.DataFrame({"mean": [0.80, 0.82], "std": [0.004, 0.006], "delta": [0.0, 0.02], "significant": [False, True],
+                          "seeds": [3, 3]}, index=pd.Index(["STL", "MTL: Fashion2"], name="configuration"))
+    shown = comparisons.readable_transfer_table(table, "accuracy", 100)
+    assert list(shown.columns) == ["test accuracy (points), mean ± std", "Δ vs STL (points)", "seeds"]
+    assert shown.loc["MTL: Fashion2"].tolist() == ["82.00 ± 0.60", "+2.00 ✱", 3] and shown.loc["STL"].iloc[1] == ""

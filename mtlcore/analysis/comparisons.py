@@ -309,3 +309,41 @@ def table_dataset(table: pd.DataFrame, prefix: str) -> xr.Dataset:
     frame.index = frame.index.astype(str)
     frame = frame.astype({c: int for c in frame.columns if frame[c].dtype == bool})
     return xr.Dataset.from_dataframe(frame).rename({c: f"{prefix}_{c}" for c in frame.columns})
+
+
+# --- tables as a reader sees them -------------------------------------------------------------------------------
+def resolution(std: float) -> int:
+    """Decimals that a seed-to-seed std resolves: its first two significant digits (2 for a std of 0.43, 1 for 1.7,
+    0 for 12); 2 where there is no std (one seed, or none)."""
+    if not np.isfinite(std) or std <= 0:
+        return 2
+    return int(max(0, 1 - np.floor(np.log10(std))))
+
+
+def mean_std(mean: float, std: float, scale: float = 1.0) -> str:
+    """"84.3 ± 0.4": `mean` and `std` times `scale` (100: a rate in points), rounded to what the std resolves."""
+    if not np.isfinite(mean):
+        return "—"
+    digits = resolution(std * scale)
+    return f"{mean * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if np.isfinite(std) else "")
+
+
+def marked_delta(delta: float, significant: bool, std: float, scale: float = 1.0) -> str:
+    """"+1.9 ✱": a signed Δ rounded to what the std resolves, ✱ when significant (±2 std)."""
+    if not np.isfinite(delta):
+        return "—"
+    return f"{delta * scale:+.{resolution(std * scale)}f}" + (" ✱" if significant else "")
+
+
+def readable_transfer_table(table: pd.DataFrame, score: str, scale: float = 1.0) -> pd.DataFrame:
+    """§3's `transfer_table` as the book prints it: the generalization as mean ± std over seeds (in points for a
+    rate, `scale` 100), the Δ to the reference with ✱ when significant, and the number of seeds."""
+    unit = " (points)" if scale == 100 else ""
+    reference_std = float(table["std"].iloc[0])
+    out = pd.DataFrame(index=table.index)
+    out[f"test {score}{unit}, mean ± std"] = [mean_std(m, s, scale) for m, s in zip(table["mean"], table["std"])]
+    out[f"Δ vs {table.index[0]}{unit}"] = ["" if i == 0 else marked_delta(d, sig, max(s, reference_std), scale)
+                                          for i, (d, sig, s) in enumerate(zip(table["delta"], table["significant"],
+                                                                              table["std"]))]
+    out["seeds"] = table["seeds"].values
+    return out
