@@ -7,7 +7,7 @@ import xarray as xr
 
 from mtlcore.analysis import claims, sections
 
-from test_sections import GAPS, TABLE, _gaps, _transfer_table
+from test_sections import CHANGES, FACTORS_TABLE, GAPS, TABLE, _gaps, _transfer_table
 
 
 @pytest.mark.parametrize("delta, significant, expected, verdict", [
@@ -36,12 +36,21 @@ def test_findings_with_an_agreement_decide_their_claim():
         headline = "**No** factor explains both directions."
 
         def __init__(self, agrees):
-            self.agrees = agrees
+            self.agrees_with_paper = agrees
 
     assert claims.finding_claim("A4.1-factors", Finding(True)) == {
         "claim": "A4.1-factors", "verdict": claims.REPRODUCED, "evidence": "No factor explains both directions."}
     assert claims.finding_claim("A4.2-smtos", Finding(False))["verdict"] == claims.CONTRADICTED
     assert claims.finding_claim("A4.2-smtos", Finding(None))["verdict"] == claims.UNTESTABLE
+
+
+def test_the_chapters_findings_decide_their_claims():
+    found = sections.factors_finding(FACTORS_TABLE, ["sharpness", "fisher_trace", "grad_cov_trace"])
+    not_found = sections.factors_finding(FACTORS_TABLE, ["fisher_trace", "grad_cov_trace"])
+    assert claims.finding_claim("A4.1-factors", found)["verdict"] == claims.CONTRADICTED  # the paper finds none
+    assert claims.finding_claim("A4.1-factors", not_found)["verdict"] == claims.REPRODUCED
+    quadrants = sections.quadrant_finding(CHANGES.assign(significant=False), ["a", "b"])
+    assert claims.finding_claim("A4.2-smtos", quadrants)["verdict"] == claims.UNTESTABLE
 
 
 def test_correlation_claims():

@@ -107,9 +107,9 @@ def transfer_claims(finding) -> list[dict]:
 
 
 def finding_claim(claim_id: str, finding) -> dict:
-    """A claim decided by a finding with `agrees` (True: as the paper, False: not, None: cannot be tested) and a
+    """A claim decided by a finding with `agrees_with_paper` (True: as the paper, False: not, None: cannot be tested) and a
     `headline`, such as `sections.factors_finding` (§4.1) and `sections.quadrant_finding` (§4.2)."""
-    verdict = {True: REPRODUCED, False: CONTRADICTED, None: UNTESTABLE}[finding.agrees]
+    verdict = {True: REPRODUCED, False: CONTRADICTED, None: UNTESTABLE}[finding.agrees_with_paper]
     return record(claim_id, verdict, _plain(finding.headline))
 
 
