@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--profile", default="paper")
     args = parser.parse_args()
     seen: dict[str, object] = {}
-    print(f"| chapter | part | runs | new runs | with factors | epochs | examples (millions) |")
+    print("| chapter | part | runs | new runs | with factors | epochs | examples (millions) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, p in profile_parameters(args.profile).items():
         if "target" not in p or "partners" not in p:

@@ -131,7 +131,7 @@ def _status_of(path: Path) -> str:
 
 
 def ensure_runs(configs: Iterable[RunConfig], results_dir: str | Path, *, data_root: str | Path | None = None,
-                executor: "str | Executor | None" = None, dask_client=None, progress: bool = True,
+                executor=None, dask_client=None, progress: bool = True,
                 retry_failed: bool = False, claim_timeout: float = STALE_AFTER, poll_seconds: float = 5.0,
                 cached_only: bool | None = None) -> list[Path]:
     """Make sure every config has a finished run file under `results_dir/runs/`; return the paths.
