@@ -152,7 +152,9 @@ def scoreboard(results_dir: str | Path, chapters: Iterable[str]) -> pd.DataFrame
         if not path.is_file():
             continue
         with xr.open_dataset(path, engine="h5netcdf") as ds:
-            for item in json.loads(ds.attrs.get("claims", "[]")):
+            items = json.loads(ds.attrs.get("claims", "[]"))
+        for item in items if isinstance(items, list) else []:  # records of `record` (other shapes: not verdicts)
+            if isinstance(item, dict) and item.get("claim") in BY_ID and item.get("verdict") in VERDICTS:
                 found[item["claim"]] = item
     rows = []
     for claim in CLAIMS:
