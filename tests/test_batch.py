@@ -246,15 +246,16 @@ def test_the_rendered_book_check_finds_paths_uncaptioned_figures_and_missing_cla
     from mtlcore.book import check_rendered
 
     chapter = NOTEBOOKS[0]
-    claims_html = "".join(f"<td>{c.text}</td>" for c in CLAIMS)
-    (tmp_path / "index.html").write_text(f"<main><table>{claims_html}</table></main>")
+    claims_html = "".join(f"<td>{c.text}</td>".replace("'", "\u2019") for c in CLAIMS)  # as Sphinx typesets them
+    (tmp_path / "index.html").write_text('<meta http-equiv="Refresh" content="0; url=intro.html" />')
+    (tmp_path / "intro.html").write_text(f"<main><table>{claims_html}</table></main>")
     (tmp_path / f"{chapter}.html").write_text(
         '<main><img src="a.png"><p><strong>Figure 1 (paper A).</strong> A caption.</p>'
         '<a href="https://example.org/home/page">link</a><img src="b.png"><p>no caption</p></main>')
     problems = check_rendered(tmp_path)
     assert problems == [f"{chapter}.html: figure 2 of 2 has no numbered caption (plots.publish)"]
-    (tmp_path / "index.html").write_text(f"<main>{claims_html[:-200]} written to /home/ana/results/x.nc "
+    (tmp_path / "intro.html").write_text(f"<main>{claims_html[:-200]} written to /home/ana/results/x.nc "
                                          "and /srv/build/data</main>")
     problems = check_rendered(tmp_path, ["/srv/build"])
-    assert "index.html: shows the machine path /home/ana" in problems and "index.html: shows the machine path /srv/build" in problems
-    assert f"index.html: the scoreboard lacks the claim {CLAIMS[-1].id!r}" in problems
+    assert "intro.html: shows the machine path /home/ana" in problems and "intro.html: shows the machine path /srv/build" in problems
+    assert f"intro.html: the scoreboard lacks the claim {CLAIMS[-1].id!r}" in problems
