@@ -84,4 +84,4 @@ def test_the_scoreboard_lists_every_claim_and_reads_the_chapters_datasets(tmp_pa
     text = claims.scoreboard_markdown(board)
     assert "| A [§3](sec3_transfer.ipynb) |" in text and "Δ = +0.01 \\| n.s." in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert len(rows) == len(claims.CLAIMS) + 1 and "✅ reproduced: 1" in text  # the header and one row per claim
+    assert len(rows) == len(claims.CLAIMS) + 1 and "✓ reproduced: 1" in text  # the header and one row per claim

@@ -164,7 +164,7 @@ def scoreboard(results_dir: str | Path, chapters: Iterable[str]) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-MARKS = {REPRODUCED: "✅", SAME_SIGN: "◐", OPPOSITE_SIGN: "◑", CONTRADICTED: "❌", UNTESTABLE: "–", NOT_RUN: "·"}
+MARKS = {REPRODUCED: "✓", SAME_SIGN: "◐", OPPOSITE_SIGN: "◑", CONTRADICTED: "✗", UNTESTABLE: "–", NOT_RUN: "·"}
 
 
 def scoreboard_markdown(board: pd.DataFrame, titles: Mapping[str, str] | None = None) -> str:
