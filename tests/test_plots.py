@@ -157,7 +157,8 @@ def test_publish_saves_the_figure_and_shows_its_caption(tmp_path, monkeypatch):
     monkeypatch.setattr(IPython.display, "display", shown.append)
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
-    paths = plots.publish(fig, "Figure 1 (paper A)", "A line.", tmp_path, "sec3-figure1")
-    assert paths["svg"].read_text().lstrip().startswith("<?xml") and paths["png"].read_bytes()[:4] == b"\x89PNG"
+    assert plots.publish(fig, "Figure 1 (paper A)", "A line.", tmp_path, "sec3-figure1") is None  # nothing to echo
+    svg, png = tmp_path / "figures" / "sec3-figure1.svg", tmp_path / "figures" / "sec3-figure1.png"
+    assert svg.read_text().lstrip().startswith("<?xml") and png.read_bytes()[:4] == b"\x89PNG"
     assert shown[0] is fig and shown[1].data.startswith("**Figure 1 (paper A).** A line.")
     assert not plt.fignum_exists(fig.number)

@@ -24,9 +24,9 @@ def colors_for(labels: Sequence[str]) -> dict[str, str]:
     return {label: PALETTE.get(label) or next(others) for label in labels}
 
 
-def publish(fig: plt.Figure, label: str, caption: str, folder: str | Path, name: str) -> dict[str, Path]:
+def publish(fig: plt.Figure, label: str, caption: str, folder: str | Path, name: str) -> None:
     """Show `fig` in a notebook with its caption ("**`label`.** `caption`"), and save it as `folder/figures/<name>.svg`
-    and `.png` (150 dpi) for slides and papers; returns the paths. Closes the figure."""
+    and `.png` (150 dpi) for slides and papers. Closes the figure."""
     from IPython.display import Markdown, display
 
     out = Path(folder) / "figures"
@@ -37,7 +37,6 @@ def publish(fig: plt.Figure, label: str, caption: str, folder: str | Path, name:
     display(fig)
     plt.close(fig)
     display(Markdown(f"**{label}.** {caption} (Saved as `figures/{name}.svg` and `.png` in the results folder.)"))
-    return paths
 
 
 def seed_band(loss: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
