@@ -46,7 +46,7 @@ seeds = [0, 1]
 metrics = {"factors": ["conflict_to_mean"], "examples": 128, "conflict_to_mean": {"num_batches": 2}}
 ema_beta = 0.9
 device = "auto"
-executor = "local"
+executor = ""  # where runs train; empty: what mtlcore batch was given (--executor), else sequential
 
 # %% tags=["remove-input", "remove-stderr"]
 import json
@@ -81,7 +81,7 @@ for status in [s for s in statuses if s.ran]:
     started = time.perf_counter()
     results[status.study.display_name] = tuned.run_study(status, methods[status.study.setting], search_space,
                                                           results_dir, metrics=metrics,
-                                                          beta=ema_beta, executor=executor)
+                                                          beta=ema_beta, executor=executor or None)
     seconds[status.study.display_name] = time.perf_counter() - started
 display(Markdown("\n".join(
     f"- **{name}**: {r.search_runs} search runs on seed(s) {search_space.get('seeds', [0])}, "

@@ -33,8 +33,8 @@ from scipy import stats
 from mtlcore import settings
 from mtlcore.analysis.studies import StudyStatus
 from mtlcore.training.config import RunConfig
-from mtlcore.training.results import load_run
-from mtlcore.training.runner import grid, load_runs
+from mtlcore.training.results import combine_runs, load_run
+from mtlcore.training.runner import ensure_runs, grid
 from mtlcore.training.selection import Selection, check_search, method_grid, search, select
 from mtlcore.training.trainer import run_path
 
@@ -237,25 +237,30 @@ def run_study(status: StudyStatus, aggregators: Sequence[str], spec: dict, resul
     methods = search(base, ["uniform", *aggregators], spec, [tasks], results_dir, metrics=metrics, **kwargs)
     configs = {STL: [c for t in tasks for c in _final(stl_base, stl[t].chosen, [t], seeds)]}
     configs.update({m: _final(base, s.chosen, tasks, seeds) for m, s in methods.items()})
-    runs = _labelled(configs, results_dir, **kwargs)
+    loaded: dict[Path, xr.Dataset] = {}  # each run file read once
+    runs = _labelled(configs, results_dir, loaded, **kwargs)
     fixed = fixed_from = source = weights = None
     best = best_on_validation(runs, [m for m in aggregators])
     if best is not None:
         fixed_from = best
         source_config = next(c for c in configs[best] if c.seed == seeds[0])
         source = source_config.content_hash()
-        weights = tuple(fixed_weights_from_run(load_run(run_path(source_config, results_dir)), beta))
+        weights = tuple(fixed_weights_from_run(loaded[run_path(source_config, results_dir)], beta))
         axes = method_grid(spec["grid"], "fixed", {"weights": [list(weights)], "source": [source]})
         fixed = select(base, {"grid": axes, "seeds": shared["seeds"]}, [tasks], results_dir, metrics=metrics, **kwargs)
         configs[f"fixed ({best})"] = _final(base, fixed.chosen, tasks, seeds)
-        runs = _labelled(configs, results_dir, **kwargs)
+        runs = _labelled(configs, results_dir, loaded, **kwargs)
     search_runs = sum(s.runs for s in [*stl.values(), *methods.values(), *([fixed] if fixed else [])])
     return TunedStudy(status, stl, methods, fixed, fixed_from, source, weights, runs, search_runs)
 
 
-def _labelled(configs: Mapping[str, list[RunConfig]], results_dir, **kwargs) -> xr.Dataset:
+def _labelled(configs: Mapping[str, list[RunConfig]], results_dir, loaded: dict, **kwargs) -> xr.Dataset:
+    """The runs of `configs` (trained where missing) with their label; `loaded`: path -> dataset, files read so far."""
     everything = [c for group in configs.values() for c in group]
-    runs = load_runs(everything, results_dir, **kwargs)
+    missing = [c for c in everything if run_path(c, results_dir) not in loaded]
+    paths = ensure_runs(missing, results_dir, **kwargs) if missing else []
+    loaded.update({path: load_run(path) for path in paths if path not in loaded})
+    runs = combine_runs([loaded[p] for p in dict.fromkeys(run_path(c, results_dir) for c in everything)])
     label = {c.content_hash(): name for name, group in configs.items() for c in group}
     return runs.assign_coords(label=("run", [label[str(r)] for r in runs["run"].values]))
 
