@@ -107,11 +107,19 @@ quantities = ["generalization"] + variables
 table = comparisons.delta_table(summaries[quantities], target_runs["configuration"])
 
 
+score_scale = 100.0 if described.task(target).primary.percent else 1.0  # generalization of a rate: in points
+
+
 def marked(row, q):
-    return f"{row[f'delta_{q}']:+.4g}" + (" ✱" if row[f"significant_{q}"] else "")
+    if q == "generalization":  # rounded to what the seeds resolve
+        std = max(row["generalization_std"], table.loc["STL", "generalization_std"])
+        return comparisons.marked_delta(row["delta_generalization"], row["significant_generalization"], std, score_scale)
+    return f"{row[f'delta_{q}']:+.3g}" + (" ✱" if row[f"significant_{q}"] else "")
 
 
-shown = table.drop(index="STL").apply(lambda row: {f"Δ {q}": marked(row, q) for q in quantities}, axis=1, result_type="expand")
+shown = table.drop(index="STL").apply(lambda row: {f"Δ {q.replace('_', ' ')}": marked(row, q) for q in quantities},
+                                      axis=1, result_type="expand")
+shown = shown.rename(columns={"Δ generalization": f"Δ generalization{' (points)' if score_scale == 100 else ''}"})
 display(shown)
 
 # %% [markdown]
