@@ -33,6 +33,7 @@ draw_seed = 0  # the seed of the random auxiliary sets (mtlcore.analysis.conflic
 include_stl = True  # also train each target alone: the reference line of the figures
 analog = True  # a stand-in for the paper's CIFAR-100 study: the chapter says so
 expected = {"conflict_predicts_factors": True, "conflict_predicts_generalization": False}
+loss_bins = {"n_bins": 20, "skip_highest": 2, "early_width": 4, "end_width": 3}  # Appendix B.4's bands
 seeds = [0]
 epochs = 2
 optimizer = "adam"
@@ -51,14 +52,13 @@ import json
 import logging
 from pathlib import Path
 
-import pandas as pd
 import matplotlib.pyplot as plt
+import pandas as pd
 import xarray as xr
 from IPython.display import Markdown, display
 
 from mtlcore import settings
 from mtlcore.analysis import comparisons, conflict_study
-from mtlcore.analysis import studies as other_settings
 from mtlcore.training.results import save_atomic
 from mtlcore.training.runner import base_config, diverged_runs, grid, load_runs
 
@@ -83,7 +83,12 @@ if analog:
         "last pure noise), with MultiLeNet, few runs, short training and factors measured on a few examples. The "
         "pool mixes helpful, unrelated and harmful auxiliary tasks on purpose, so that the conflict varies; what "
         "it shows is whether the paper's two relations appear in this small setting, not what they are on "
-        "CIFAR-100."))
+        "CIFAR-100.\n\nWhere an analog run differs from the paper's study, by design: the target trains on a few hundred "
+        "images for few epochs, so its trajectory stops well before convergence and the factors' \"last epochs\" lie "
+        "earlier in training than the paper's; the pool's tasks differ in kind (class pairs, letters, label noise) "
+        "rather than being sibling superclasses; the update is the uniform **sum** of the task gradients (Eq. 2 with "
+        "C = 1) under the profile's optimizer, so that adding auxiliary tasks also shrinks the target's share of the "
+        f"update; and each auxiliary set is trained on {len(seeds)} seed(s)."))
 else:
     display(Markdown(f"This profile runs the paper's study: {setting_name} targets with random auxiliary sets."))
 
@@ -110,7 +115,7 @@ summaries, all_runs = [], {}
 for target in targets:
     runs = all_runs[target] = load_runs(configs[target], results_dir, data_root=data_root or None, **run_options)
     print(f"{target}: diverged runs (left out of every summary):", diverged_runs(runs) or "none")
-    summaries.append(conflict_study.run_summary(runs, target, sets))
+    summaries.append(conflict_study.run_summary(runs, target, sets, loss_bins=loss_bins))
 summary = pd.concat(summaries, ignore_index=True)
 mtl, alone = summary[summary["size"] > 0], summary[summary["size"] == 0]
 
@@ -120,7 +125,10 @@ mtl, alone = summary[summary["size"] > 0], summary[summary["size"] == 0]
 # was measured (lower: more conflict; a target alone has none). Generalization and the factors are the one-number
 # summaries of §4.1's Table 1 (Appendix B.4): the mean test score at the 10 best-validation checkpoints, sharpness
 # and gradient covariance over the last 20 epochs' checkpoints, the Fisher trace's largest values; and the minimum
-# training loss.
+# training loss. The columns ending in `_at_loss` read the same factors at comparable training loss instead
+# (Appendix B.4, as Appendix C does): the Fisher trace over an early-phase band of the target's loss, sharpness and
+# covariance over the end-of-training band of the least-converged run, so that a run with more conflict, which is
+# less far along after the same number of epochs, is not compared at a different stage of training.
 
 # %%
 shown = summary.assign(target=[names.get(t, t) for t in summary["target"]],
@@ -140,11 +148,24 @@ labels = {"fisher_trace": "Fisher trace (largest)", "sharpness": "sharpness (las
           "grad_cov_trace": "gradient covariance (last)", "min_train_loss": "minimum training loss",
           "generalization": "generalization (test score)"}
 figure5_quantities = factors + ["min_train_loss"]
-table = conflict_study.correlation_table(mtl, figure5_quantities + ["generalization"])
+at_loss = [f"{f}{conflict_study.AT_LOSS}" for f in factors if f"{f}{conflict_study.AT_LOSS}" in mtl]
+table = conflict_study.correlation_table(mtl, figure5_quantities + at_loss + ["generalization"])
+labels.update({f"{f}{conflict_study.AT_LOSS}": f"{labels[f].split(' (')[0]} (comparable loss)" for f in factors})
 fig = conflict_study.scatter_against_conflict(mtl, figure5_quantities, table, labels=labels, names=names,
                                               reference=alone, title=f"{setting_name} ({profile} profile): "
                                               "factors against the mean conflict")
 plt.show()
+
+# %% [markdown]
+# The same factors read at comparable training loss (Appendix B.4's bands; a run with no measured checkpoint in a
+# band has no point):
+
+# %%
+if at_loss:
+    fig = conflict_study.scatter_against_conflict(mtl, at_loss, table, labels=labels, names=names, reference=alone,
+                                                  title=f"{setting_name} ({profile} profile): factors at comparable "
+                                                  "training loss against the mean conflict")
+    plt.show()
 
 # %% [markdown]
 # ## Figure 6: the target's generalization against its mean conflict
@@ -163,8 +184,11 @@ plt.show()
 
 # %% tags=["hide-input"]
 display(conflict_study.shown_table(table, names))
-result = conflict_study.finding(table, factors, context=f"(in this run: {profile} profile, {len(mtl)} multi-task runs)")
+result = conflict_study.finding(table, factors, context=f"(in this run: {profile} profile, {len(mtl)} multi-task runs; "
+                                "factors over epoch windows)")
 display(Markdown(result.text))
+if at_loss:
+    display(Markdown(conflict_study.finding(table, at_loss, context="(factors at comparable training loss)").text))
 display(Markdown(f"The paper's answer: conflict predicts the factors: {expected['conflict_predicts_factors']}; "
                  f"conflict predicts generalization: {expected['conflict_predicts_generalization']}."))
 
@@ -175,6 +199,7 @@ correlations.index.name = "correlation"
 analysis_ds = analysis_ds.merge(xr.Dataset.from_dataframe(correlations.astype({"quantity": str})).rename(
     {c: f"correlation_{c}" for c in correlations.columns}))
 analysis_ds.attrs.update(profile=profile, setting=setting, targets=json.dumps(targets), set_sizes=json.dumps(set_sizes),
+                         loss_bins=json.dumps(loss_bins), factors_opposite=json.dumps(result.factors_opposite),
                          sets_per_size=sets_per_size, draw_seed=draw_seed, seeds=json.dumps(seeds),
                          analog=int(analog), expected=json.dumps(expected),
                          factors_follow_conflict=json.dumps(result.factors_follow_conflict),

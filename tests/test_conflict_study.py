@@ -90,6 +90,10 @@ def test_run_summary_means_the_trained_conflict_and_names_the_set():
     np.testing.assert_allclose(summary["conflict"], conflicts)
     np.testing.assert_allclose(summary["generalization"], [0.8, 0.7, 0.6, 0.75])
     np.testing.assert_allclose(summary["sharpness"], [1.0, 2.0, 3.0, 2.5])
+    # At comparable loss (every checkpoint here has loss 1: the bands hold them all): the same trained means.
+    at_loss = conflict_study.run_summary(runs, "a", sets, loss_bins={"n_bins": 4, "skip_highest": 1, "early_width": 2})
+    np.testing.assert_allclose(at_loss["sharpness_at_loss"], [1.0, 2.0, 3.0, 2.5])
+    assert at_loss["fisher_trace_at_loss"].isna().all()  # never measured
 
 
 def test_correlation_table_matches_scipy_per_group():
@@ -132,7 +136,11 @@ def test_finding_reads_the_signs_and_p_values():
     result = conflict_study.finding(table, ["sharpness"])
     assert not result.agrees_with_paper and result.generalization_follows == ["b"]
     table.loc[("b", "sharpness"), "spearman_rho"] = 0.8  # grows the other way for b
-    assert conflict_study.finding(table, ["sharpness"]).factors_follow_conflict == []
+    mixed = conflict_study.finding(table, ["sharpness"])
+    assert mixed.factors_follow_conflict == [] and mixed.factors_opposite == []
+    table.loc[("a", "sharpness"), "spearman_rho"] = 0.9  # shrinks with the conflict for both
+    opposite = conflict_study.finding(table, ["sharpness"])
+    assert opposite.factors_opposite == ["sharpness"] and "shrink with it (ρ > 0, p < 0.05): sharpness" in opposite.text
 
 
 def _notebook_defaults(name):

@@ -28,6 +28,7 @@ CONFLICT = "conflict"  # the per-run mean of the run variable `conflict` (the co
 # (Figure 6). Each name is a column of `run_summary`.
 FACTOR_QUANTITIES = ("fisher_trace", "sharpness", "grad_cov_trace", "min_train_loss")
 SCORE_QUANTITY = "generalization"
+AT_LOSS = "_at_loss"  # the suffix of a factor read at comparable training loss (Appendix B.4)
 # At most this many combinations are enumerated to draw from; beyond it, sets are drawn and repeats redrawn.
 _ENUMERATE_UP_TO = 20_000
 
@@ -87,13 +88,19 @@ def draw_aux_sets(target: str, pool: Sequence[str], sizes: Sequence[int], sets_p
     return out
 
 
-def run_summary(runs: xr.Dataset, target: str, sets: Sequence[AuxSet] = ()) -> pd.DataFrame:
+def run_summary(runs: xr.Dataset, target: str, sets: Sequence[AuxSet] = (),
+                loss_bins: Mapping | None = None) -> pd.DataFrame:
     """One row per run of `runs` (combined along `run`): the target's auxiliary tasks and their number (0: alone),
     the draw of `sets` it came from (−1 when none matches), its mean conflict over the trained checkpoints where it
     was measured (NaN alone: there is no multi-task update), generalization and the factor summaries of
-    `comparisons.trajectory_summaries`. Runs that did not complete have NaN values (left out of correlations)."""
+    `comparisons.trajectory_summaries` (epoch windows). With `loss_bins` (keywords of
+    `comparisons.binned_summaries`), also each factor at comparable training loss over all the runs, as
+    `<factor>_at_loss`. Runs that did not complete have NaN values (left out of correlations)."""
     chosen = runs.sel(task=target)
     summaries = comparisons.trajectory_summaries(chosen)
+    if loss_bins is not None:
+        binned, _ = comparisons.binned_summaries(chosen, **loss_bins)
+        summaries = summaries.merge(binned.rename({name: f"{name}{AT_LOSS}" for name in binned.data_vars}))
     trained = chosen["conflict"].sel(epoch=chosen["epoch"] > 0)
     conflict = trained.mean("epoch", skipna=True) if int(trained.notnull().sum()) else trained.isel(epoch=0) * np.nan
     if "status" in chosen.coords:
@@ -106,7 +113,7 @@ def run_summary(runs: xr.Dataset, target: str, sets: Sequence[AuxSet] = ()) -> p
         row = {"run": str(runs["run"].values[i]), "target": target, "aux_tasks": ", ".join(aux), "size": len(aux),
                "draw": match.draw if match else -1, "seed": int(runs["seed"].values[i]) if "seed" in runs.coords else -1,
                CONFLICT: float(conflict.values[i])}
-        for name in (SCORE_QUANTITY, *FACTOR_QUANTITIES):
+        for name in (SCORE_QUANTITY, *FACTOR_QUANTITIES, *(f"{f}{AT_LOSS}" for f in comparisons.BINNED_FACTORS)):
             row[name] = float(summaries[name].values[i]) if name in summaries else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
@@ -132,7 +139,8 @@ def correlation_table(summary: pd.DataFrame, quantities: Sequence[str], *, x: st
 
 @dataclass(frozen=True)
 class ConflictFinding:
-    factors_follow_conflict: list[str]  # factors significantly and negatively correlated with the similarity
+    factors_follow_conflict: list[str]  # factors that grow with the conflict: ρ < 0 with the similarity, p < alpha
+    factors_opposite: list[str]  # factors that shrink with it: ρ > 0 with the similarity, p < alpha
     generalization_follows: list[str]  # groups whose generalization correlates significantly with it
     agrees_with_paper: bool
     text: str
@@ -142,24 +150,27 @@ def finding(table: pd.DataFrame, factors: Sequence[str], *, alpha: float = 0.05,
     """Read `correlation_table` against the paper's §5 answer: more conflict (lower similarity) goes with larger
     factors (Figure 5: a negative correlation with the similarity), while generalization does not follow it (Figure 6).
 
-    A factor "follows the conflict" when, in every group, its Spearman ρ with the similarity is negative with
-    p < alpha; generalization follows it in a group when its Spearman p < alpha (either sign)."""
+    A factor grows with the conflict when, in every group, its Spearman ρ with the similarity is negative with
+    p < alpha (shrinks: positive with p < alpha); generalization follows the conflict in a group when its Spearman
+    p < alpha (either sign). The paper's answer holds when some factor grows with the conflict and generalization
+    follows it in no group."""
     groups = list(dict.fromkeys(table.index.get_level_values(0)))
-    follow = [f for f in factors if all(
-        (g, f) in table.index and table.loc[(g, f), "spearman_rho"] < 0 and table.loc[(g, f), "spearman_p"] < alpha
-        for g in groups)]
+
+    def everywhere(factor, sign):
+        return all((g, factor) in table.index and np.sign(table.loc[(g, factor), "spearman_rho"]) == sign
+                   and table.loc[(g, factor), "spearman_p"] < alpha for g in groups)
+
+    follow = [f for f in factors if everywhere(f, -1)]
+    opposite = [f for f in factors if everywhere(f, 1)]
     general = [g for g in groups if (g, SCORE_QUANTITY) in table.index
                and table.loc[(g, SCORE_QUANTITY), "spearman_p"] < alpha]
     agrees = bool(follow) and not general
-    parts = [f"**{'Agrees' if agrees else 'Does not agree'} with the paper** {context}:".replace(" :", ":")]
-    parts.append(f"factors that grow with the conflict (Spearman ρ < 0 with the similarity, p < {alpha}, for every "
-                 f"target): {', '.join(follow) if follow else 'none'}; ")
-    parts.append(f"generalization correlated with it (p < {alpha}): "
-                 f"{'for ' + ', '.join(map(str, general)) if general else 'for no target'}.")
-    if not follow:
-        parts.append(" The paper finds the factors growing with the conflict (Figure 5); here none does so "
-                     "significantly, which with few runs can be a matter of power.")
-    return ConflictFinding(follow, general, agrees, " ".join(parts))
+    text = (f"**{'Agrees' if agrees else 'Does not agree'} with the paper**{' ' + context if context else ''}. "
+            f"Factors that grow with the conflict (Spearman ρ < 0 with the cosine, p < {alpha}, for every target): "
+            f"{', '.join(follow) or 'none'}. Factors that shrink with it (ρ > 0, p < {alpha}): "
+            f"{', '.join(opposite) or 'none'}. Generalization correlated with the conflict (p < {alpha}): "
+            f"{'for ' + ', '.join(map(str, general)) if general else 'for no target'}.")
+    return ConflictFinding(follow, opposite, general, agrees, text)
 
 
 def shown_table(table: pd.DataFrame, names: Mapping[str, str] | None = None) -> pd.DataFrame:
@@ -186,8 +197,8 @@ def scatter_against_conflict(summary: pd.DataFrame, quantities: Sequence[str], t
     targets = list(dict.fromkeys(summary["target"]))
     sizes = sorted(summary.loc[summary["size"] > 0, "size"].unique())
     colors = dict(zip(sizes, plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(sizes), 1)))))
-    fig, axes = plt.subplots(len(targets), len(quantities), figsize=(3.9 * len(quantities), 3.3 * len(targets)),
-                             squeeze=False)
+    width = max(3.9 * len(quantities), 5.5)
+    fig, axes = plt.subplots(len(targets), len(quantities), figsize=(width, 3.3 * len(targets)), squeeze=False)
     for row, target in enumerate(targets):
         mine = summary[(summary["target"] == target) & (summary["size"] > 0)]
         for ax, quantity in zip(axes[row], quantities):
@@ -210,5 +221,5 @@ def scatter_against_conflict(summary: pd.DataFrame, quantities: Sequence[str], t
     axes[0][0].legend(frameon=False, fontsize="small")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.94) if title else None)
     return fig

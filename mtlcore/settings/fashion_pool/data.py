@@ -15,6 +15,7 @@ whichever tasks a run asks for: a target's data is the same alone and with any a
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def load(tasks: list[str], train_size: int, val_size: int, test_size: int, data_
                          numpy_rng(data_seed, "pool-split"), "Fashion-MNIST (training and test files, 70,000 images)")
         bounds = np.cumsum([0, train_size, val_size, test_size])
         for task in (t for t in tasks if TASKS[t].source == "fashion"):
-            parts = [np.sort(drawn[task][a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+            parts = [np.sort(drawn[task][a:b]) for a, b in itertools.pairwise(bounds)]
             images = [x_all[i] for i in parts]
             labels = [task_labels(task, y_all[i], numpy_rng(data_seed, "pool-labels", task, split))
                       for i, split in zip(parts, ("train", "val", "test"))]
