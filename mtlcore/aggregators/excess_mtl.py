@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from mtlcore.aggregators.base import GradientAggregator, check_finite, check_number
+from mtlcore.aggregators.gramian import BLOCK_CPU, BLOCK_GPU
 
 HESSIAN_EPS = 1e-7  # the authors' shift inside the AdaGrad square root
 
@@ -31,13 +32,20 @@ class ExcessMTL(GradientAggregator):
 
     def _aggregate(self, J, losses):
         check_finite(self.name, J, "the task gradients J")
-        squares = J.detach().square()
+        gradients = J.detach()
         if self.squared_sum is None or self.squared_sum.shape != J.shape:
-            self.squared_sum = torch.zeros_like(squares)
+            self.squared_sum = torch.zeros_like(gradients)
         elif self.squared_sum.dtype != J.dtype or self.squared_sum.device != J.device:
-            self.squared_sum = self.squared_sum.to(squares)
-        self.squared_sum.add_(squares)
-        excess = (squares / (self.squared_sum + HESSIAN_EPS).sqrt()).sum(dim=1, dtype=torch.float64).cpu()
+            self.squared_sum = self.squared_sum.to(gradients)
+        self.squared_sum.addcmul_(gradients, gradients)
+        # in column blocks: the elementwise quotient of all of J would allocate K×P temporaries
+        excess = torch.zeros(len(J), dtype=torch.float64, device=J.device)
+        columns = max(1, (BLOCK_CPU if J.device.type == "cpu" else BLOCK_GPU) // len(J))
+        for start in range(0, J.shape[1], columns):
+            block = gradients[:, start : start + columns]
+            root = self.squared_sum[:, start : start + columns].add(HESSIAN_EPS).sqrt_()
+            excess += (block.square() / root).sum(dim=1, dtype=torch.float64)
+        excess = excess.cpu()
         if self.initial_excess is None:
             self.initial_excess = excess
         else:

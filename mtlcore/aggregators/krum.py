@@ -7,7 +7,7 @@ from mtlcore.aggregators.base import WeightedAggregator, check_number, require
 
 
 def krum_scores(G: torch.Tensor, n_byzantine: int) -> torch.Tensor:
-    """s(i) = Σ ‖g_i − g_j‖² over the K − f − 2 gradients j ≠ i closest to g_i (Blanchard et al., Eq. of Krum),
+    """s(i) = Σ ‖g_i − g_j‖² over the K − f − 2 gradients j ≠ i closest to g_i (Blanchard et al.'s score),
     the squared distances read from G: ‖g_i − g_j‖² = G_ii + G_jj − 2G_ij."""
     diagonal = G.diagonal()
     squared = (diagonal[:, None] + diagonal[None, :] - 2 * G).clamp(min=0.0)

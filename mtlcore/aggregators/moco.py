@@ -11,9 +11,19 @@ from mtlcore.aggregators.base import (
     check_number,
     diverged,
 )
-from mtlcore.aggregators.gramian import gramian
+from mtlcore.aggregators.gramian import BLOCK_CPU, BLOCK_GPU, gramian
 
 NORM_EPS = 1e-8  # the authors' shift of ‖g_k‖
+
+
+def row_norms(J: torch.Tensor) -> torch.Tensor:
+    """‖g_k‖ (float64, on J's device): sums of squares in float64 over column blocks (G's diagonal without the rest
+    of G, and without a float64 copy of J)."""
+    squares = torch.zeros(len(J), dtype=torch.float64, device=J.device)
+    columns = max(1, (BLOCK_CPU if J.device.type == "cpu" else BLOCK_GPU) // len(J))
+    for start in range(0, J.shape[1], columns):
+        squares += J[:, start : start + columns].double().square().sum(dim=1)
+    return squares.sqrt()
 
 
 class MoCo(GradientAggregator):
@@ -48,8 +58,8 @@ class MoCo(GradientAggregator):
         J = J.detach()
         self.step += 1
         o = self.options
-        norms = gramian(J).diagonal().sqrt()  # float64 sums of squares
-        rescaled = J * (losses.double() / (norms + NORM_EPS)).to(J)[:, None]
+        norms = row_norms(J)
+        scales = (losses.double() / (norms + NORM_EPS)).to(J)[:, None]  # ĝ_k = scale_k·g_k
         if self.tracked is None or self.tracked.shape != J.shape:
             self.tracked = torch.zeros_like(J)
         elif self.tracked.dtype != J.dtype or self.tracked.device != J.device:
@@ -57,7 +67,8 @@ class MoCo(GradientAggregator):
         elif self.tracked.is_inference() and not torch.is_inference_mode_enabled():
             self.tracked = self.tracked.clone()
         beta = o["beta"] / self.step ** o["beta_sigma"]
-        self.tracked.sub_(self.tracked.sub(rescaled).mul_(beta))
+        # y − β(y − ĝ) as (1 − β)y + βĝ, in place: no K×P temporaries
+        self.tracked.mul_(1.0 - beta).addcmul_(J, scales, value=beta)
         Y = gramian(self.tracked).cpu() + o["rho"] * torch.eye(len(J), dtype=torch.float64)
         if not torch.isfinite(Y).all():
             raise diverged(self.name, "the tracked gradients")
