@@ -154,7 +154,7 @@ def aggregation_rows(J: torch.Tensor, losses: torch.Tensor, repeats: int, n: int
         if agg.kind == "loss" and name != "rlw" or getattr(agg, "jacobian_of", "shared") != "shared":
             continue
         if getattr(agg, "batches_per_step", 1) > 1:  # modo, sdmgrad: the same J as all three batches
-            ours = lambda: agg.aggregate_batches([J, J, J], [losses] * 3)  # noqa: E731
+            ours = lambda: agg.aggregate_batches([J, J, J], [losses] * 3)
         else:
             ours = (lambda: agg.combine(losses)) if agg.kind == "loss" else (lambda: agg(J, losses))
         ours()  # warm-up
