@@ -123,6 +123,26 @@ shown = shown.rename(columns={"Δ generalization": f"Δ generalization{' (points
 display(shown)
 
 # %% [markdown]
+# ### The same factors at comparable training loss (Appendix B.4)
+# Table 1 reads each factor over **epoch windows**: the last epochs for sharpness and coherence, the largest values
+# for the Fisher trace. Two trajectories are then compared at the same time, even where one has reached a much lower
+# training loss, and these factors shrink with the loss. Appendix B.4 compares them at **comparable training loss**
+# instead: 20 geometric bins over the trajectories' losses; the Fisher trace averaged over an early-phase band (the
+# two highest-loss bins skipped, the next four taken, over every trajectory of the target together), sharpness and
+# coherence over the three lowest bins of the trajectory with the highest minimum loss, so that every trajectory is
+# read at losses all of them reach. "–": no measured checkpoint of the run in the band (factors measured every few
+# epochs only). Appendix C shows both for every setting.
+
+# %%
+binned, bands = comparisons.binned_summaries(target_runs)
+if binned.data_vars:
+    binned_table = comparisons.delta_table(binned, target_runs["configuration"])
+    display(binned_table.drop(index="STL").apply(
+        lambda row: {f"Δ {q.replace('_', ' ')} at loss {bands[q][0]:.3g}–{bands[q][1]:.3g}":
+                     "–" if row[f"delta_{q}"] != row[f"delta_{q}"] else marked(row, q) for q in binned.data_vars},
+        axis=1, result_type="expand"))
+
+# %% [markdown]
 # ## Does any factor explain both the positive and the negative transfer?
 # A factor explains transfer if, for every significant transfer, MTL moves it significantly in the
 # opposite direction to generalization, with at least one significant positive and one significant
