@@ -86,7 +86,7 @@ for status in [s for s in statuses if s.ran]:
 display(Markdown("\n".join(
     f"- **{name}**: {r.search_runs} search runs on seed(s) {search_space.get('seeds', [0])}, "
     f"{r.runs.sizes['run']} final runs over seeds {list(r.status.study.seeds)} (the search's runs on a final seed are "
-    f"reused), {len(r.methods) - 1} SMTOs; {seconds[name]:.0f} s in this execution (runs already on disk are read, "
+    f"reused), {len(r.methods) - 1} SMTO{'' if len(r.methods) == 2 else 's'}; {seconds[name]:.0f} s in this execution (runs already on disk are read, "
     "not retrained)" for name, r in results.items()) or "No setting of this profile could run here."))
 
 # %% [markdown]
@@ -97,7 +97,8 @@ display(Markdown("\n".join(
 # %% tags=["remove-input"]
 tables = {name: tuned.method_table(result) for name, result in results.items()}
 if results:
-    display(tuned.table2(results, tables).style.hide(axis="index").format({"mean_rank": "{:.2f}"}))
+    display(tuned.table2(results, tables).rename(columns={"delta_mtm": "Δ_mtm (%, mean ± std)", "mean_rank": "MR"})
+            .style.hide(axis="index").format({"MR": "{:.2f}"}))
     for name, result in results.items():
         if result.fixed_from:
             display(Markdown(f"{name}: weights {[round(w, 4) for w in result.fixed_weights]} (tasks "
@@ -115,8 +116,9 @@ if results:
 # %% tags=["remove-input"]
 for name, table in tables.items():
     display(Markdown(f"### {name}"))
-    display(table.sort_values("delta_mtm", ascending=False).style.format(
-        {"delta_mtm": "{:+.2f}", "delta_mtm_std": "{:.2f}", "mean_rank": "{:.2f}", "conflict": "{:.3f}"}))
+    shown = table.sort_values("delta_mtm", ascending=False).rename(columns={
+        "delta_mtm": "Δ_mtm (%)", "delta_mtm_std": "std", "mean_rank": "MR", "conflict": "(1/K) Σ cos(g_k, ḡ)"})
+    display(shown.style.format({"Δ_mtm (%)": "{:+.2f}", "std": "{:.2f}", "MR": "{:.2f}", "(1/K) Σ cos(g_k, ḡ)": "{:.3f}"}))
     result = results[name]
     searched = pd.concat([s.table.assign(method=m) for m, s in
                           [*result.methods.items(), *([(result.fixed_label, result.fixed)] if result.fixed else [])]],
