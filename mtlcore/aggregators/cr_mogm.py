@@ -57,8 +57,9 @@ class CRMOGM(WeightedAggregator):
         return self.base.needs_losses
 
     def state_dict(self):
-        state = super().state_dict()
+        state = super().state_dict()  # with the generator, which the base shares
         state["base"] = self.base.state_dict()
+        state["base"].pop("generator", None)  # once is enough, and a finished run's record drops the top-level one
         return state
 
     def load_state_dict(self, state):

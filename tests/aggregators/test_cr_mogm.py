@@ -75,3 +75,11 @@ def test_agrees_with_torchjd():
     for seed in range(5):
         J = random_jacobian(4, 20, None, seed=seed).double()
         torch.testing.assert_close(ours(J), theirs(J), rtol=1e-9, atol=1e-12)
+
+
+def test_the_shared_generator_is_saved_once():
+    """At the top level of the state, which a finished run's record leaves out; not again in the base's state."""
+    agg = make("cr_mogm", 3, seed=1, base="pcgrad")
+    agg(random_jacobian(3, 10, None, seed=0))
+    state = agg.state_dict()
+    assert "generator" in state and "generator" not in state["base"]
