@@ -57,3 +57,17 @@ def test_a_zero_first_gradient_gets_no_increase_instead_of_nan():
     agg(torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
     agg(torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
     assert torch.isfinite(agg.weights).all() and agg.weights[0] > agg.weights[1]
+
+
+def test_agrees_with_torchjd_but_for_its_first_step():
+    """TorchJD's ExcessMTL starts from 1/K and already updates at the first step with the raw excess e⁰ (the authors'
+    code keeps w = 1 there); later steps multiply by the same exp(η e/e⁰) (TorchJD: e⁰ + 1e-7). So TorchJD's
+    weights times exp(−η e⁰), renormalised to Σ = K, are these."""
+    tjd = pytest.importorskip("torchjd.aggregation")
+    step_size = 0.5
+    ours, theirs = get("excess_mtl", robust_step_size=step_size), tjd.ExcessMTLWeighting(robust_step_size=step_size)
+    for step in range(5):
+        J = random_jacobian(4, 12, None, seed=step).double() * (1 + step)
+        ours(J)
+        undone = theirs(J) * torch.exp(-step_size * ours.initial_excess)
+        torch.testing.assert_close(ours.weights, 4 * undone / undone.sum(), rtol=1e-6, atol=0)
