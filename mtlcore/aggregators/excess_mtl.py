@@ -15,8 +15,9 @@ class ExcessMTL(GradientAggregator):
     later step w_k ← w_k·exp(η e_k/e⁰_k), renormalised to Σw = K (Eq. 9), as the authors' and LibMTL's code do
     (the paper's simplex 1/K is the same direction, K times shorter). The update is done in log space (a softmax),
     so that a large e_k/e⁰_k saturates instead of overflowing; a task with e⁰_k = 0 (zero first gradient) gets no
-    increase instead of the authors' division by zero. S (K×P, J's dtype and device), e⁰, w and the step count
-    are state."""
+    increase instead of the authors' division by zero. TorchJD's ExcessMTL starts from 1/K and already updates at
+    the first step, with the raw e⁰; here, as in the authors' code, the first step only records e⁰. S (K×P, J's
+    dtype and device), e⁰ and w are state."""
 
     name = "excess_mtl"
     defaults = {"robust_step_size": 1e-2}  # LibMTL's robust_step_size

@@ -25,7 +25,8 @@ class MoDo(MultiBatchAggregator):
     (Eq. 2.9 of the paper with its three-sample variant, as LibMTL's and the authors' code with `three_grads`): the
     product of two independent batches' Jacobians is an unbiased estimate of the Gramian's action, which J_ξJ_ξᵀ is
     not. Heads get the step batch's gradients (weighted by λ under `head_update: weighted`); LibMTL instead
-    averages each head's gradient over the three batches. λ is state. Defaults: LibMTL's MoDo_gamma, MoDo_rho."""
+    averages each head's gradient over the three batches. λ is state. Defaults: LibMTL's MoDo_gamma, MoDo_rho
+    (TorchJD's MoDoWeighting defaults to γ = 0.1)."""
 
     name = "modo"
     defaults = {"gamma": 1e-3, "rho": 0.1}
