@@ -31,6 +31,7 @@ class Selection:
     chosen: dict  # the chosen grid point: run-config field -> value
     table: pd.DataFrame  # one row per grid point: its values, mean rank, mean best validation score, diverged runs
     runs: int  # how many runs the selection trained or read
+    measured: bool = False  # whether its runs measured trajectory factors
 
 
 def grid_points(axes: dict) -> list[dict]:
@@ -119,14 +120,16 @@ def select(base: dict, spec: dict, task_sets: list[list[str]], results_dir: str 
     table["diverged runs"] = diverged
     best = int(np.argmin(mean_rank))  # the first of equal ranks
     table["chosen"] = ["✔" if p == best else "" for p in range(len(points))]
-    return Selection(chosen=points[best], table=table, runs=len(configs))
+    return Selection(chosen=points[best], table=table, runs=len(configs),
+                     measured=bool((metrics or {}).get("factors")))
 
 
 def describe(selection: Selection) -> str:
     """One markdown sentence: what was chosen, from how many runs."""
     chosen = ", ".join(f"`{k}` = {v}" for k, v in selection.chosen.items())
     return (f"Chosen on validation: {chosen} (the lowest mean rank over every task, task set and selection seed; "
-            f"{len(selection.table)} grid points, {selection.runs} runs without factor measurements).")
+            f"{len(selection.table)} grid points, {selection.runs} runs"
+            f"{'' if selection.measured else ' without factor measurements'}).")
 
 
 def method_grid(axes: dict, method: str, options: dict | None = None) -> dict:
