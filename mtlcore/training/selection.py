@@ -6,7 +6,10 @@ grid point whose runs validate best is chosen for the seeds of the experiment it
 multi-task runs, which the paper trains with one shared configuration. So each (task set, task, seed) cell ranks the
 grid points by its best validation score over the trained epochs (in the score's direction, 1 = best; a run that
 diverged ranks last), and the chosen point has the lowest mean rank over all cells (ties: the first in grid order),
-the mean rank of paper B's comparisons. The selection runs measure no trajectory factor.
+the mean rank of paper B's comparisons. The selection runs measure no trajectory factor unless asked to.
+
+`search` tunes several methods each on its own (paper B): one `select` per aggregator over a shared grid (learning
+rate, regularisation) times the method's own options.
 """
 from __future__ import annotations
 
