@@ -31,7 +31,8 @@ class CRMOGM(WeightedAggregator):
             f"cr_mogm: base must be a method that weighs the Gramian of the shared parameters' J, got {base!r}",
         )
         self.randomised, self.draws_on_host = self.base.randomised, self.base.draws_on_host
-        super().__init__(**options)
+        # the base's options with its defaults filled in: spelling a default out names the same run
+        super().__init__(**{**options, "base_options": dict(self.base.options)})
         if self.generator is not None:
             self.base.set_generator(self.generator)
 

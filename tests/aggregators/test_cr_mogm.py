@@ -83,3 +83,13 @@ def test_the_shared_generator_is_saved_once():
     agg(random_jacobian(3, 10, None, seed=0))
     state = agg.state_dict()
     assert "generator" in state and "generator" not in state["base"]
+
+
+def test_spelling_out_a_base_default_names_the_same_run():
+    from mtlcore.training.config import RunConfig
+
+    base = {"setting": "fashion_mtl", "tasks": ["fashion1", "fashion2"], "aggregator": "cr_mogm"}
+    implicit = RunConfig.from_dict({**base, "aggregator_options": {"base": "cagrad"}})
+    explicit = RunConfig.from_dict({**base, "aggregator_options": {"base": "cagrad", "base_options": {"c": 0.5}}})
+    other = RunConfig.from_dict({**base, "aggregator_options": {"base": "cagrad", "base_options": {"c": 0.2}}})
+    assert implicit.content_hash() == explicit.content_hash() != other.content_hash()
