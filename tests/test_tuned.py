@@ -18,7 +18,7 @@ from mtlcore.settings.locate import write_idx
 from mtlcore.settings.multi_fashion import data as multi_fashion
 from mtlcore.training import load_run, run_path
 from mtlcore.training.config import ConfigError, RunConfig
-from mtlcore.training.selection import check_search, method_grid, search
+from mtlcore.training.selection import budgeted, check_search, grid_points, method_grid, search
 
 # --- Δ_mtm and the mean rank --------------------------------------------------------------------------------------
 
@@ -212,8 +212,10 @@ def test_a_search_refuses_what_it_cannot_run():
         check_search({"grid": {"lr": [0.1]}, "options": {"famo": {"gamma": [0.01]}}}, ["uniform", "cagrad"])
     with pytest.raises(ConfigError, match="cannot vary `aggregator`"):
         check_search({"grid": {"lr": [0.1], "aggregator": ["mgda"]}}, ["uniform"])
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['budget'\]"):
-        check_search({"grid": {"lr": [0.1]}, "budget": 3}, ["uniform"])
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['seed'\]"):
+        check_search({"grid": {"lr": [0.1]}, "seed": [0]}, ["uniform"])
+    with pytest.raises(ConfigError, match=r"search.budget=0 must be a positive integer"):
+        check_search({"grid": {"lr": [0.1]}, "budget": 0}, ["uniform"])
     with pytest.raises(ConfigError, match=r"search.options.cagrad: \['c'\] must be non-empty lists"):
         method_grid({"lr": [0.1]}, "cagrad", {"c": 0.5})
     with pytest.raises(ValueError, match=r"unknown SMTO\(s\) \['uniform'\]"):
@@ -276,7 +278,6 @@ def test_every_run_of_the_chapter_is_a_valid_config(profile):
     anything trains (the fixed weights with placeholder weights, one per task)."""
     from mtlcore.analysis.studies import Study
     from mtlcore.book import profile_parameters
-    from mtlcore.training.selection import grid_points
 
     p = profile_parameters(profile)["paperb_uniform"]
     for spec in p["study_settings"]:
@@ -292,3 +293,15 @@ def test_every_run_of_the_chapter_is_a_valid_config(profile):
                 RunConfig.from_dict({**study.config, **point, "tasks": list(study.tasks), "metrics": p["metrics"]})
         for task in study.tasks:
             RunConfig.from_dict({**study.config, "tasks": [task], "metrics": p["metrics"]})
+
+
+def test_a_budgeted_search_draws_distinct_grid_points_in_grid_order():
+    points = grid_points(method_grid({"lr": [0.01, 0.005, 0.001], "weight_decay": [0.0, 1e-4]}, "cagrad",
+                                     {"c": [0.2, 0.5, 0.8]}))
+    drawn = budgeted(points, 5, "cagrad")
+    assert len(drawn) == 5 and all(p in points for p in drawn)
+    assert len({json.dumps(p, sort_keys=True) for p in drawn}) == 5  # without replacement
+    assert [points.index(p) for p in drawn] == sorted(points.index(p) for p in drawn)  # grid order
+    assert budgeted(points, 5, "cagrad") == drawn  # the same draw every time
+    assert budgeted(points, 5, "famo") != drawn  # each method its own draw
+    assert budgeted(points, 18, "cagrad") == points and budgeted(points, None, "cagrad") == points

@@ -22,11 +22,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from mtlcore._seeding import numpy_rng
 from mtlcore.training.config import ConfigError, RunConfig
 from mtlcore.training.runner import grid, load_runs
 
 SELECTION_KEYS = ("grid", "seeds", "task_sets")
-SEARCH_KEYS = ("grid", "options", "seeds")
+SEARCH_KEYS = ("grid", "options", "seeds", "budget")
 
 
 @dataclass(frozen=True)
@@ -85,12 +86,13 @@ def rank_points(scores: np.ndarray, higher_is_better: np.ndarray) -> np.ndarray:
 
 
 def select(base: dict, spec: dict, task_sets: list[list[str]], results_dir: str | Path, *,
-           metrics: dict | None = None, **load_kwargs) -> Selection:
+           metrics: dict | None = None, points: list[dict] | None = None, **load_kwargs) -> Selection:
     """Train the grid of `spec` (`grid:` field -> values, `seeds:` the selection's seeds, default [0], `task_sets:`
     the task sets to select on, default `task_sets`) over `base` (a run config; the selection runs measure no
-    factor unless `metrics` names some) and choose a point; `load_kwargs` go to `load_runs` (data root, executor)."""
+    factor unless `metrics` names some) and choose a point; `points`: some of the grid's points only (a budgeted
+    search's draw); `load_kwargs` go to `load_runs` (data root, executor)."""
     check_selection(spec)
-    points = grid_points(spec["grid"])
+    points = grid_points(spec["grid"]) if points is None else points
     seeds = spec.get("seeds", [0])
     task_sets = spec.get("task_sets") or task_sets
     base = {**base, "metrics": metrics or {}}
@@ -173,6 +175,20 @@ def check_search(spec: dict, methods: list[str]) -> None:
     for method in methods:
         method_grid(spec.get("grid"), method, options.get(method))
     check_selection({"grid": spec["grid"], "seeds": spec.get("seeds", [0])})
+    budget = spec.get("budget")
+    if budget is not None and not (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1):
+        raise ConfigError(f"search.budget={budget!r} must be a positive integer (grid points per method) or null "
+                          "(the whole grid)")
+
+
+def budgeted(points: list[dict], budget: int | None, method: str) -> list[dict]:
+    """A budgeted random search's points of one method: `budget` of its grid `points` drawn without replacement
+    (seeded by the method's name alone, so a rerun draws the same), kept in grid order; all of them when the grid
+    has no more than `budget` points or `budget` is None."""
+    if budget is None or len(points) <= budget:
+        return list(points)
+    chosen = numpy_rng(0, "search-budget", method).choice(len(points), size=budget, replace=False)
+    return [points[i] for i in sorted(chosen)]
 
 
 def search(base: dict, methods: list[str], spec: dict, task_sets: list[list[str]], results_dir: str | Path, *,
@@ -182,10 +198,15 @@ def search(base: dict, methods: list[str], spec: dict, task_sets: list[list[str]
     `cagrad: {c: [0.2, 0.5, 0.8]}`) is trained on `spec["seeds"]` (default [0]) for `task_sets` and chosen by
     `select`'s rule: the lowest mean rank of the best validation score over every (task set, task, seed) cell, the
     first in grid order among equal ranks. Runs are cached by content hash, so a second call trains nothing and a
-    killed one resumes. `metrics`: factors the search runs measure (none by default). Method -> its `Selection`."""
+    killed one resumes. `spec["budget"]`: at most that many grid points per method, drawn at random (`budgeted`).
+    `metrics`: factors the search runs measure (none by default). Method -> its `Selection`."""
     check_search(spec, list(methods))
     options = spec.get("options") or {}
     selection = {"seeds": spec.get("seeds", [0])}
-    return {method: select(base, {**selection, "grid": method_grid(spec["grid"], method, options.get(method))},
-                           task_sets, results_dir, metrics=metrics, **load_kwargs)
-            for method in methods}
+    out = {}
+    for method in methods:
+        axes = method_grid(spec["grid"], method, options.get(method))
+        points = budgeted(grid_points(axes), spec.get("budget"), method)
+        out[method] = select(base, {**selection, "grid": axes}, task_sets, results_dir, metrics=metrics,
+                             points=points, **load_kwargs)
+    return out
