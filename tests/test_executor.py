@@ -180,3 +180,28 @@ def test_a_run_records_its_data_files_and_retrains_when_one_changed(fake_data_ro
     caplog.clear()
     ensure_runs([first], tmp_path / "results", data_root=root, progress=False)  # unchanged since: reused
     assert "trained on other data" not in caplog.text
+
+
+def test_reads_are_recorded_per_thread(tmp_path):
+    import threading
+
+    from mtlcore.settings.locate import recording_reads
+
+    for name in ("a", "b"):
+        (tmp_path / name).write_text(name)
+    seen = {}
+
+    def read(name):
+        with recording_reads(tmp_path) as files:
+            with recording_reads(tmp_path) as inner:  # nested, equal (empty) sets: each leaves its own entry
+                pass
+            for _ in range(200):
+                (tmp_path / name).read_text()
+            seen[name] = (set(files), set(inner))
+
+    threads = [threading.Thread(target=read, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"a": ({"a"}, set()), "b": ({"b"}, set())}

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import os
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -101,12 +102,18 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 
 
 # -- which files a run read, and whether they changed since ---------------------------------------------------------
-_READS: list[tuple[Path | None, set[str]]] = []  # (root, files read under it) of each open `recording_reads`
+_LOCAL = threading.local()  # each thread's open `recording_reads`: (root, files read under it)
 _DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, for this process
 
 
+def _recorders() -> list:
+    if not hasattr(_LOCAL, "stack"):
+        _LOCAL.stack = []
+    return _LOCAL.stack
+
+
 def _audit(event: str, args: tuple) -> None:
-    if not _READS or event != "open":
+    if event != "open" or not getattr(_LOCAL, "stack", None):
         return
     path, mode, flags = args
     if not isinstance(path, (str, os.PathLike)):  # a file descriptor
@@ -117,7 +124,7 @@ def _audit(event: str, args: tuple) -> None:
 
 
 def _note(path: str) -> None:
-    for root, files in _READS:
+    for root, files in _recorders():
         if root is None:
             files.add(path)
             continue
@@ -128,24 +135,31 @@ def _note(path: str) -> None:
 
 
 class recording_reads:
-    """`with recording_reads(root) as files:` collects the files under `root` that Python opens for reading
+    """`with recording_reads(root) as files:` collects the files under `root` that this thread opens for reading
     meanwhile (paths relative to `root`; absolute paths for `root=None`), e.g. while a setting loads its data. Data
-    readers cached with `cached_reads` report the files behind a cached result again."""
+    readers cached with `cached_reads` report the files behind a cached result again. Other threads' reads (a claim's
+    heartbeat, a Dask worker's other tasks) are not counted."""
 
     _installed = False
+    _lock = threading.Lock()
 
     def __init__(self, root: str | os.PathLike | None):
         self.entry = (None if root is None else Path(os.path.abspath(root)), set())
 
     def __enter__(self) -> set[str]:
-        if not recording_reads._installed:
-            sys.addaudithook(_audit)  # permanent, and a no-op while nothing records
-            recording_reads._installed = True
-        _READS.append(self.entry)
+        with recording_reads._lock:
+            if not recording_reads._installed:
+                sys.addaudithook(_audit)  # permanent, and a no-op while nothing records
+                recording_reads._installed = True
+        _recorders().append(self.entry)
         return self.entry[1]
 
     def __exit__(self, *exc) -> None:
-        _READS.remove(self.entry)
+        stack = _recorders()
+        for i in range(len(stack) - 1, -1, -1):  # this entry itself, not an equal one
+            if stack[i] is self.entry:
+                del stack[i]
+                break
 
 
 def cached_reads(maxsize: int):
@@ -164,7 +178,7 @@ def cached_reads(maxsize: int):
             if any(_stamp(path) != stamp for path, stamp in files.items()):
                 read.cache_clear()
                 result, files = read(*args, **kwargs)
-            if _READS:
+            if getattr(_LOCAL, "stack", None):
                 for path in files:
                     _note(path)
             return result
