@@ -85,3 +85,10 @@ def test_the_scoreboard_lists_every_claim_and_reads_the_chapters_datasets(tmp_pa
     assert "| A [§3](sec3_transfer.ipynb) |" in text and "Δ = +0.01 \\| n.s." in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == len(claims.CLAIMS) + 1 and "✓ reproduced: 1" in text  # the header and one row per claim
+
+
+def test_yes_no_claims():
+    assert claims.boolean_claim("B-fixed", True, "e")["verdict"] == claims.REPRODUCED
+    assert claims.boolean_claim("B-fixed", False, "e")["verdict"] == claims.CONTRADICTED
+    assert claims.boolean_claim("B-smtos", False, "e", otherwise=claims.NOT_SHOWN)["verdict"] == claims.NOT_SHOWN
+    assert claims.boolean_claim("B-interference", None, "e")["verdict"] == claims.UNTESTABLE

@@ -17,9 +17,10 @@ REPRODUCED = "reproduced"
 SAME_SIGN = "same sign, not significant"
 OPPOSITE_SIGN = "opposite sign, not significant"
 CONTRADICTED = "contradicted"
+NOT_SHOWN = "not shown here"  # tested: the claimed effect is not significant, and nothing significant opposes it
 UNTESTABLE = "cannot be tested here"
 NOT_RUN = "not run on this profile"
-VERDICTS = (REPRODUCED, SAME_SIGN, OPPOSITE_SIGN, CONTRADICTED, UNTESTABLE, NOT_RUN)
+VERDICTS = (REPRODUCED, SAME_SIGN, OPPOSITE_SIGN, CONTRADICTED, NOT_SHOWN, UNTESTABLE, NOT_RUN)
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,14 @@ CLAIMS = (
           "correlation of conflict with sharpness, Fisher trace, gradient covariance)", "sec5_conflict"),
     Claim("A5-generalization", "A", "§5", "Gradient conflict has little to no correlation with the target's "
           "generalization", "sec5_conflict"),
-    Claim("B-uniform", "B", "§4", "With tuned learning rate and regularisation, the uniform loss is competitive with "
-          "the SMTOs", "paperb_uniform"),
-    Claim("B-fixed", "B", "§5", "Fixed weights taken from an SMTO's trajectory match that SMTO", "paperb_uniform"),
-    Claim("B-interference", "B", "§4", "SMTOs win where task interference is high", "paperb_uniform"),
+    Claim("B-smtos", "B", "abstract", "SMTOs perform well compared to the uniform loss (some SMTO significantly "
+          "better than the tuned uniform loss)", "paperb_uniform"),
+    Claim("B-uniform", "B", "abstract", "The tuned uniform loss performs similarly to the SMTOs in some instances",
+          "paperb_uniform"),
+    Claim("B-fixed", "B", "abstract", "Fixed weights taken from an SMTO's trajectory are competitive with that SMTO",
+          "paperb_uniform"),
+    Claim("B-interference", "B", "abstract", "SMTOs help most where the tasks interfere (conflict) most",
+          "paperb_uniform"),
 )
 BY_ID = {claim.id: claim for claim in CLAIMS}
 
@@ -113,6 +118,14 @@ def finding_claim(claim_id: str, finding) -> dict:
     return record(claim_id, verdict, _plain(finding.headline))
 
 
+def boolean_claim(claim_id: str, holds: bool | None, evidence: str, *, otherwise: str = CONTRADICTED) -> dict:
+    """A claim decided by a tested yes/no (None: cannot be judged here): reproduced when it holds, else `otherwise`
+    (contradicted where "no" means a significant effect against the claim, `NOT_SHOWN` where it means no significant
+    effect for it)."""
+    verdict = UNTESTABLE if holds is None else REPRODUCED if holds else otherwise
+    return record(claim_id, verdict, evidence)
+
+
 def correlation_claim(claim_id: str, rows: pd.DataFrame, *, expect: str, alpha: float = 0.05) -> dict:
     """A claim about correlations, from a table with `r` (Pearson), `p` (its p-value) and a `what` column: `expect`
     "positive" (each correlation positive; reproduced when every one is significant at `alpha`) or "none" (no
@@ -164,7 +177,8 @@ def scoreboard(results_dir: str | Path, chapters: Iterable[str]) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-MARKS = {REPRODUCED: "✓", SAME_SIGN: "◐", OPPOSITE_SIGN: "◑", CONTRADICTED: "✗", UNTESTABLE: "–", NOT_RUN: "·"}
+MARKS = {REPRODUCED: "✓", SAME_SIGN: "◐", OPPOSITE_SIGN: "◑", CONTRADICTED: "✗", NOT_SHOWN: "○", UNTESTABLE: "–",
+         NOT_RUN: "·"}
 
 
 def scoreboard_markdown(board: pd.DataFrame, titles: Mapping[str, str] | None = None) -> str:
