@@ -184,11 +184,12 @@ plt.show()
 
 # %% tags=["hide-input"]
 display(conflict_study.shown_table(table, names))
-result = conflict_study.finding(table, factors, context=f"(in this run: {profile} profile, {len(mtl)} multi-task runs; "
+named = table.rename(index=names, level=0)  # the targets by their display names
+result = conflict_study.finding(named, factors, context=f"(in this run: {profile} profile, {len(mtl)} multi-task runs; "
                                 "factors over epoch windows)")
 display(Markdown(result.text))
 if at_loss:
-    display(Markdown(conflict_study.finding(table, at_loss, context="(factors at comparable training loss)").text))
+    display(Markdown(conflict_study.finding(named, at_loss, context="(factors at comparable training loss)").text))
 display(Markdown(f"The paper's answer: conflict predicts the factors: {expected['conflict_predicts_factors']}; "
                  f"conflict predicts generalization: {expected['conflict_predicts_generalization']}."))
 
