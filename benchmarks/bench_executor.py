@@ -1,11 +1,12 @@
-"""A grid of smoke-size FashionMTL runs: sequential against a Dask LocalCluster of 2 worker processes, and the
+"""A grid of the smoke profile's FashionMTL runs: sequential against a Dask LocalCluster of 2 worker processes, and the
 per-run overhead of the claim and of the scheduler.
 
-    python benchmarks/bench_executor.py [--runs 8] [--epochs 3] [--data-root DIR]
+    python benchmarks/bench_executor.py [--runs 8] [--epochs N] [--data-root DIR]
 
 Each configuration trains the same grid into a fresh results folder. Sequential runs use torch's thread count of this
 process (all cores) and, for comparison, 1 thread; the cluster's workers get cores // 2 threads each. The cluster's
-start (workers importing torch) is timed apart from the grid. The overheads: a claim taken and released (with its
+start is timed apart from the grid, and both sides first train a few other runs (each worker reads the data and
+imports its modules once) before the clock starts. The overheads: a claim taken and released (with its
 heartbeat thread), and a Dask task's round trip to a worker, both per run, against the mean wall time of one of the
 grid's runs.
 """
@@ -19,15 +20,20 @@ from pathlib import Path
 
 import torch
 
+from mtlcore.book import profile_parameters
 from mtlcore.training import claims, ensure_runs, grid, load_run
+from mtlcore.training.runner import base_config
 from mtlcore.training.executor import Executor, close_all
 
 
-def configs(runs: int, epochs: int) -> list:
-    base = {"setting": "fashion_mtl", "model": "lenet", "epochs": epochs, "batch_size": 128,
-            "setting_options": {"train_size": 512, "val_size": 256, "test_size": 256, "data_seed": 0}}
-    task_sets = [["fashion1"], ["fashion1", "fashion2"]]
-    return grid(base, tasks=task_sets, seed=list(range(max(1, runs // len(task_sets)))))
+def configs(runs: int, epochs: int | None = None, first_seed: int = 0) -> list:
+    """`runs` runs of the smoke profile's §3 configuration (its sizes, model and factor measurements): the target
+    alone and with each partner, over seeds from `first_seed`."""
+    p = profile_parameters("smoke")["sec3_transfer"]
+    base = {**base_config(p), **({"epochs": epochs} if epochs else {})}
+    task_sets = [[p["target"]]] + [[p["target"], q] for q in p["partners"]]
+    seeds = list(range(first_seed, first_seed + max(1, -(-runs // len(task_sets)))))
+    return grid(base, tasks=task_sets, seed=seeds)[:runs]
 
 
 def timed_grid(runs: list, executor: str, data_root: str | None) -> tuple[float, float]:
@@ -59,12 +65,14 @@ def scheduler_seconds(client, n: int = 200) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the smoke profile's")
     parser.add_argument("--data-root", default=None)
     args = parser.parse_args()
     runs = configs(args.runs, args.epochs)
-    print(f"{len(runs)} runs of {args.epochs} epochs, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} at start")
-    ensure_runs(runs[:1], tempfile.mkdtemp(), data_root=args.data_root, progress=False)  # warm the data caches
+    print(f"{len(runs)} runs of the smoke profile's §3 ({runs[0].epochs} epochs, factors measured), "
+          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} at start")
+    warm_up = configs(4, 1, first_seed=1000)  # other runs: data read and modules imported before the clock starts
+    ensure_runs(warm_up, tempfile.mkdtemp(), data_root=args.data_root, progress=False)
 
     threads = torch.get_num_threads()
     sequential, per_run = timed_grid(runs, "sequential", args.data_root)
@@ -77,6 +85,7 @@ def main() -> None:
     client = cluster.client()
     client.wait_for_workers(2)
     started = time.perf_counter() - start
+    ensure_runs(warm_up, tempfile.mkdtemp(), data_root=args.data_root, executor=str(cluster), progress=False)
     parallel, _ = timed_grid(runs, str(cluster), args.data_root)
     scheduler = scheduler_seconds(client)
     close_all()
