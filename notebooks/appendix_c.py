@@ -44,7 +44,7 @@ loss_bins = {"n_bins": 20, "skip_highest": 2, "early_width": 4, "end_width": 3} 
 device = "auto"
 executor = ""  # where runs train: "" = what `mtlcore batch --executor` chose (else sequential)
 
-# %%
+# %% tags=["hide-input"]
 import json
 import logging
 from pathlib import Path
@@ -113,7 +113,7 @@ def factor_tables(runs, labels, variables, reference):
 # %% [markdown]
 # ## FashionMTL
 
-# %% tags=["remove-stderr"]
+# %% tags=["remove-stderr", "hide-input"]
 configs = grid(base, tasks=task_sets, seed=seeds)
 runs = load_runs(configs, results_dir, data_root=data_root or None, **run_options)
 runs = comparisons.label_configurations(runs, target, names)
@@ -132,10 +132,11 @@ if fashion_factors is not None:
     display(Markdown("Factors (lower is better), Δ = MTL − STL over epoch windows and at comparable training loss:"))
     display(fashion_factors)
 
-# %%
+# %% tags=["hide-input"]
 fig = plots.factors_vs_loss(target_runs, ["test_score", *variables], group="configuration", order=order,
                             title=f"{setting_name} ({profile} profile): {names.get(target, target)}'s trajectories")
-plt.show()
+plots.publish(fig, "Figure C.1 (Appendix C)", f"{names.get(target, target)}'s test score and factors against its "
+              "training loss, STL and each MTL pair, mean ± 2 std over seeds.", results_dir, "appendix_c-fashion_mtl")
 
 # %% [markdown]
 # ## The other settings
@@ -146,7 +147,7 @@ statuses = [other_settings.prepare(study, data_root or None, results_dir) for st
 display(Markdown(other_settings.overview_markdown(
     statuses, fashion_mtl=f"ran on the real data: {names.get(target, target)} with each partner (above)")))
 
-# %% tags=["remove-stderr"]
+# %% tags=["remove-stderr", "hide-input"]
 study_results = {}
 for status in [s for s in statuses if s.ran]:
     study = status.study
@@ -167,9 +168,12 @@ for status in [s for s in statuses if s.ran]:
         factors_table, _ = factor_tables(task_runs, task_runs["configuration"], study_variables, "STL")
         if factors_table is not None:
             display(factors_table)
-        plots.factors_vs_loss(task_runs, ["test_score", *study_variables], group="configuration", order=["STL", "MTL"],
-                              title=f"{study.display_name} ({profile} profile): {study_names.get(task, task)}")
-        plt.show()
+        figure = plots.factors_vs_loss(task_runs, ["test_score", *study_variables], group="configuration",
+                                       order=["STL", "MTL"],
+                                       title=f"{study.display_name} ({profile} profile): {study_names.get(task, task)}")
+        plots.publish(figure, f"Figure C.{study.setting}.{task} (Appendix C)", f"{study.display_name}, "
+                      f"{study_names.get(task, task)}: test score and factors against training loss, STL and MTL, "
+                      "mean ± 2 std over seeds.", results_dir, f"appendix_c-{study.setting}-{task}")
 
 # %% [markdown]
 # ## Figure 2: generalization against training loss where transfer is significant
@@ -177,7 +181,7 @@ for status in [s for s in statuses if s.ran]:
 # the test score against the training loss, STL and MTL (mean ± 2 std over seeds). A setting of this run without a
 # significant transfer shows its task of largest |Δ| instead, marked "not significant".
 
-# %%
+# %% tags=["hide-input"]
 panels = []
 significant = fashion_table.drop(index="STL")
 score = target_scores[0].name
@@ -206,7 +210,9 @@ for ax in list(axes.flat)[len(panels):]:
     ax.set_visible(False)
 fig.suptitle(f"Figure 2 ({profile} profile): generalization against training loss")
 fig.tight_layout()
-plt.show()
+plots.publish(fig, "Figure 2 (paper A)", "Test score against training loss, STL and MTL (mean ± 2 std over seeds), "
+              "for the tasks of each setting whose transfer is significant (else the task of largest |Δ|, marked "
+              "not significant).", results_dir, "appendix_c-figure2")
 
 # %% tags=["hide-input"]
 analysis_ds = comparisons.table_dataset(fashion_table, "fashion_mtl")

@@ -47,18 +47,18 @@ metrics = {"factors": ["sharpness", "fisher_trace", "coherence", "conflict"], "e
 device = "auto"
 executor = ""  # where runs train: "" = what `mtlcore batch --executor` chose (else sequential)
 
-# %%
+# %% tags=["hide-input"]
 import json
 import logging
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 import xarray as xr
 from IPython.display import Markdown, display
 
 from mtlcore import settings
-from mtlcore.analysis import comparisons, conflict_study
+from mtlcore.analysis import claims as paper_claims
+from mtlcore.analysis import comparisons, conflict_study, plots
 from mtlcore.training.results import save_atomic
 from mtlcore.training.runner import base_config, diverged_runs, grid, load_runs
 
@@ -98,7 +98,7 @@ else:
 # `draw_seed` (the same seed gives the same sets on any machine; each run records its tasks). Every set is
 # trained with the target under the uniform multi-task gradient (Eq. 2), on every seed.
 
-# %%
+# %% tags=["hide-input"]
 task_pool = list(pool) or list(described.tasks)
 sets = [s for target in targets for s in conflict_study.draw_aux_sets(target, task_pool, set_sizes, sets_per_size,
                                                                        seed=draw_seed)]
@@ -110,7 +110,7 @@ configs = {target: grid(base, tasks=([[target]] if include_stl else []) + [s.run
 print(f"{sum(map(len, configs.values()))} runs: {len(targets)} target(s) x ({len(set_sizes)} sizes x {sets_per_size} "
       f"sets{' + alone' if include_stl else ''}) x {len(seeds)} seed(s); {epochs} epochs each")
 
-# %% tags=["remove-stderr"]
+# %% tags=["remove-stderr", "hide-input"]
 summaries, all_runs = [], {}
 for target in targets:
     runs = all_runs[target] = load_runs(configs[target], results_dir, data_root=data_root or None, **run_options)
@@ -130,7 +130,7 @@ mtl, alone = summary[summary["size"] > 0], summary[summary["size"] == 0]
 # covariance over the end-of-training band of the least-converged run, so that a run with more conflict, which is
 # less far along after the same number of epochs, is not compared at a different stage of training.
 
-# %%
+# %% tags=["hide-input"]
 shown = summary.assign(target=[names.get(t, t) for t in summary["target"]],
                        aux_tasks=[", ".join(names.get(a, a) for a in s.split(", ")) if s else "(alone)"
                                   for s in summary["aux_tasks"]])
@@ -143,7 +143,7 @@ display(shown.drop(columns=["run"]).sort_values(["target", "size", "draw"]).styl
 # p-values. The paper's finding reads as a **negative** correlation here: the lower the cosine (the more conflict),
 # the larger the factor.
 
-# %%
+# %% tags=["hide-input"]
 labels = {"fisher_trace": "Fisher trace (largest)", "sharpness": "sharpness (last)",
           "grad_cov_trace": "gradient covariance (last)", "min_train_loss": "minimum training loss",
           "generalization": "generalization (test score)"}
@@ -154,27 +154,33 @@ labels.update({f"{f}{conflict_study.AT_LOSS}": f"{labels[f].split(' (')[0]} (com
 fig = conflict_study.scatter_against_conflict(mtl, figure5_quantities, table, labels=labels, names=names,
                                               reference=alone, title=f"{setting_name} ({profile} profile): "
                                               "factors against the mean conflict")
-plt.show()
+plots.publish(fig, "Figure 5 (paper A)" + (", analog" if analog else ""), "Each factor of the target against its mean "
+              "conflict (the cosine to the update; lower: more conflict), one point per run coloured by the size of its "
+              "auxiliary set; dashed: the target alone; Pearson's r and Spearman's ρ with their p-values.", results_dir,
+              "sec5-figure5")
 
 # %% [markdown]
 # The same factors read at comparable training loss (Appendix B.4's bands; a run with no measured checkpoint in a
 # band has no point):
 
-# %%
+# %% tags=["hide-input"]
 if at_loss:
     fig = conflict_study.scatter_against_conflict(mtl, at_loss, table, labels=labels, names=names, reference=alone,
                                                   title=f"{setting_name} ({profile} profile): factors at comparable "
                                                   "training loss against the mean conflict")
-    plt.show()
+    plots.publish(fig, "Figure 5b (Figure 5 at comparable loss)", "The factors read in Appendix B.4's loss bands "
+                  "against the mean conflict, as in Figure 5.", results_dir, "sec5-figure5-at-loss")
 
 # %% [markdown]
 # ## Figure 6: the target's generalization against its mean conflict
 
-# %%
+# %% tags=["hide-input"]
 fig = conflict_study.scatter_against_conflict(mtl, ["generalization"], table, labels=labels, names=names,
                                               reference=alone, title=f"{setting_name} ({profile} profile): "
                                               "generalization against the mean conflict")
-plt.show()
+plots.publish(fig, "Figure 6 (paper A)" + (", analog" if analog else ""), "The target's generalization (mean test "
+              "score at its 10 best-validation checkpoints) against its mean conflict, one point per run.", results_dir,
+              "sec5-figure6")
 
 # %% [markdown]
 # ## The correlations, and the paper's answer
@@ -204,6 +210,9 @@ analysis_ds.attrs.update(profile=profile, setting=setting, targets=json.dumps(ta
                          sets_per_size=sets_per_size, draw_seed=draw_seed, seeds=json.dumps(seeds),
                          analog=int(analog), expected=json.dumps(expected),
                          factors_follow_conflict=json.dumps(result.factors_follow_conflict),
-                         generalization_follows=json.dumps([str(g) for g in result.generalization_follows]))
+                         generalization_follows=json.dumps([str(g) for g in result.generalization_follows]),
+                         **paper_claims.claims_attr(paper_claims.conflict_claims(
+                             result, generalization_tested=bool(table.xs("generalization", level=1)["spearman_p"]
+                                                                .notna().any()))))
 save_atomic(analysis_ds, results_dir / "sec5_conflict.nc")
 print("analysis written to sec5_conflict.nc in the results folder")

@@ -53,16 +53,25 @@ def test_the_chapters_findings_decide_their_claims():
     assert claims.finding_claim("A4.2-smtos", quadrants)["verdict"] == claims.UNTESTABLE
 
 
-def test_correlation_claims():
-    table = pd.DataFrame({"what": ["sharpness", "fisher"], "r": [0.6, 0.4], "p": [0.001, 0.2]})
-    assert claims.correlation_claim("A5-factors", table, expect="positive")["verdict"] == claims.SAME_SIGN
-    assert claims.correlation_claim("A5-factors", table.assign(p=0.01), expect="positive")["verdict"] == claims.REPRODUCED
-    assert claims.correlation_claim("A5-factors", table.assign(r=[0.6, -0.4], p=0.01),
-                                    expect="positive")["verdict"] == claims.CONTRADICTED
-    none = claims.correlation_claim("A5-generalization", table.assign(p=0.3), expect="none")
-    assert none["verdict"] == claims.REPRODUCED and "sharpness: r = +0.60 (p = 0.3)" in none["evidence"]
-    assert claims.correlation_claim("A5-generalization", table, expect="none")["verdict"] == claims.SAME_SIGN
-    assert claims.correlation_claim("A5-generalization", table.iloc[:0], expect="none")["verdict"] == claims.UNTESTABLE
+def test_section_5_claims_from_a_conflict_finding():
+    import numpy as np
+
+    from mtlcore.analysis import conflict_study
+
+    def table(rho_fisher, p_fisher, p_general):
+        rows = [(target, quantity, rho, p) for target in ("a", "b") for quantity, rho, p in
+                (("fisher_trace", rho_fisher, p_fisher), ("generalization", 0.3, p_general))]
+        return pd.DataFrame([{"target": t, "quantity": q, "pearson_r": r, "pearson_p": p, "spearman_rho": r,
+                              "spearman_p": p, "n": 8} for t, q, r, p in rows]).set_index(["target", "quantity"])
+
+    def verdicts(t):
+        return [r["verdict"] for r in claims.conflict_claims(conflict_study.finding(t, ["fisher_trace"]))]
+
+    assert verdicts(table(-0.8, 0.01, 0.5)) == [claims.REPRODUCED, claims.REPRODUCED]  # the paper's picture
+    assert verdicts(table(0.8, 0.01, 0.01)) == [claims.CONTRADICTED, claims.CONTRADICTED]
+    assert verdicts(table(-0.3, 0.4, 0.5)) == [claims.NOT_SHOWN, claims.REPRODUCED]
+    untested = claims.conflict_claims(conflict_study.finding(table(np.nan, np.nan, 0.5), ["fisher_trace"]), False)
+    assert untested[1]["verdict"] == claims.UNTESTABLE
 
 
 def test_bad_claims_and_verdicts_are_refused():

@@ -126,28 +126,20 @@ def boolean_claim(claim_id: str, holds: bool | None, evidence: str, *, otherwise
     return record(claim_id, verdict, evidence)
 
 
-def correlation_claim(claim_id: str, rows: pd.DataFrame, *, expect: str, alpha: float = 0.05) -> dict:
-    """A claim about correlations, from a table with `r` (Pearson), `p` (its p-value) and a `what` column: `expect`
-    "positive" (each correlation positive; reproduced when every one is significant at `alpha`) or "none" (no
-    significant correlation: reproduced when none is, contradicted when every one is)."""
-    if rows.empty or rows["r"].isna().all():
-        return record(claim_id, UNTESTABLE, "no correlation could be computed")
-    rows = rows.dropna(subset=["r"])
-    significant = rows["p"] < alpha
-    evidence = "; ".join(f"{w}: r = {r:+.2f} (p = {p:.2g})" for w, r, p in zip(rows["what"], rows["r"], rows["p"]))
-    if expect == "positive":
-        positive = rows["r"] > 0
-        if (positive & significant).all():
-            verdict = REPRODUCED
-        elif (~positive & significant).any():
-            verdict = CONTRADICTED
-        else:
-            verdict = SAME_SIGN if positive.all() else OPPOSITE_SIGN
-    elif expect == "none":
-        verdict = REPRODUCED if not significant.any() else CONTRADICTED if significant.all() else SAME_SIGN
-    else:
-        raise ValueError(f"expect={expect!r}; use 'positive' or 'none'")
-    return record(claim_id, verdict, evidence)
+def conflict_claims(finding, generalization_tested: bool = True) -> list[dict]:
+    """§5's claims from `conflict_study.finding`: more conflict goes with larger factors (some factor grows with the
+    conflict for every target: reproduced; none does and some shrinks with it: contradicted; neither: not shown), and
+    generalization does not follow the conflict (no target's correlation is significant: reproduced)."""
+    grows, shrinks = finding.factors_follow_conflict, finding.factors_opposite
+    factors = record("A5-factors", REPRODUCED if grows else CONTRADICTED if shrinks else NOT_SHOWN,
+                     f"grow with the conflict: {', '.join(grows) or 'none'}; shrink with it: {', '.join(shrinks) or 'none'}"
+                     " (Spearman, p < 0.05, for every target)")
+    follows = finding.generalization_follows
+    general = record("A5-generalization", UNTESTABLE if not generalization_tested else
+                     CONTRADICTED if follows else REPRODUCED,
+                     f"generalization correlated with the conflict (p < 0.05) for {', '.join(map(str, follows))}"
+                     if follows else "no target's generalization correlates with the conflict (p < 0.05)")
+    return [factors, general]
 
 
 def _plain(text: str) -> str:
