@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from mtlcore.training.claims import STALE_AFTER, RunClaimed, RunFailed, first_line, read_failure
 from mtlcore.training.config import RunConfig
-from mtlcore.training.results import ENGINE, check_results_dir, combine_runs, load_run
+from mtlcore.training.results import check_results_dir, combine_runs, load_run
 
 PROGRESS_ENV = "MTLCORE_PROGRESS_FILE"
 CACHED_ONLY_ENV = "MTLCORE_CACHED_ONLY"
@@ -125,11 +125,6 @@ class RunProgress:
         return summary
 
 
-def _status_of(path: Path) -> str:
-    with xr.open_dataset(path, engine=ENGINE) as ds:
-        return str(ds.attrs.get("status"))
-
-
 def ensure_runs(configs: Iterable[RunConfig], results_dir: str | Path, *, data_root: str | Path | None = None,
                 executor=None, dask_client=None, progress: bool = True,
                 retry_failed: bool = False, claim_timeout: float = STALE_AFTER, poll_seconds: float = 5.0,
@@ -167,8 +162,8 @@ def ensure_runs(configs: Iterable[RunConfig], results_dir: str | Path, *, data_r
         log.warning("%d of the %d configs repeat another one (same run hash): each run is trained and counted once",
                     len(configs) - len(unique), len(configs))
     paths = list(unique)
-    for path in paths:  # a run trained on data files that changed since trains again
-        set_aside_if_stale(path, root)
+    # one read of each run file on disk: its status, unless its data files changed since (then it trains again)
+    statuses = {path: set_aside_if_stale(path, root) for path in paths}
     todo = {p: c for p, c in unique.items() if not p.exists()}
     failed: dict[Path, dict] = {}
     if not retry_failed:
@@ -182,7 +177,7 @@ def ensure_runs(configs: Iterable[RunConfig], results_dir: str | Path, *, data_r
                           f"out (cached_only / ${CACHED_ONLY_ENV}), e.g. {_label(next(iter(todo.values())))}: "
                           "precompute them where they can train (`mtlcore batch --profile P --executor ...`) and "
                           "copy the results folder here")
-    diverged = sum(_status_of(p) != "complete" for p in paths if p not in todo and p not in failed)
+    diverged = sum(statuses[p] != "complete" for p in paths if p not in todo and p not in failed)
     followed = bool(os.environ.get(PROGRESS_ENV))  # `mtlcore batch` shows the bar and the summary instead
     bar = RunProgress(len(paths), len(paths) - len(todo) - len(failed), len(failed), progress and not followed,
                       diverged)

@@ -443,30 +443,26 @@ def run(config: RunConfig | dict, *, data_root: str | Path | None = None, result
     return ds
 
 
-def stale_data(path: Path, data_root: str | Path | None) -> list[str]:
-    """The data files (relative to the data root) that changed since the run file `path` was trained on them."""
-    with xr.open_dataset(path, engine="h5netcdf") as ds:
-        recorded = json.loads(ds.attrs.get("data_files", "{}"))
-    return changed_files(settings.data_root(data_root), recorded) if recorded else []
-
-
-def set_aside_if_stale(path: Path, data_root: str | Path | None) -> bool:
+def set_aside_if_stale(path: Path, data_root: str | Path | None) -> str | None:
     """A finished run whose data files changed since is renamed `<hash>.nc.stale-<time>` (kept, not reused) with a
-    warning naming the files, so that the run trains again on the current data. True if it was."""
+    warning naming the files, so that the run trains again on the current data. Returns the status of a run file that
+    stays (read in the same pass), None when there is none or it was set aside."""
     if not path.exists():
-        return False
-    changed = stale_data(path, data_root)
+        return None
+    with xr.open_dataset(path, engine="h5netcdf") as ds:
+        recorded, status = json.loads(ds.attrs.get("data_files", "{}")), str(ds.attrs.get("status"))
+    changed = changed_files(settings.data_root(data_root), recorded) if recorded else []
     if not changed:
-        return False
+        return status
     aside = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
     try:
         os.replace(path, aside)
     except FileNotFoundError:  # another process set it aside first
-        return True
+        return None
     log.warning("run %s was trained on other data: %s changed since (under the data root); the run file is kept as "
                 "%s and the run trains again", path.stem, ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""),
                 aside.name)
-    return True
+    return None
 
 
 def _train(config: RunConfig, data_root, data: SettingData | None, path: Path | None, progress: bool) -> xr.Dataset:
