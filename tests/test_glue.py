@@ -373,6 +373,23 @@ def test_tiny_encoder_per_example_gradients_vmap_equals_loop(tiny_folder):
         assert looped.norm(dim=1).min() > 0
 
 
+def test_evaluation_chunks_by_length_give_each_example_its_own_features(tiny_folder, monkeypatch):
+    glue_model = GLUE().build_model(None, ["rte"], {"encoder": str(tiny_folder), "max_length": 32}).eval()
+    words = "the man is a man of the end and in to".split()
+    rng = np.random.default_rng(0)
+    pairs = [(" ".join(rng.choice(words, rng.integers(1, 12))), " ".join(rng.choice(words, rng.integers(1, 9))))
+             for _ in range(11)]
+    monkeypatch.setattr(model, "NO_GRAD_CHUNK", 4)
+    with torch.no_grad():
+        chunked = glue_model.encoder(inputs_of(pairs))  # 3 chunks of similar length, in another order
+        alone = torch.cat([glue_model.encoder(inputs_of([p])) for p in pairs])
+    with_grad = glue_model.encoder(inputs_of(pairs)).detach()  # one batch padded to its longest example
+    lengths = glue_model.encoder.tokenize(**inputs_of(pairs))[2].sum(1)
+    assert len(set(lengths.tolist())) > 3  # the chunks differ in length
+    torch.testing.assert_close(chunked, alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(chunked, with_grad, atol=1e-5, rtol=1e-4)
+
+
 def test_each_text_is_tokenised_once_per_process(tiny_folder, monkeypatch):
     encoder = GLUE().build_model(None, ["rte"], {"encoder": str(tiny_folder), "max_length": 12}).encoder
     pairs = [("the man", "a man"), ("a b", "the end"), ("the man", "a man")]

@@ -9,7 +9,8 @@ uses `roberta-base`.
 
 The model tokenises: the data holds the raw text (UTF-8 bytes, `data.py`), since the tokenizer is the model's.
 Each example's tokens are cached in memory, per process and per (tokenizer, max_length), so that every text is
-tokenised once. A batch is padded to its own longest example (dynamic padding), and the transformer gets an
+tokenised once. A batch is padded to its own longest example (dynamic padding; without gradients, as in evaluation,
+it goes through in chunks of similar length, each padded to its own longest), and the transformer gets an
 explicit additive attention mask, which keeps its forward free of data-dependent branches: per-example gradients
 then run under torch.func's vmap (the tokenisation is a custom function with its own batching rule).
 """
@@ -115,6 +116,10 @@ class _Tokenize(torch.autograd.Function):
         return tuple(t.unflatten(0, size) for t in out), (0, 0, 0)
 
 
+# Examples per forward pass when no gradient is taken (evaluation): chunks of similar length.
+NO_GRAD_CHUNK = 32
+
+
 class TextEncoder(nn.Module):
     """Tokenizer and transformer: the setting's text inputs → the first token's final hidden state (N × hidden)."""
 
@@ -160,6 +165,22 @@ class TextEncoder(nn.Module):
             raise TypeError("the GLUE encoder takes the setting's inputs, a mapping with text_a, text_b (N×W UTF-8 "
                             f"bytes) and pair (N); got {type(inputs).__name__}")
         ids, types, mask = _Tokenize.apply(self, inputs["text_a"], inputs["text_b"], inputs["pair"])
+        if torch.is_grad_enabled() or len(ids) <= NO_GRAD_CHUNK:
+            return self._encode(ids, types, mask)
+        # Without gradients (evaluation), examples go through in chunks of similar length, each padded only to its
+        # own longest example: the masked padding changes nothing but the cost (2-4x on GLUE's short sentences).
+        lengths = mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        out = None
+        for chunk in order.split(NO_GRAD_CHUNK):
+            width = int(lengths[chunk].max())
+            features = self._encode(ids[chunk, :width], types[chunk, :width], mask[chunk, :width])
+            if out is None:
+                out = features.new_empty((len(ids), *features.shape[1:]))
+            out[chunk] = features
+        return out
+
+    def _encode(self, ids: torch.Tensor, types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         dtype = self.transformer.get_input_embeddings().weight.dtype
         # An explicit 4-D additive mask: transformers then skips its own mask building, whose shortcuts branch on
         # the mask's values (which torch.func cannot batch).
