@@ -12,7 +12,7 @@ import xarray as xr
 
 from mtlcore import settings
 from mtlcore.training import RunConfig, ensure_runs, trainer as train
-from mtlcore.training.results import SCORE_VARIABLES, VARIABLES, combine_runs, load_run, validate_run
+from mtlcore.training.results import SCORE_VARIABLES, VARIABLES, combine_runs, load_run, save_atomic, validate_run
 from mtlcore.training.updates import UniformUpdate
 
 from conftest import SMALL
@@ -71,6 +71,25 @@ def test_results_schema_round_trip(fake_data_root, tmp_path):
     # what the splits and numbers depend on besides the config: the data files and the libraries' versions
     data_info = __import__("json").loads(loaded.attrs["data_info"])
     assert len(data_info["files_md5"]) == 4 and loaded.attrs["numpy_version"] == np.__version__
+
+
+def test_a_run_file_read_again_is_its_current_content_and_a_copy(fake_data_root, tmp_path):
+    cfg = config(("fashion1",), epochs=1)
+    train.run(cfg, data_root=fake_data_root, results_dir=tmp_path, progress=False)
+    path = train.run_path(cfg, tmp_path)
+    first = load_run(path)
+    first["train_loss"][:] = -1.0  # a caller changing its copy
+    first.attrs["status"] = "changed"
+    again = load_run(path)
+    with xr.open_dataset(path, engine="h5netcdf") as on_disk:
+        assert_identical(again, on_disk.load())
+    replaced = again.copy(deep=True)
+    replaced.attrs["message"] = "replaced"
+    save_atomic(replaced, path)  # a new file under the same name (a run trained again)
+    assert load_run(path).attrs["message"] == "replaced"
+    path.unlink()
+    with pytest.raises(FileNotFoundError):
+        load_run(path)
 
 
 def test_finished_runs_are_skipped(fake_data_root, tmp_path, monkeypatch):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -151,12 +153,34 @@ def check_results_dir(results_dir: str | Path) -> Path:
     return results_dir
 
 
+# Run files read in this process, by (path, inode, modification time, size): a run file is only ever replaced whole
+# (`save_atomic`), so the key changes with its content. Opening a netCDF file costs ~0.1 s; chapters read each run
+# several times (the check for stale data, the selection, the tables).
+_READ: OrderedDict = OrderedDict()
+_READ_LOCK = threading.Lock()
+READ_CACHE_SIZE = 2048
+
+
 def load_run(path: str | Path, lazy: bool = False) -> xr.Dataset:
-    """A run file in memory, or (`lazy`) as Dask arrays read when computed."""
+    """A run file in memory (a copy of its own: a caller may change it), or (`lazy`) as Dask arrays read when
+    computed."""
     if lazy:
         return xr.open_dataset(path, engine=ENGINE, chunks={})
-    with xr.open_dataset(path, engine=ENGINE) as ds:
-        return ds.load()
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    with _READ_LOCK:
+        ds = _READ.get(key)
+        if ds is not None:
+            _READ.move_to_end(key)
+    if ds is None:
+        with xr.open_dataset(path, engine=ENGINE) as opened:
+            ds = opened.load()
+        with _READ_LOCK:
+            _READ[key] = ds
+            while len(_READ) > READ_CACHE_SIZE:
+                _READ.popitem(last=False)
+    return ds.copy(deep=True)
 
 
 def run_config(ds: xr.Dataset) -> dict:

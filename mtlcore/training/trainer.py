@@ -449,8 +449,11 @@ def set_aside_if_stale(path: Path, data_root: str | Path | None) -> str | None:
     stays (read in the same pass), None when there is none or it was set aside."""
     if not path.exists():
         return None
-    with xr.open_dataset(path, engine="h5netcdf") as ds:
-        recorded, status = json.loads(ds.attrs.get("data_files", "{}")), str(ds.attrs.get("status"))
+    try:
+        attrs = load_run(path).attrs  # read once: the caller's next read of it comes from memory
+    except FileNotFoundError:  # set aside by another process since
+        return None
+    recorded, status = json.loads(attrs.get("data_files", "{}")), str(attrs.get("status"))
     changed = changed_files(settings.data_root(data_root), recorded) if recorded else []
     if not changed:
         return status
