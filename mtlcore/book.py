@@ -201,17 +201,18 @@ def provenance_markdown(profile: str, results_dir: Path, book_dir: Path) -> str:
 
     from mtlcore import __version__
     from mtlcore.training.config import RESULTS_VERSION
+    from mtlcore.training.results import run_attrs
 
     chapters_path = Path(book_dir) / "_generated" / "chapters.json"
     chapters = json.loads(chapters_path.read_text()) if chapters_path.is_file() else {}
     runs = sorted((Path(results_dir) / "runs").glob("*.nc"))
     files, statuses, seconds = {}, {}, 0.0
     for path in runs:
-        with xr.open_dataset(path, engine="h5netcdf") as ds:
-            for name, digest in json.loads(ds.attrs.get("data_files", "{}")).items():
-                files.setdefault(name, set()).add(digest)
-            statuses[ds.attrs.get("status")] = statuses.get(ds.attrs.get("status"), 0) + 1
-            seconds += float(ds.attrs.get("wall_seconds", 0.0))
+        attrs = run_attrs(path)
+        for name, digest in json.loads(attrs.get("data_files", "{}")).items():
+            files.setdefault(name, set()).add(digest)
+        statuses[attrs.get("status")] = statuses.get(attrs.get("status"), 0) + 1
+        seconds += float(attrs.get("wall_seconds", 0.0))
     lines = [f"- **Profile:** `{profile}`; **commit:** `{git_commit()}`; **results version:** {RESULTS_VERSION}",
              f"- **Packages:** mtlcore {__version__}, torch {torch.__version__}, numpy {numpy.__version__}, "
              f"xarray {xr.__version__}, Python {sys.version.split()[0]}",

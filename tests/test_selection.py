@@ -15,6 +15,7 @@ from mtlcore.training.selection import (
     check_selection,
     describe,
     grid_points,
+    method_grid,
     rank_points,
     select,
 )
@@ -62,6 +63,16 @@ def test_the_grid_is_every_combination_in_order_and_bad_grids_are_named():
         grid_points({"seed": [0, 1]})
     with pytest.raises(ConfigError, match=r"\['lr'\] must be non-empty lists"):
         grid_points({"lr": 0.1})
+    listed = [{"optimizer": "adam", "lr": 0.001}, {"optimizer": "momentum", "lr": 0.01}]
+    assert grid_points(listed) == listed  # a list of points: those points, in their order
+    with pytest.raises(ConfigError, match=r"unknown run-config field\(s\) \['learning_rate'\]"):
+        grid_points([{"optimizer": "adam", "learning_rate": 0.001}])
+    with pytest.raises(ConfigError, match=r"more than once"):
+        grid_points([{"lr": 0.1}, {"lr": 0.01}, {"lr": 0.1}])
+    with pytest.raises(ConfigError, match=r"holds points"):
+        grid_points([{"lr": 0.1}, 0.01])
+    with pytest.raises(ConfigError, match=r"a list of points is for `selection:` only"):
+        method_grid(listed, "cagrad")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['seed'\]; valid keys: \['grid', 'seeds', 'task_sets'\]"):
         check_selection({"grid": {"lr": [0.1]}, "seed": [0]})
     with pytest.raises(ConfigError, match="task_sets"):
@@ -93,3 +104,8 @@ def test_a_selection_chooses_the_point_that_validates_best(fake_data_root, tmp_p
     again = select(base, {**spec, "task_sets": [["fashion1"]]}, task_sets, tmp_path, data_root=fake_data_root,
                    progress=False)  # explicit task sets replace the experiment's; the runs are on disk
     assert again.runs == 3 and again.chosen == {"lr": 0.05}
+    listed = select(base, {"grid": [{"lr": 1e6}, {"lr": 0.05}]}, task_sets, tmp_path, data_root=fake_data_root,
+                    progress=False)  # two of the points, listed: their runs are on disk
+    assert listed.runs == 4 and listed.chosen == {"lr": 0.05} and listed.table["lr"].tolist() == [1e6, 0.05]
+    np.testing.assert_allclose(listed.table["mean rank"],
+                               brute_force_ranks(scores[[2, 1]], np.ones(3, bool)).mean(axis=1))

@@ -12,7 +12,8 @@ import xarray as xr
 
 from mtlcore import settings
 from mtlcore.training import RunConfig, ensure_runs, trainer as train
-from mtlcore.training.results import SCORE_VARIABLES, VARIABLES, combine_runs, load_run, save_atomic, validate_run
+from mtlcore.training.results import (SCORE_VARIABLES, VARIABLES, combine_runs, load_run, run_attrs, save_atomic,
+                                      validate_run)
 from mtlcore.training.updates import UniformUpdate
 
 from conftest import SMALL
@@ -66,6 +67,9 @@ def test_results_schema_round_trip(fake_data_root, tmp_path):
     loaded = load_run(path)
     validate_run(loaded)
     assert_identical(ds, loaded)
+    attrs = run_attrs(path)  # the attributes alone, read without the variables
+    assert list(attrs) == list(loaded.attrs) and all(type(attrs[k]) is type(v) for k, v in loaded.attrs.items())
+    assert attrs == loaded.attrs
     assert RunConfig.from_dict(__import__("json").loads(loaded.attrs["config"])).content_hash() == cfg.content_hash()
     assert loaded.attrs["tasks"] == '["fashion1", "fashion2"]' and loaded.attrs["mode"] == "mtl"
     # what the splits and numbers depend on besides the config: the data files and the libraries' versions

@@ -38,11 +38,24 @@ class Selection:
     measured: bool = False  # whether its runs measured trajectory factors
 
 
-def grid_points(axes: dict) -> list[dict]:
-    """Every combination of the `axes` (run-config field -> list of values), in grid order; unknown fields and
-    empty or non-list values are refused, naming them."""
+def grid_points(axes: dict | list) -> list[dict]:
+    """Every combination of the `axes` (run-config field -> list of values), in grid order; or, given a list of
+    points (each a mapping of run-config fields to one value, e.g. each optimizer with its own learning rate), those
+    points in their order. Unknown fields, empty or non-list values and repeated points are refused, naming them."""
+    if isinstance(axes, list):
+        if not axes or not all(isinstance(point, dict) and point for point in axes):
+            raise ConfigError("selection.grid as a list holds points, each a non-empty mapping of run-config fields "
+                              f"to one value (e.g. [{{optimizer: adam, lr: 0.001}}, {{optimizer: momentum, lr: 0.01}}]),"
+                              f" got {axes!r}")
+        for point in axes:
+            grid_points({k: [v] for k, v in point.items()})  # each point's fields checked as axes are
+        repeated = [point for i, point in enumerate(axes) if point in axes[:i]]
+        if repeated:
+            raise ConfigError(f"selection.grid lists the point(s) {repeated} more than once")
+        return [dict(point) for point in axes]
     if not isinstance(axes, dict) or not axes:
-        raise ConfigError(f"selection.grid must map run-config fields to lists of values, got {axes!r}")
+        raise ConfigError("selection.grid must map run-config fields to lists of values (every combination) or list "
+                          f"points, got {axes!r}")
     unknown = [k for k in axes if k not in RunConfig.fields()]
     if unknown:
         raise ConfigError(f"selection.grid: unknown run-config field(s) {unknown}; valid fields: {RunConfig.fields()}")
@@ -87,7 +100,7 @@ def rank_points(scores: np.ndarray, higher_is_better: np.ndarray) -> np.ndarray:
 
 def select(base: dict, spec: dict, task_sets: list[list[str]], results_dir: str | Path, *,
            metrics: dict | None = None, points: list[dict] | None = None, **load_kwargs) -> Selection:
-    """Train the grid of `spec` (`grid:` field -> values, `seeds:` the selection's seeds, default [0], `task_sets:`
+    """Train the grid of `spec` (`grid:` field -> values, or a list of points; `seeds:` the selection's seeds, default [0], `task_sets:`
     the task sets to select on, default `task_sets`) over `base` (a run config; the selection runs measure no
     factor unless `metrics` names some) and choose a point; `points`: some of the grid's points only (a budgeted
     search's draw); `load_kwargs` go to `load_runs` (data root, executor)."""
@@ -140,6 +153,9 @@ def describe(selection: Selection) -> str:
 def method_grid(axes: dict, method: str, options: dict | None = None) -> dict:
     """The grid of one method in a search: the shared `axes` (learning rate, regularisation, ...) with `aggregator`
     set to `method` and, when `options` (option -> values) are given, `aggregator_options` over every combination."""
+    if isinstance(axes, list):
+        raise ConfigError("search.grid must map run-config fields to lists of values (a search crosses them with each "
+                          "method's options); a list of points is for `selection:` only")
     grid_points(axes)  # the shared axes alone are checked first, so that their errors name them
     if "aggregator" in axes or "aggregator_options" in axes:
         raise ConfigError("search.grid cannot vary `aggregator` or `aggregator_options`: the search sets them per "
