@@ -59,8 +59,10 @@ from IPython.display import Markdown, display
 from mtlcore import settings
 from mtlcore.analysis import claims as paper_claims
 from mtlcore.analysis import comparisons, conflict_study, plots
+from mtlcore.analysis import studies as other_settings
 from mtlcore.training.results import save_atomic
 from mtlcore.training.runner import base_config, diverged_runs, grid, load_runs
+from mtlcore.training.trainer import run_path
 
 logging.basicConfig(level=logging.WARNING)
 results_dir = Path(results_dir)
@@ -109,15 +111,27 @@ configs = {target: grid(base, tasks=([[target]] if include_stl else []) + [s.run
                         seed=seeds) for target in targets}
 print(f"{sum(map(len, configs.values()))} runs: {len(targets)} target(s) x ({len(set_sizes)} sizes x {sets_per_size} "
       f"sets{' + alone' if include_stl else ''}) x {len(seeds)} seed(s); {epochs} epochs each")
+# Whether the runs are on disk (trained elsewhere, say) or can train here: the setting's data under the data root,
+# a GPU where the profile asks for one
+on_disk = all(run_path(c, results_dir).is_file() for target_configs in configs.values() for c in target_configs)
+run_tasks = sorted({task for target_configs in configs.values() for c in target_configs for task in c.tasks})
+ready = None if on_disk else other_settings.prepare(other_settings.Study.from_dict(
+    {**{k: v for k, v in base.items() if k != "tasks"}, "tasks": run_tasks, "targets": list(targets),
+     "seeds": list(seeds)}), data_root or None, results_dir)
+runnable = ready is None or ready.ran
+if not runnable:
+    display(Markdown(f"**{setting_name} {ready.reason}**\n\nNothing below was computed on this machine, and the "
+                     "scoreboard lists this chapter's claims as not run."))
 
 # %% tags=["remove-stderr", "hide-input"]
-summaries, all_runs = [], {}
-for target in targets:
-    runs = all_runs[target] = load_runs(configs[target], results_dir, data_root=data_root or None, **run_options)
-    print(f"{target}: diverged runs (left out of every summary):", diverged_runs(runs) or "none")
-    summaries.append(conflict_study.run_summary(runs, target, sets, loss_bins=loss_bins))
-summary = pd.concat(summaries, ignore_index=True)
-mtl, alone = summary[summary["size"] > 0], summary[summary["size"] == 0]
+if runnable:
+    summaries, all_runs = [], {}
+    for target in targets:
+        runs = all_runs[target] = load_runs(configs[target], results_dir, data_root=data_root or None, **run_options)
+        print(f"{target}: diverged runs (left out of every summary):", diverged_runs(runs) or "none")
+        summaries.append(conflict_study.run_summary(runs, target, sets, loss_bins=loss_bins))
+    summary = pd.concat(summaries, ignore_index=True)
+    mtl, alone = summary[summary["size"] > 0], summary[summary["size"] == 0]
 
 # %% [markdown]
 # ## One number per run
@@ -131,10 +145,11 @@ mtl, alone = summary[summary["size"] > 0], summary[summary["size"] == 0]
 # less far along after the same number of epochs, is not compared at a different stage of training.
 
 # %% tags=["hide-input"]
-shown = summary.assign(target=[names.get(t, t) for t in summary["target"]],
-                       aux_tasks=[", ".join(names.get(a, a) for a in s.split(", ")) if s else "(alone)"
-                                  for s in summary["aux_tasks"]])
-display(shown.drop(columns=["run"]).sort_values(["target", "size", "draw"]).style.format(precision=4).hide(axis="index"))
+if runnable:
+    shown = summary.assign(target=[names.get(t, t) for t in summary["target"]],
+                           aux_tasks=[", ".join(names.get(a, a) for a in s.split(", ")) if s else "(alone)"
+                                      for s in summary["aux_tasks"]])
+    display(shown.drop(columns=["run"]).sort_values(["target", "size", "draw"]).style.format(precision=4).hide(axis="index"))
 
 # %% [markdown]
 # ## Figure 5: each factor of the target against its mean conflict
@@ -144,43 +159,46 @@ display(shown.drop(columns=["run"]).sort_values(["target", "size", "draw"]).styl
 # the larger the factor.
 
 # %% tags=["hide-input"]
-labels = {"fisher_trace": "Fisher trace (largest)", "sharpness": "sharpness (last)",
-          "grad_cov_trace": "gradient covariance (last)", "min_train_loss": "minimum training loss",
-          "generalization": "generalization (test score)"}
-figure5_quantities = factors + ["min_train_loss"]
-at_loss = [f"{f}{conflict_study.AT_LOSS}" for f in factors if f"{f}{conflict_study.AT_LOSS}" in mtl]
-table = conflict_study.correlation_table(mtl, figure5_quantities + at_loss + ["generalization"])
-labels.update({f"{f}{conflict_study.AT_LOSS}": f"{labels[f].split(' (')[0]} (comparable loss)" for f in factors})
-fig = conflict_study.scatter_against_conflict(mtl, figure5_quantities, table, labels=labels, names=names,
-                                              reference=alone, title=f"{setting_name} ({profile} profile): "
-                                              "factors against the mean conflict")
-plots.publish(fig, "Figure 5 (paper A)" + (", analog" if analog else ""), "Each factor of the target against its mean "
-              "conflict (the cosine to the update; lower: more conflict), one point per run coloured by the size of its "
-              "auxiliary set; dashed: the target alone; Pearson's r and Spearman's ρ with their p-values.", results_dir,
-              "sec5-figure5")
+if runnable:
+    labels = {"fisher_trace": "Fisher trace (largest)", "sharpness": "sharpness (last)",
+              "grad_cov_trace": "gradient covariance (last)", "min_train_loss": "minimum training loss",
+              "generalization": "generalization (test score)"}
+    figure5_quantities = factors + ["min_train_loss"]
+    at_loss = [f"{f}{conflict_study.AT_LOSS}" for f in factors if f"{f}{conflict_study.AT_LOSS}" in mtl]
+    table = conflict_study.correlation_table(mtl, figure5_quantities + at_loss + ["generalization"])
+    labels.update({f"{f}{conflict_study.AT_LOSS}": f"{labels[f].split(' (')[0]} (comparable loss)" for f in factors})
+    fig = conflict_study.scatter_against_conflict(mtl, figure5_quantities, table, labels=labels, names=names,
+                                                  reference=alone, title=f"{setting_name} ({profile} profile): "
+                                                  "factors against the mean conflict")
+    plots.publish(fig, "Figure 5 (paper A)" + (", analog" if analog else ""), "Each factor of the target against its mean "
+                  "conflict (the cosine to the update; lower: more conflict), one point per run coloured by the size of its "
+                  "auxiliary set; dashed: the target alone; Pearson's r and Spearman's ρ with their p-values.", results_dir,
+                  "sec5-figure5")
 
 # %% [markdown]
 # The same factors read at comparable training loss (Appendix B.4's bands; a run with no measured checkpoint in a
 # band has no point):
 
 # %% tags=["hide-input"]
-if at_loss:
-    fig = conflict_study.scatter_against_conflict(mtl, at_loss, table, labels=labels, names=names, reference=alone,
-                                                  title=f"{setting_name} ({profile} profile): factors at comparable "
-                                                  "training loss against the mean conflict")
-    plots.publish(fig, "Figure 5b (Figure 5 at comparable loss)", "The factors read in Appendix B.4's loss bands "
-                  "against the mean conflict, as in Figure 5.", results_dir, "sec5-figure5-at-loss")
+if runnable:
+    if at_loss:
+        fig = conflict_study.scatter_against_conflict(mtl, at_loss, table, labels=labels, names=names, reference=alone,
+                                                      title=f"{setting_name} ({profile} profile): factors at comparable "
+                                                      "training loss against the mean conflict")
+        plots.publish(fig, "Figure 5b (Figure 5 at comparable loss)", "The factors read in Appendix B.4's loss bands "
+                      "against the mean conflict, as in Figure 5.", results_dir, "sec5-figure5-at-loss")
 
 # %% [markdown]
 # ## Figure 6: the target's generalization against its mean conflict
 
 # %% tags=["hide-input"]
-fig = conflict_study.scatter_against_conflict(mtl, ["generalization"], table, labels=labels, names=names,
-                                              reference=alone, title=f"{setting_name} ({profile} profile): "
-                                              "generalization against the mean conflict")
-plots.publish(fig, "Figure 6 (paper A)" + (", analog" if analog else ""), "The target's generalization (mean test "
-              "score at its 10 best-validation checkpoints) against its mean conflict, one point per run.", results_dir,
-              "sec5-figure6")
+if runnable:
+    fig = conflict_study.scatter_against_conflict(mtl, ["generalization"], table, labels=labels, names=names,
+                                                  reference=alone, title=f"{setting_name} ({profile} profile): "
+                                                  "generalization against the mean conflict")
+    plots.publish(fig, "Figure 6 (paper A)" + (", analog" if analog else ""), "The target's generalization (mean test "
+                  "score at its 10 best-validation checkpoints) against its mean conflict, one point per run.", results_dir,
+                  "sec5-figure6")
 
 # %% [markdown]
 # ## The correlations, and the paper's answer
@@ -189,30 +207,32 @@ plots.publish(fig, "Figure 6 (paper A)" + (", analog" if analog else ""), "The t
 # relations reach p < 0.05; a large p here is an absence of evidence, not evidence of absence.
 
 # %% tags=["hide-input"]
-display(conflict_study.shown_table(table, names))
-named = table.rename(index=names, level=0)  # the targets by their display names
-result = conflict_study.finding(named, factors, context=f"(in this run: {profile} profile, {len(mtl)} multi-task runs; "
-                                "factors over epoch windows)")
-display(Markdown(result.text))
-if at_loss:
-    display(Markdown(conflict_study.finding(named, at_loss, context="(factors at comparable training loss)").text))
-display(Markdown(f"The paper's answer: conflict predicts the factors: {expected['conflict_predicts_factors']}; "
-                 f"conflict predicts generalization: {expected['conflict_predicts_generalization']}."))
+if runnable:
+    display(conflict_study.shown_table(table, names))
+    named = table.rename(index=names, level=0)  # the targets by their display names
+    result = conflict_study.finding(named, factors, context=f"(in this run: {profile} profile, {len(mtl)} multi-task runs; "
+                                    "factors over epoch windows)")
+    display(Markdown(result.text))
+    if at_loss:
+        display(Markdown(conflict_study.finding(named, at_loss, context="(factors at comparable training loss)").text))
+    display(Markdown(f"The paper's answer: conflict predicts the factors: {expected['conflict_predicts_factors']}; "
+                     f"conflict predicts generalization: {expected['conflict_predicts_generalization']}."))
 
 # %% tags=["hide-input"]
-analysis_ds = xr.Dataset.from_dataframe(summary.set_index("run"))
-correlations = table.reset_index()
-correlations.index.name = "correlation"
-analysis_ds = analysis_ds.merge(xr.Dataset.from_dataframe(correlations.astype({"quantity": str})).rename(
-    {c: f"correlation_{c}" for c in correlations.columns}))
-analysis_ds.attrs.update(profile=profile, setting=setting, targets=json.dumps(targets), set_sizes=json.dumps(set_sizes),
-                         loss_bins=json.dumps(loss_bins), factors_opposite=json.dumps(result.factors_opposite),
-                         sets_per_size=sets_per_size, draw_seed=draw_seed, seeds=json.dumps(seeds),
-                         analog=int(analog), expected=json.dumps(expected),
-                         factors_follow_conflict=json.dumps(result.factors_follow_conflict),
-                         generalization_follows=json.dumps([str(g) for g in result.generalization_follows]),
-                         **paper_claims.claims_attr(paper_claims.conflict_claims(
-                             result, generalization_tested=bool(table.xs("generalization", level=1)["spearman_p"]
-                                                                .notna().any()))))
-save_atomic(analysis_ds, results_dir / "sec5_conflict.nc")
-print("analysis written to sec5_conflict.nc in the results folder")
+if runnable:
+    analysis_ds = xr.Dataset.from_dataframe(summary.set_index("run"))
+    correlations = table.reset_index()
+    correlations.index.name = "correlation"
+    analysis_ds = analysis_ds.merge(xr.Dataset.from_dataframe(correlations.astype({"quantity": str})).rename(
+        {c: f"correlation_{c}" for c in correlations.columns}))
+    analysis_ds.attrs.update(profile=profile, setting=setting, targets=json.dumps(targets), set_sizes=json.dumps(set_sizes),
+                             loss_bins=json.dumps(loss_bins), factors_opposite=json.dumps(result.factors_opposite),
+                             sets_per_size=sets_per_size, draw_seed=draw_seed, seeds=json.dumps(seeds),
+                             analog=int(analog), expected=json.dumps(expected),
+                             factors_follow_conflict=json.dumps(result.factors_follow_conflict),
+                             generalization_follows=json.dumps([str(g) for g in result.generalization_follows]),
+                             **paper_claims.claims_attr(paper_claims.conflict_claims(
+                                 result, generalization_tested=bool(table.xs("generalization", level=1)["spearman_p"]
+                                                                    .notna().any()))))
+    save_atomic(analysis_ds, results_dir / "sec5_conflict.nc")
+    print("analysis written to sec5_conflict.nc in the results folder")

@@ -241,6 +241,24 @@ def test_an_interrupted_batch_leaves_no_notebook_that_reads_as_complete(tmp_path
     assert (tmp_path / "sec3_transfer.ipynb").is_file()
 
 
+def test_the_paper_sections_5_without_its_data_says_not_run_and_trains_nothing(tmp_path):
+    """§5 in `paper` (CIFAR-100 targets on a GPU) on a machine that lacks the data (and here a GPU): the chapter
+    executes, says why nothing ran, and leaves no run and no analysis file."""
+    import json
+
+    from mtlcore.book import run_batch
+
+    empty = tmp_path / "data"
+    empty.mkdir()
+    [executed] = run_batch("paper", notebooks=["sec5_conflict"], book_dir=tmp_path / "book", data_root=str(empty),
+                           results_root=tmp_path / "results", progress=False)
+    text = "".join("".join(output.get("data", {}).get("text/markdown", ""))
+                   for cell in json.loads(executed.read_text())["cells"] for output in cell.get("outputs", []))
+    assert "CIFAR-100 not run:" in text and "Nothing below was computed on this machine" in text
+    assert not list((tmp_path / "results" / "paper").glob("runs/*.nc"))
+    assert not (tmp_path / "results" / "paper" / "sec5_conflict.nc").exists()
+
+
 def test_the_rendered_book_check_finds_paths_uncaptioned_figures_and_missing_claims(tmp_path):
     from mtlcore.analysis.claims import CLAIMS
     from mtlcore.book import check_rendered
