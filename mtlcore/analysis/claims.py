@@ -132,7 +132,8 @@ def conflict_claims(finding, generalization_tested: bool = True) -> list[dict]:
     generalization does not follow the conflict (no target's correlation is significant: reproduced)."""
     grows, shrinks = finding.factors_follow_conflict, finding.factors_opposite
     factors = record("A5-factors", REPRODUCED if grows else CONTRADICTED if shrinks else NOT_SHOWN,
-                     f"grow with the conflict: {', '.join(grows) or 'none'}; shrink with it: {', '.join(shrinks) or 'none'}"
+                     f"grow with the conflict: {', '.join(grows) or 'none'}; "
+                     f"shrink with it: {', '.join(shrinks) or 'none'}"
                      " (Spearman, p < 0.05, for every target)")
     follows = finding.generalization_follows
     general = record("A5-generalization", UNTESTABLE if not generalization_tested else

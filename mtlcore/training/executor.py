@@ -202,7 +202,8 @@ def jobqueue_cluster(kind: str, path: Path):
     # One Dask thread per worker, so a worker trains one run at a time on all the job's cores (and its GPU).
     # No nanny: the worker is the job's own process, with the job's environment (no malloc trimming, see
     # `worker_environment`), and the job ends when it does.
-    common = {"cores": 1, "processes": 1, "nanny": False, "memory": o["memory"], "walltime": o["walltime"], "queue": o["queue"],
+    common = {"cores": 1, "processes": 1, "nanny": False, "memory": o["memory"], "walltime": o["walltime"],
+              "queue": o["queue"],
               "account": o["account"], "python": o["python"] or sys.executable, "job_script_prologue": prologue,
               "local_directory": o["local_directory"], "scheduler_options": {"dashboard_address": None}}
     if kind == "slurm":

@@ -166,6 +166,12 @@ def load_run(path: str | Path, lazy: bool = False) -> xr.Dataset:
     computed."""
     if lazy:
         return xr.open_dataset(path, engine=ENGINE, chunks={})
+    return read_run(path).copy(deep=True)
+
+
+def read_run(path: str | Path) -> xr.Dataset:
+    """The run file in memory as this process read it, shared with later reads: only to look at, never to change
+    (`load_run` gives a copy of one's own)."""
     path = Path(path)
     stat = path.stat()
     key = (str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
@@ -180,7 +186,7 @@ def load_run(path: str | Path, lazy: bool = False) -> xr.Dataset:
             _READ[key] = ds
             while len(_READ) > READ_CACHE_SIZE:
                 _READ.popitem(last=False)
-    return ds.copy(deep=True)
+    return ds
 
 
 def run_attrs(path: str | Path) -> dict:

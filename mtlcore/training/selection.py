@@ -45,8 +45,8 @@ def grid_points(axes: dict | list) -> list[dict]:
     if isinstance(axes, list):
         if not axes or not all(isinstance(point, dict) and point for point in axes):
             raise ConfigError("selection.grid as a list holds points, each a non-empty mapping of run-config fields "
-                              f"to one value (e.g. [{{optimizer: adam, lr: 0.001}}, {{optimizer: momentum, lr: 0.01}}]),"
-                              f" got {axes!r}")
+                              "to one value (e.g. [{optimizer: adam, lr: 0.001}, {optimizer: momentum, lr: 0.01}]), "
+                              f"got {axes!r}")
         for point in axes:
             grid_points({k: [v] for k, v in point.items()})  # each point's fields checked as axes are
         repeated = [point for i, point in enumerate(axes) if point in axes[:i]]
@@ -100,8 +100,8 @@ def rank_points(scores: np.ndarray, higher_is_better: np.ndarray) -> np.ndarray:
 
 def select(base: dict, spec: dict, task_sets: list[list[str]], results_dir: str | Path, *,
            metrics: dict | None = None, points: list[dict] | None = None, **load_kwargs) -> Selection:
-    """Train the grid of `spec` (`grid:` field -> values, or a list of points; `seeds:` the selection's seeds, default [0], `task_sets:`
-    the task sets to select on, default `task_sets`) over `base` (a run config; the selection runs measure no
+    """Train the grid of `spec` (`grid:` field -> values, or a list of points; `seeds:` the selection's seeds, default
+    [0]; `task_sets:` the task sets to select on, default `task_sets`) over `base` (a run config; the selection runs measure no
     factor unless `metrics` names some) and choose a point; `points`: some of the grid's points only (a budgeted
     search's draw); `load_kwargs` go to `load_runs` (data root, executor)."""
     check_selection(spec)

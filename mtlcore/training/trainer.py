@@ -33,7 +33,8 @@ from mtlcore.settings.locate import changed_files, digests, recording_reads
 from mtlcore.training import claims
 from mtlcore.training.claims import first_line
 from mtlcore.training.config import RunConfig
-from mtlcore.training.results import check_results_dir, load_run, new_run_dataset, save_atomic, temporary_name
+from mtlcore.training.results import (check_results_dir, load_run, new_run_dataset, read_run, save_atomic,
+                                     temporary_name)
 from mtlcore.training.updates import Step, make_update
 
 log = logging.getLogger(__name__)
@@ -450,7 +451,7 @@ def set_aside_if_stale(path: Path, data_root: str | Path | None) -> str | None:
     if not path.exists():
         return None
     try:
-        attrs = load_run(path).attrs  # read once: the caller's next read of it comes from memory
+        attrs = read_run(path).attrs  # read once: the caller's next read of it comes from memory
     except FileNotFoundError:  # set aside by another process since
         return None
     recorded, status = json.loads(attrs.get("data_files", "{}")), str(attrs.get("status"))
